@@ -1,0 +1,68 @@
+// aiaas_fast: the public C++ API. Every function calls the registered operator
+// through the PyTorch dispatcher, so it runs the kernel for the tensors' device
+// (CPU now, CUDA where compiled in). These are the raw ops: autograd for
+// linear_relu and mse_loss is wired in Python; from C++ call the *_backward ops.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "aiaas_fast/build_config.h"
+
+namespace aiaas_fast {
+
+// relu(x @ weight.T + bias). x: (..., in), weight: (out, in), bias: (out) or none.
+at::Tensor linear_relu(const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias = std::nullopt);
+
+// Gradients of linear_relu from its saved output (the ReLU mask is out > 0).
+// output_mask says which of (grad_x, grad_weight, grad_bias) to compute; the others are empty.
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
+linear_relu_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                     const at::Tensor& out, std::array<bool, 3> output_mask = {true, true, true});
+
+// MSE loss with reduction "none", "mean" or "sum", as torch::nn::functional::mse_loss.
+// With compute_grad, also returns 2 * (input - target) from the same pass over the data:
+// the gradient of the loss is that tensor times grad_output (divided by numel for "mean").
+std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss(const at::Tensor& input, const at::Tensor& target,
+                                                          std::string_view reduction = "mean",
+                                                          bool compute_grad = true);
+
+struct AdamOptions {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double weight_decay = 0.0;
+  double eps = 1e-8;
+  bool amsgrad = false;
+  bool maximize = false;
+  bool decoupled_weight_decay = false;  // AdamW
+};
+
+// One Adam (or AdamW) step on every tensor of a group, in place: params, exp_avgs,
+// exp_avg_sqs, max_exp_avg_sqs (amsgrad only; else pass {}) and the step counters
+// (one-element float tensors, incremented here). Same math as torch.optim.Adam.
+void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+           at::TensorList max_exp_avg_sqs, at::TensorList state_steps, const AdamOptions& options = {});
+
+// How this copy was built, and which CPU kernels it runs.
+struct BuildInfo {
+  std::string version;
+  std::string torch_version;
+  bool cuda = false;
+  std::vector<std::string> cuda_archs;
+  bool openmp = false;
+  std::string parallel_backend;
+  std::string compiler;
+  std::string build_type;
+  std::vector<std::string> cpu_isas;  // compiled in
+  std::string cpu_isa;                // chosen at run time for this CPU
+};
+BuildInfo build_info();
+
+}  // namespace aiaas_fast

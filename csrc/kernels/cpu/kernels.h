@@ -1,0 +1,68 @@
+// CPU kernels: plain C++ on raw pointers, no torch headers. Each works on a range
+// (of rows or elements) so the caller decides the threading; each is compiled once
+// per instruction set (cmake/CpuKernels.cmake) into its own namespace.
+#pragma once
+#include <cstdint>
+
+namespace aiaas_fast::cpu {
+
+// 16-bit float storage, layout-compatible with c10::BFloat16 and c10::Half.
+struct bf16 { uint16_t bits; };
+struct f16 { uint16_t bits; };
+
+// The type a kernel accumulates and computes in: float for the 16-bit floats.
+template <typename T> struct acc { using type = float; };
+template <> struct acc<double> { using type = double; };
+template <typename T> using acc_t = typename acc<T>::type;
+
+// One parameter tensor's view for Adam: every pointer covers the same n elements.
+template <typename T>
+struct AdamTensor {
+  T* param;
+  const T* grad;
+  T* exp_avg;
+  T* exp_avg_sq;
+  T* max_exp_avg_sq;  // null unless amsgrad
+};
+
+enum class WeightDecay : int { none = 0, l2 = 1, decoupled = 2 };
+
+// Scalars for one Adam step, already folded on the host (the kernel does no pow).
+template <typename A>
+struct AdamScalars {
+  A lr, beta1, beta2, eps, weight_decay;
+  A step_size;         // lr / (1 - beta1^step)
+  A bias_corr2_sqrt;   // sqrt(1 - beta2^step)
+  A grad_sign;         // -1 when maximizing
+  WeightDecay wd_mode;
+  bool amsgrad;
+};
+
+template <typename T>
+struct Kernels {
+  using A = acc_t<T>;
+  // out[r, :] = relu(out[r, :] + bias) for rows [r0, r1); bias may be null. NaN stays NaN.
+  void (*bias_relu)(T* out, const T* bias, int64_t r0, int64_t r1, int64_t cols);
+  // gm = g * (out > 0) for rows [r0, r1) (skipped if gm is null); col_sums[c] += sum_r gm[r, c]
+  // (skipped if col_sums is null). One pass over g and out for the mask and the bias gradient.
+  void (*relu_grad)(const T* g, const T* out, T* gm, A* col_sums, int64_t r0, int64_t r1, int64_t cols);
+  // One pass of MSE over n elements: returns sum (x - t)^2; writes grad = 2 (x - t)
+  // if grad is not null, and loss = (x - t)^2 elementwise if loss is not null.
+  A (*mse)(const T* x, const T* t, T* grad, T* loss, int64_t n);
+  // Adam on elements [i0, i1) of one tensor.
+  void (*adam)(const AdamTensor<T>& p, const AdamScalars<A>& s, int64_t i0, int64_t i1);
+};
+
+struct KernelSet {
+  const char* isa;
+  Kernels<float> f32;
+  Kernels<double> f64;
+  Kernels<bf16> bf16_;
+  Kernels<f16> f16_;
+};
+
+namespace isa_default { const KernelSet& kernel_set(); }
+namespace isa_avx2 { const KernelSet& kernel_set(); }
+namespace isa_avx512 { const KernelSet& kernel_set(); }
+
+}  // namespace aiaas_fast::cpu

@@ -1,0 +1,125 @@
+// aiaas_fast::adam_: one call updates every parameter of a group in place, with the
+// math of torch.optim.Adam / AdamW. CPU kernel: the group is cut into chunks of about
+// kChunk elements across all tensors, one parallel region runs them, and each chunk is
+// one vectorized pass that reads and writes each element of param and state once.
+#include <cmath>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "aiaas_fast/aiaas_fast.h"
+#include "ops/checks.h"
+#include "ops/cpu_dispatch.h"
+
+namespace aiaas_fast {
+namespace {
+
+constexpr int64_t kChunk = 16384;
+
+// Increments a step counter in place and returns its new value.
+double increment_step(const at::Tensor& step) {
+  if (step.is_cpu() && (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble)) {
+    if (step.scalar_type() == at::kFloat) return *step.data_ptr<float>() += 1.0f;
+    return *step.data_ptr<double>() += 1.0;
+  }
+  step.add_(1);
+  return step.item<double>();
+}
+
+void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+              at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
+              double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay) {
+  checks::adam_hyperparameters(lr, beta1, beta2, weight_decay, eps);
+  checks::adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad);
+  const size_t n = params.size();
+  if (n == 0) return;
+
+  // Non-contiguous tensors are updated through contiguous copies written back at the end.
+  struct Slot {
+    at::Tensor p, g, m, v, vmax;
+    bool copied;
+  };
+  std::vector<Slot> slots(n);
+  for (size_t i = 0; i < n; ++i) {
+    const bool contiguous = params[i].is_contiguous() && grads[i].is_contiguous() && exp_avgs[i].is_contiguous() &&
+                            exp_avg_sqs[i].is_contiguous() && (!amsgrad || max_exp_avg_sqs[i].is_contiguous());
+    auto c = [&](const at::Tensor& t) { return contiguous ? t : t.contiguous(); };
+    slots[i] = {c(params[i]), c(grads[i]), c(exp_avgs[i]), c(exp_avg_sqs[i]),
+                amsgrad ? c(max_exp_avg_sqs[i]) : at::Tensor(), !contiguous};
+  }
+
+  // Work list: (tensor, begin, end) chunks over the whole group, so small tensors share threads.
+  struct Chunk {
+    size_t tensor;
+    int64_t begin, end;
+  };
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < n; ++i)
+    for (int64_t b = 0, numel = slots[i].p.numel(); b < numel; b += kChunk)
+      chunks.push_back({i, b, std::min(numel, b + kChunk)});
+
+  const auto wd_mode = weight_decay == 0 ? cpu::WeightDecay::none
+                       : decoupled_weight_decay ? cpu::WeightDecay::decoupled
+                                                : cpu::WeightDecay::l2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "aiaas_fast.adam_", [&] {
+    using K = kernel_t<scalar_t>;
+    using A = cpu::acc_t<K>;
+    std::vector<cpu::AdamTensor<K>> views(n);
+    std::vector<cpu::AdamScalars<A>> scalars(n);
+    for (size_t i = 0; i < n; ++i) {
+      TORCH_CHECK(params[i].scalar_type() == params[0].scalar_type(), "aiaas_fast.adam_: params[", i, "].dtype=",
+                  params[i].scalar_type(), " differs from params[0].dtype=", params[0].scalar_type(),
+                  "; call once per dtype");
+      const Slot& s = slots[i];
+      views[i] = {kernel_ptr<scalar_t>(s.p), kernel_ptr<scalar_t>(s.g), kernel_ptr<scalar_t>(s.m),
+                  kernel_ptr<scalar_t>(s.v), amsgrad ? kernel_ptr<scalar_t>(s.vmax) : nullptr};
+      // Scalars in double on the host, as torch.optim.Adam computes them in Python floats.
+      const double step = increment_step(state_steps[i]);
+      const double bc1 = 1 - std::pow(beta1, step);
+      const double bc2 = 1 - std::pow(beta2, step);
+      scalars[i] = {A(lr), A(beta1), A(beta2), A(eps), A(weight_decay), A(lr / bc1), A(std::sqrt(bc2)),
+                    A(maximize ? -1 : 1), wd_mode, amsgrad};
+    }
+    const auto& k = cpu_kernels<scalar_t>();
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const Chunk& ch = chunks[c];
+        k.adam(views[ch.tensor], scalars[ch.tensor], ch.begin, ch.end);
+      }
+    });
+  });
+
+  for (size_t i = 0; i < n; ++i) {
+    if (!slots[i].copied) continue;
+    params[i].copy_(slots[i].p);
+    exp_avgs[i].copy_(slots[i].m);
+    exp_avg_sqs[i].copy_(slots[i].v);
+    if (amsgrad) max_exp_avg_sqs[i].copy_(slots[i].vmax);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(aiaas_fast, m) {
+  m.def(
+      "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, *, float lr, float beta1, float beta2, "
+      "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(aiaas_fast, CPU, m) { m.impl("adam_", &adam_cpu); }
+
+void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+           at::TensorList max_exp_avg_sqs, at::TensorList state_steps, const AdamOptions& o) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("aiaas_fast::adam_", "")
+                       .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                                   at::TensorList, double, double, double, double, double, bool, bool, bool)>();
+  op.call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, o.lr, o.beta1, o.beta2,
+          o.weight_decay, o.eps, o.amsgrad, o.maximize, o.decoupled_weight_decay);
+}
+
+}  // namespace aiaas_fast

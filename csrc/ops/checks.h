@@ -1,0 +1,28 @@
+// Argument checks at the door of every op, shared by the CPU and CUDA kernels so
+// each backend refuses the same inputs with the same message.
+#pragma once
+
+#include <array>
+#include <optional>
+#include <string_view>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/List.h>
+
+namespace aiaas_fast::checks {
+
+void linear_relu_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+void linear_relu_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& out);
+
+enum class Reduction { none, mean, sum };
+Reduction parse_reduction(std::string_view op, std::string_view reduction);
+// The broadcast shape of input and target, or a clear error.
+std::vector<int64_t> mse_loss_args(const at::Tensor& input, const at::Tensor& target);
+
+void adam_hyperparameters(double lr, double beta1, double beta2, double weight_decay, double eps);
+void adam_tensors(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                  bool amsgrad);
+
+}  // namespace aiaas_fast::checks

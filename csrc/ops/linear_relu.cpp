@@ -1,0 +1,119 @@
+// aiaas_fast::linear_relu: relu(x @ weight.T + bias), and its backward from the saved output.
+// CPU kernel: the product through ATen (MKL/oneDNN) into the output buffer, then bias and
+// ReLU in one vectorized pass over it. Backward: one pass over (grad_out, out) writes the
+// masked gradient and accumulates the bias gradient, then two products.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "aiaas_fast/aiaas_fast.h"
+#include "ops/checks.h"
+#include "ops/cpu_dispatch.h"
+
+namespace aiaas_fast {
+namespace {
+
+constexpr int64_t kGrainElements = 32768;  // below this a pass is not worth a thread
+
+int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)); }
+
+at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  checks::linear_relu_args(x, weight, bias);
+  const int64_t in_f = weight.size(1), out_f = weight.size(0);
+  const at::Tensor x2 = x.reshape({-1, in_f});
+  const int64_t rows = x2.size(0);
+  at::Tensor out = at::empty({rows, out_f}, x.options());
+  at::mm_out(out, x2, weight.t());
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "aiaas_fast.linear_relu", [&] {
+    auto* o = kernel_ptr<scalar_t>(out);
+    const auto* bp = has_bias ? kernel_ptr<scalar_t>(b) : nullptr;
+    const auto& k = cpu_kernels<scalar_t>();
+    at::parallel_for(0, rows, grain_rows(out_f), [&](int64_t r0, int64_t r1) { k.bias_relu(o, bp, r0, r1, out_f); });
+  });
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_f;
+  return out.view(sizes);
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> linear_relu_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
+    std::array<bool, 3> mask) {
+  checks::linear_relu_backward_args(grad_out, x, weight, out);
+  const int64_t in_f = weight.size(1), out_f = weight.size(0);
+  const at::Tensor g = grad_out.reshape({-1, out_f}).contiguous();
+  const at::Tensor o = out.reshape({-1, out_f}).contiguous();
+  const int64_t rows = g.size(0);
+  const bool need_gm = mask[0] || mask[1];
+  at::Tensor gm = need_gm ? at::empty_like(g) : at::Tensor();
+  std::optional<at::Tensor> grad_x, grad_w, grad_b;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "aiaas_fast.linear_relu_backward", [&] {
+    using A = cpu::acc_t<kernel_t<scalar_t>>;
+    const auto& k = cpu_kernels<scalar_t>();
+    const auto* gp = kernel_ptr<scalar_t>(g);
+    const auto* op = kernel_ptr<scalar_t>(o);
+    auto* mp = need_gm ? kernel_ptr<scalar_t>(gm) : nullptr;
+    if (!mask[2]) {
+      if (need_gm)
+        at::parallel_for(0, rows, grain_rows(out_f),
+                         [&](int64_t r0, int64_t r1) { k.relu_grad(gp, op, mp, nullptr, r0, r1, out_f); });
+      return;
+    }
+    // Bias gradient: fixed blocks of rows, each summed into its own row of partial sums, then
+    // the partials summed in block order, so the bits do not depend on the thread count.
+    const int64_t block = grain_rows(out_f);
+    const int64_t nblocks = std::max<int64_t>(1, (rows + block - 1) / block);
+    const auto acc_type = std::is_same_v<A, double> ? at::kDouble : at::kFloat;
+    at::Tensor partial = at::zeros({nblocks, out_f}, x.options().dtype(acc_type));
+    A* pp = partial.data_ptr<A>();
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        k.relu_grad(gp, op, mp, pp + b * out_f, b * block, std::min(rows, (b + 1) * block), out_f);
+    });
+    for (int64_t b = 1; b < nblocks; ++b)
+      for (int64_t c = 0; c < out_f; ++c) pp[c] += pp[b * out_f + c];
+    grad_b = partial[0].to(x.scalar_type());
+  });
+
+  if (mask[0]) grad_x = at::mm(gm, weight).view(x.sizes());
+  if (mask[1]) grad_w = at::mm(gm.t(), x.reshape({-1, in_f}));
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(aiaas_fast, m) {
+  m.def("linear_relu(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def(
+      "linear_relu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, bool[3] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?)");
+}
+
+TORCH_LIBRARY_IMPL(aiaas_fast, CPU, m) {
+  m.impl("linear_relu", &linear_relu_cpu);
+  m.impl("linear_relu_backward", &linear_relu_backward_cpu);
+}
+
+at::Tensor linear_relu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("aiaas_fast::linear_relu", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
+  return op.call(x, weight, bias);
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> linear_relu_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
+    std::array<bool, 3> output_mask) {
+  using Ret = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("aiaas_fast::linear_relu_backward", "")
+                       .typed<Ret(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  std::array<bool, 3>)>();
+  return op.call(grad_out, x, weight, out, output_mask);
+}
+
+}  // namespace aiaas_fast

@@ -1,0 +1,28 @@
+// aiaas_fast._C: the Python face of the C++ library. Loading it loads libaiaas_fast,
+// which registers the operators with torch; the ops themselves are reached through
+// torch.ops.aiaas_fast, so this module only carries what torch.ops cannot.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "aiaas_fast/aiaas_fast.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "aiaas_fast native extension";
+  m.def("build_info", [] {
+    const aiaas_fast::BuildInfo b = aiaas_fast::build_info();
+    py::dict d;
+    d["version"] = b.version;
+    d["torch_version"] = b.torch_version;
+    d["cuda"] = b.cuda;
+    d["cuda_archs"] = b.cuda_archs;
+    d["openmp"] = b.openmp;
+    d["parallel_backend"] = b.parallel_backend;
+    d["compiler"] = b.compiler;
+    d["build_type"] = b.build_type;
+    d["cpu_isas"] = b.cpu_isas;
+    d["cpu_isa"] = b.cpu_isa;
+    return d;
+  });
+}

@@ -1,0 +1,154 @@
+"""Functional wrappers for the ``torch.ops.aiaas_fast`` operators, with their
+autograd formulas and fake (shape-only) kernels for ``torch.compile``.
+
+The schemas and kernels live in C++ (``csrc/ops/<op>.cpp``); this file adds, once for
+every backend, what the Python side of PyTorch needs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["linear_relu", "mse_loss", "adam_"]
+
+_ops = torch.ops.aiaas_fast
+
+
+# ---------------------------------------------------------------- linear_relu
+def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``relu(x @ weight.T + bias)`` in one op. ``weight`` is ``(out_features, in_features)``
+    as in ``nn.Linear``; ``x`` is ``(..., in_features)``."""
+    return _ops.linear_relu.default(x, weight, bias)
+
+
+def _check_linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    # The same refusals as csrc/ops/checks.cpp, for tracing with fake tensors.
+    op = "aiaas_fast.linear_relu"
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D (out_features, in_features), got shape {list(weight.shape)}")
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dimension (..., in_features), got a 0-dim tensor")
+    torch._check(x.dtype == weight.dtype, lambda: f"{op}: x and weight must have the same dtype, got x.dtype={x.dtype} and weight.dtype={weight.dtype}")
+    torch._check(x.shape[-1] == weight.shape[1], lambda: f"{op}: x has {x.shape[-1]} features (shape {list(x.shape)}) but weight expects {weight.shape[1]} (shape {list(weight.shape)})")
+    if bias is not None:
+        torch._check(bias.dtype == x.dtype, lambda: f"{op}: x and bias must have the same dtype, got x.dtype={x.dtype} and bias.dtype={bias.dtype}")
+        torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0], lambda: f"{op}: bias must have shape [{weight.shape[0]}] (out_features), got shape {list(bias.shape)}")
+
+
+@torch.library.register_fake("aiaas_fast::linear_relu")
+def _linear_relu_fake(x, weight, bias=None):
+    _check_linear_relu(x, weight, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("aiaas_fast::linear_relu_backward")
+def _linear_relu_backward_fake(grad_out, x, weight, out, output_mask):
+    return (
+        x.new_empty(x.shape) if output_mask[0] else None,
+        weight.new_empty(weight.shape) if output_mask[1] else None,
+        weight.new_empty((weight.shape[0],)) if output_mask[2] else None,
+    )
+
+
+def _linear_relu_setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    # The ReLU mask is read back from the output (out > 0): no mask tensor is kept.
+    ctx.save_for_backward(x, weight, output)
+    ctx.has_bias = bias is not None
+
+
+def _linear_relu_backward(ctx, grad_out):
+    x, weight, out = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    grad_x, grad_weight, grad_bias = _ops.linear_relu_backward.default(grad_out, x, weight, out, mask)
+    return grad_x, grad_weight, grad_bias
+
+
+torch.library.register_autograd(
+    "aiaas_fast::linear_relu", _linear_relu_backward, setup_context=_linear_relu_setup_context
+)
+
+
+# ---------------------------------------------------------------- mse_loss
+def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Same values as ``torch.nn.functional.mse_loss``. When a gradient will be needed,
+    the forward pass also writes it, so the backward pass only scales it."""
+    compute_grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
+    loss, _ = _ops.mse_loss.default(input, target, reduction, compute_grad)
+    return loss
+
+
+@torch.library.register_fake("aiaas_fast::mse_loss")
+def _mse_loss_fake(input, target, reduction="mean", compute_grad=True):
+    op = "aiaas_fast.mse_loss"
+    torch._check(reduction in ("none", "mean", "sum"), lambda: f"{op}: reduction must be 'none', 'mean' or 'sum', got '{reduction}'")
+    torch._check(input.dtype == target.dtype, lambda: f"{op}: input and target must have the same dtype, got input.dtype={input.dtype} and target.dtype={target.dtype}")
+    try:
+        shape = torch.broadcast_shapes(input.shape, target.shape)
+    except RuntimeError:
+        raise RuntimeError(f"{op}: input and target shapes are incompatible: input {list(input.shape)}, target {list(target.shape)}") from None
+    loss = input.new_empty(shape if reduction == "none" else ())
+    return loss, (input.new_empty(shape) if compute_grad else None)
+
+
+def _mse_loss_setup_context(ctx, inputs, output):
+    input, target, reduction, _ = inputs
+    _, grad = output
+    ctx.reduction = reduction
+    ctx.input_shape, ctx.target_shape = input.shape, target.shape
+    ctx.numel = torch.broadcast_shapes(input.shape, target.shape).numel()
+    ctx.has_grad = grad is not None
+    # Saved from the forward pass: 2 * (input - target). Only when the caller asked for it
+    # not to be computed do we keep the inputs instead and recompute it.
+    ctx.save_for_backward(*((grad,) if grad is not None else (input, target)))
+
+
+def _mse_loss_backward(ctx, grad_loss, _grad_of_grad):
+    if ctx.has_grad:
+        (saved,) = ctx.saved_tensors
+    else:
+        input, target = ctx.saved_tensors
+        saved = 2 * (input - target)
+    scale = grad_loss / ctx.numel if ctx.reduction == "mean" else grad_loss
+    grad = saved * scale
+    grad_input = grad.sum_to_size(ctx.input_shape) if ctx.needs_input_grad[0] else None
+    grad_target = (-grad).sum_to_size(ctx.target_shape) if ctx.needs_input_grad[1] else None
+    return grad_input, grad_target, None, None
+
+
+torch.library.register_autograd(
+    "aiaas_fast::mse_loss", _mse_loss_backward, setup_context=_mse_loss_setup_context
+)
+
+
+# ---------------------------------------------------------------- adam_
+def adam_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float = 0.0,
+    eps: float = 1e-8,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+) -> None:
+    """One Adam (AdamW with ``decoupled_weight_decay``) step on every tensor of a group,
+    in place, including the step counters. Same math as ``torch.optim.Adam``."""
+    _ops.adam_.default(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps),
+        lr=float(lr), beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps),
+        amsgrad=bool(amsgrad), maximize=bool(maximize), decoupled_weight_decay=bool(decoupled_weight_decay),
+    )
+
+
+@torch.library.register_fake("aiaas_fast::adam_")
+def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
+               weight_decay, eps, amsgrad, maximize, decoupled_weight_decay):
+    return None

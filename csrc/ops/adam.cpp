@@ -70,9 +70,6 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
     std::vector<cpu::AdamTensor<K>> views(n);
     std::vector<cpu::AdamScalars<A>> scalars(n);
     for (size_t i = 0; i < n; ++i) {
-      TORCH_CHECK(params[i].scalar_type() == params[0].scalar_type(), "aiaas_fast.adam_: params[", i, "].dtype=",
-                  params[i].scalar_type(), " differs from params[0].dtype=", params[0].scalar_type(),
-                  "; call once per dtype");
       const Slot& s = slots[i];
       views[i] = {kernel_ptr<scalar_t>(s.p), kernel_ptr<scalar_t>(s.g), kernel_ptr<scalar_t>(s.m),
                   kernel_ptr<scalar_t>(s.v), amsgrad ? kernel_ptr<scalar_t>(s.vmax) : nullptr};
@@ -80,8 +77,8 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
       const double step = increment_step(state_steps[i]);
       const double bc1 = 1 - std::pow(beta1, step);
       const double bc2 = 1 - std::pow(beta2, step);
-      scalars[i] = {A(lr), A(beta1), A(beta2), A(eps), A(weight_decay), A(lr / bc1), A(std::sqrt(bc2)),
-                    A(maximize ? -1 : 1), wd_mode, amsgrad};
+      scalars[i] = {A(lr), A(eps), A(weight_decay), A(1 - beta1), A(beta2), A(1 - beta2), A(1 - lr * weight_decay),
+                    A(lr / bc1), A(std::sqrt(bc2)), A(maximize ? -1 : 1), wd_mode, amsgrad};
     }
     const auto& k = cpu_kernels<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {

@@ -7,6 +7,9 @@
 namespace aiaas_fast::checks {
 namespace {
 
+// Names as Python prints them (torch.float32), not as C++ does (Float).
+std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
@@ -14,8 +17,8 @@ bool is_supported_dtype(at::ScalarType t) {
 void same_dtype_device(const char* op, const char* name_a, const at::Tensor& a, const char* name_b,
                        const at::Tensor& b) {
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name_a, " and ", name_b,
-              " must have the same dtype, got ", name_a, ".dtype=", a.scalar_type(), " and ", name_b,
-              ".dtype=", b.scalar_type());
+              " must have the same dtype, got ", name_a, ".dtype=", dtype_name(a.scalar_type()), " and ", name_b,
+              ".dtype=", dtype_name(b.scalar_type()));
   TORCH_CHECK(a.device() == b.device(), op, ": ", name_a, " and ", name_b, " must be on the same device, got ",
               name_a, " on ", a.device(), " and ", name_b, " on ", b.device());
 }
@@ -28,7 +31,7 @@ void linear_relu_args(const at::Tensor& x, const at::Tensor& weight, const std::
               weight.sizes());
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (..., in_features), got a 0-dim tensor");
   TORCH_CHECK(is_supported_dtype(x.scalar_type()), op,
-              ": supports float32, float64, bfloat16 and float16, got x.dtype=", x.scalar_type());
+              ": supports float32, float64, bfloat16 and float16, got x.dtype=", dtype_name(x.scalar_type()));
   same_dtype_device(op, "x", x, "weight", weight);
   TORCH_CHECK(x.size(-1) == weight.size(1), op, ": x has ", x.size(-1), " features (shape ", x.sizes(),
               ") but weight expects ", weight.size(1), " (shape ", weight.sizes(), ")");
@@ -63,7 +66,7 @@ Reduction parse_reduction(std::string_view op, std::string_view reduction) {
 std::vector<int64_t> mse_loss_args(const at::Tensor& input, const at::Tensor& target) {
   constexpr const char* op = "aiaas_fast.mse_loss";
   TORCH_CHECK(is_supported_dtype(input.scalar_type()), op,
-              ": supports float32, float64, bfloat16 and float16, got input.dtype=", input.scalar_type());
+              ": supports float32, float64, bfloat16 and float16, got input.dtype=", dtype_name(input.scalar_type()));
   same_dtype_device(op, "input", input, "target", target);
   std::vector<int64_t> out;
   const int64_t nd = std::max(input.dim(), target.dim());
@@ -102,13 +105,16 @@ void adam_tensors(at::TensorList params, at::TensorList grads, at::TensorList ex
     TORCH_CHECK(p.defined() && grads[i].defined(), op, ": params[", i, "] and grads[", i, "] must be tensors");
     TORCH_CHECK(is_supported_dtype(p.scalar_type()), op,
                 ": supports float32, float64, bfloat16 and float16 params, got params[", i, "].dtype=",
-                p.scalar_type());
+                dtype_name(p.scalar_type()));
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type() && p.device() == params[0].device(), op, ": params[", i,
+                "] is ", dtype_name(p.scalar_type()), " on ", p.device(), " but params[0] is ",
+                dtype_name(params[0].scalar_type()), " on ", params[0].device(), "; call once per (device, dtype) group");
     auto same = [&](const char* name, const at::Tensor& t) {
       TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
       TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(), " but params[", i,
                   "] has shape ", p.sizes());
-      TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "].dtype=", t.scalar_type(),
-                  " but params[", i, "].dtype=", p.scalar_type());
+      TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "].dtype=", dtype_name(t.scalar_type()),
+                  " but params[", i, "].dtype=", dtype_name(p.scalar_type()));
       TORCH_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(), " but params[", i,
                   "] is on ", p.device());
     };

@@ -28,9 +28,11 @@ def _check_linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Non
     op = "aiaas_fast.linear_relu"
     torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D (out_features, in_features), got shape {list(weight.shape)}")
     torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dimension (..., in_features), got a 0-dim tensor")
+    torch._check(x.device == weight.device, lambda: f"{op}: x and weight must be on the same device, got x on {x.device} and weight on {weight.device}")
     torch._check(x.dtype == weight.dtype, lambda: f"{op}: x and weight must have the same dtype, got x.dtype={x.dtype} and weight.dtype={weight.dtype}")
     torch._check(x.shape[-1] == weight.shape[1], lambda: f"{op}: x has {x.shape[-1]} features (shape {list(x.shape)}) but weight expects {weight.shape[1]} (shape {list(weight.shape)})")
     if bias is not None:
+        torch._check(bias.device == x.device, lambda: f"{op}: x and bias must be on the same device, got x on {x.device} and bias on {bias.device}")
         torch._check(bias.dtype == x.dtype, lambda: f"{op}: x and bias must have the same dtype, got x.dtype={x.dtype} and bias.dtype={bias.dtype}")
         torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0], lambda: f"{op}: bias must have shape [{weight.shape[0]}] (out_features), got shape {list(bias.shape)}")
 
@@ -82,6 +84,7 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 def _mse_loss_fake(input, target, reduction="mean", compute_grad=True):
     op = "aiaas_fast.mse_loss"
     torch._check(reduction in ("none", "mean", "sum"), lambda: f"{op}: reduction must be 'none', 'mean' or 'sum', got '{reduction}'")
+    torch._check(input.device == target.device, lambda: f"{op}: input and target must be on the same device, got input on {input.device} and target on {target.device}")
     torch._check(input.dtype == target.dtype, lambda: f"{op}: input and target must have the same dtype, got input.dtype={input.dtype} and target.dtype={target.dtype}")
     try:
         shape = torch.broadcast_shapes(input.shape, target.shape)

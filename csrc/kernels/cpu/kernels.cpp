@@ -132,10 +132,10 @@ void adam_impl(const AdamTensor<T>& p, const AdamScalars<acc_t<T>>& s, int64_t i
   T* __restrict exp_avg = p.exp_avg;
   T* __restrict exp_avg_sq = p.exp_avg_sq;
   T* __restrict max_sq = p.max_exp_avg_sq;
-  const A w1 = A(1) - s.beta1;  // lerp weight
-  const bool lerp_low = w1 < A(0.5);
-  const A b2 = s.beta2, w2 = A(1) - s.beta2;
-  const A decay = A(1) - s.lr * s.weight_decay;
+  const A w1 = s.lerp_weight;
+  const bool lerp_low = w1 < A(0.5);  // ATen's lerp switches form at weight 0.5
+  const A b2 = s.beta2, w2 = s.one_minus_beta2;
+  const A decay = s.decay;
   const A wd = s.weight_decay, sign = s.grad_sign, eps = s.eps;
   const A bc2 = s.bias_corr2_sqrt, neg_step = -s.step_size;
   for (int64_t i = i0; i < i1; ++i) {

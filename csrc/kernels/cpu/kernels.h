@@ -30,7 +30,10 @@ enum class WeightDecay : int { none = 0, l2 = 1, decoupled = 2 };
 // Scalars for one Adam step, already folded on the host (the kernel does no pow).
 template <typename A>
 struct AdamScalars {
-  A lr, beta1, beta2, eps, weight_decay;
+  A lr, eps, weight_decay;
+  A lerp_weight;       // 1 - beta1, folded in double as torch.optim does in Python
+  A beta2, one_minus_beta2;
+  A decay;             // 1 - lr * weight_decay (decoupled)
   A step_size;         // lr / (1 - beta1^step)
   A bias_corr2_sqrt;   // sqrt(1 - beta2^step)
   A grad_sign;         // -1 when maximizing

@@ -1,0 +1,204 @@
+"""aiaas_fast.linear_relu against plain PyTorch: F.relu(F.linear(x, weight, bias))."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aiaas_fast
+from aiaas_fast.ops import linear_relu
+from helpers import DTYPES, assert_close, rand
+
+# (leading dims of x, in_features, out_features): odd sizes, several leading dims, empty batch.
+SHAPES = [
+    ((3,), 17, 129),
+    ((2, 5), 3, 1),
+    ((129,), 129, 17),
+    ((1,), 1, 3),
+    ((4, 3, 2), 17, 17),
+    ((0,), 17, 3),
+    ((), 5, 4),
+    ((300,), 64, 130),  # several row blocks for the bias-gradient reduction
+]
+
+
+def reference_forward(x, w, b):
+    return F.relu(F.linear(x.double(), w.double(), None if b is None else b.double()))
+
+
+def reference_backward(g, x, w, out, has_bias):
+    """Gradients in float64, with the mask taken from the op's own output (so a value that
+    rounds to zero differently in low precision cannot flip the comparison)."""
+    gm = g.double() * (out > 0).double()
+    gm2 = gm.reshape(-1, w.shape[0])
+    grad_x = (gm2 @ w.double()).reshape(x.shape)
+    grad_w = gm2.t() @ x.double().reshape(-1, w.shape[1])
+    grad_b = gm2.sum(0) if has_bias else None
+    return grad_x, grad_w, grad_b
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,in_f,out_f", SHAPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
+def test_forward_backward_match_pytorch(dtype, lead, in_f, out_f, bias, contiguous):
+    x = rand(*lead, in_f, dtype=dtype, contiguous=contiguous, requires_grad=True)
+    w = rand(out_f, in_f, dtype=dtype, contiguous=contiguous, requires_grad=True, scale=in_f**-0.5)
+    b = rand(out_f, dtype=dtype, requires_grad=True) if bias else None
+    out = linear_relu(x, w, b)
+    assert out.shape == (*lead, out_f) and out.dtype == dtype
+    assert_close(out, reference_forward(x, w, b), dtype)
+
+    g = rand(*out.shape, dtype=dtype)
+    out.backward(g)
+    ref_x, ref_w, ref_b = reference_backward(g, x.detach(), w.detach(), out.detach(), bias)
+    assert_close(x.grad, ref_x, dtype)
+    assert_close(w.grad, ref_w, dtype)
+    if bias:
+        assert_close(b.grad, ref_b, dtype)
+
+    if dtype in (torch.float32, torch.float64) and out.numel() > 0:
+        # Same-dtype eager PyTorch, gradients through autograd.
+        x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        b2 = b.detach().clone().requires_grad_() if bias else None
+        ref = F.relu(F.linear(x2, w2, b2))
+        ref.backward(g)
+        assert_close(out, ref, dtype)
+        assert_close(x.grad, x2.grad, dtype)
+        assert_close(w.grad, w2.grad, dtype)
+        if bias:
+            assert_close(b.grad, b2.grad, dtype)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
+def test_backward_computes_only_what_is_needed(needs):
+    x = rand(7, 5, requires_grad=needs[0])
+    w = rand(3, 5, requires_grad=needs[1])
+    b = rand(3, requires_grad=needs[2])
+    out = linear_relu(x, w, b)
+    g = rand(7, 3)
+    out.backward(g)
+    ref = reference_backward(g, x.detach(), w.detach(), out.detach(), True)
+    for t, r, need in zip((x, w, b), ref, needs):
+        if need:
+            assert_close(t.grad, r, torch.float32)
+        else:
+            assert t.grad is None
+    # The op itself returns None for gradients not asked for.
+    gx, gw, gb = torch.ops.aiaas_fast.linear_relu_backward(g, x.detach(), w.detach(), out.detach(), list(needs))
+    assert [t is not None for t in (gx, gw, gb)] == list(needs)
+
+
+def test_gradcheck_float64():
+    x = rand(4, 3, 6, dtype=torch.float64, requires_grad=True)
+    w = rand(5, 6, dtype=torch.float64, requires_grad=True)
+    b = rand(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(linear_relu, (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: linear_relu(x, w), (x, w))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck(dtype):
+    samples = [
+        (rand(3, 17, dtype=dtype, requires_grad=True), rand(5, 17, dtype=dtype, requires_grad=True), rand(5, dtype=dtype, requires_grad=True)),
+        (rand(2, 4, 3, dtype=dtype, contiguous=False), rand(1, 3, dtype=dtype), None),
+        (rand(0, 4, dtype=dtype, requires_grad=True), rand(2, 4, dtype=dtype, requires_grad=True), rand(2, dtype=dtype)),
+    ]
+    for args in samples:
+        torch.library.opcheck(torch.ops.aiaas_fast.linear_relu.default, args)
+    x, w = rand(6, 4, dtype=dtype), rand(3, 4, dtype=dtype)
+    out = linear_relu(x, w)
+    torch.library.opcheck(
+        torch.ops.aiaas_fast.linear_relu_backward.default, (rand(6, 3, dtype=dtype), x, w, out, [True, True, True])
+    )
+
+
+def test_nan_and_inf_propagate_as_pytorch():
+    x = rand(4, 6)
+    x[0, 1] = float("nan")
+    x[2, 3] = float("inf")
+    w, b = rand(5, 6), rand(5)
+    assert_close(linear_relu(x, w, b), F.relu(F.linear(x, w, b)), torch.float32)
+    assert torch.isnan(linear_relu(x, w, b)[0]).all()
+
+
+def test_empty_batch_gives_empty_output_and_zero_weight_grads():
+    x = rand(0, 4, requires_grad=True)
+    w, b = rand(3, 4, requires_grad=True), rand(3, requires_grad=True)
+    out = linear_relu(x, w, b)
+    assert out.shape == (0, 3)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_bias_gradient_is_deterministic_across_thread_counts():
+    x, w = rand(5000, 33), rand(65, 33)
+    g = rand(5000, 65)
+    out = linear_relu(x, w)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.aiaas_fast.linear_relu_backward(g, x, w, out, [False, False, True])[2])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+BAD_INPUTS = [
+    # (x shape, weight shape, bias shape, message fragment)
+    ((4, 5), (3, 6), None, "x has 5 features"),
+    ((4, 5), (3, 5), (4,), "bias must have shape [3]"),
+    ((4, 5), (15,), None, "weight must be 2-D"),
+    ((), (3, 5), None, "0-dim"),
+    ((4, 5), (3, 5), (3, 1), "bias must have shape [3]"),
+]
+
+
+@pytest.mark.parametrize("xs,ws,bs,message", BAD_INPUTS)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "fake"])
+def test_bad_shapes_give_clear_errors(xs, ws, bs, message, compiled):
+    x, w = torch.randn(xs), torch.randn(ws)
+    b = torch.randn(bs) if bs else None
+    if compiled:  # the fake kernel refuses the same inputs while tracing
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as mode:
+            x, w = mode.from_tensor(x), mode.from_tensor(w)
+            b = mode.from_tensor(b) if b is not None else None
+            with pytest.raises(RuntimeError, match="aiaas_fast.linear_relu") as err:
+                linear_relu(x, w, b)
+    else:
+        with pytest.raises(RuntimeError, match="aiaas_fast.linear_relu") as err:
+            linear_relu(x, w, b)
+    assert message in str(err.value)
+
+
+def test_dtype_and_device_mismatch_are_named():
+    x, w = torch.randn(4, 5), torch.randn(3, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"x and weight must have the same dtype.*float"):
+        linear_relu(x, w)
+    with pytest.raises(RuntimeError, match=r"x and bias must have the same dtype"):
+        linear_relu(x, w.float(), torch.randn(3, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match=r"supports float32, float64, bfloat16 and float16"):
+        linear_relu(torch.ones(4, 5, dtype=torch.int64), torch.ones(3, 5, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match=r"same device"):
+        linear_relu(x, torch.randn(3, 5, device="meta"))
+
+
+def test_module_like_use_under_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x, w, b = rand(8, 6), rand(4, 6, requires_grad=True), rand(4, requires_grad=True)
+
+    def f(x, w, b):
+        return linear_relu(x, w, b).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, w, b)
+    loss.backward()
+    gw, gb = w.grad.clone(), b.grad.clone()
+    w.grad = b.grad = None
+    ref = f(x, w, b)
+    ref.backward()
+    assert_close(loss, ref, torch.float32)
+    assert_close(gw, w.grad, torch.float32)
+    assert_close(gb, b.grad, torch.float32)

@@ -1,0 +1,142 @@
+"""aiaas_fast.mse_loss against torch.nn.functional.mse_loss."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aiaas_fast.ops import mse_loss
+from helpers import DTYPES, assert_close, rand
+
+REDUCTIONS = ["mean", "sum", "none"]
+# (input shape, target shape): odd sizes, leading dims, empty, several reduction blocks, broadcasting.
+SHAPES = [
+    ((), ()),
+    ((1,), (1,)),
+    ((17,), (17,)),
+    ((129, 3), (129, 3)),
+    ((2, 3, 5), (2, 3, 5)),
+    ((0,), (0,)),
+    ((3, 0, 2), (3, 0, 2)),
+    ((70001,), (70001,)),
+    ((4, 1), (4, 3)),
+    ((5,), (2, 5)),
+]
+
+
+def reference(input, target, reduction):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns when input and target shapes differ
+        return F.mse_loss(input, target, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("in_shape,tgt_shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
+def test_values_and_gradients_match_pytorch(dtype, in_shape, tgt_shape, reduction, contiguous):
+    x = rand(*in_shape, dtype=dtype, contiguous=contiguous, requires_grad=True)
+    t = rand(*tgt_shape, dtype=dtype, contiguous=contiguous, requires_grad=True)
+    loss = mse_loss(x, t, reduction)
+    # The reference in float64 from the same rounded inputs, and eager PyTorch in the same dtype.
+    x64, t64 = x.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    ref = reference(x64, t64, reduction)
+    assert loss.shape == ref.shape and loss.dtype == dtype
+    assert_close(loss, ref, dtype)
+    if dtype == torch.float32:
+        assert_close(loss, reference(x.detach(), t.detach(), reduction), dtype)
+
+    g = rand(*loss.shape, dtype=dtype)
+    loss.backward(g)
+    ref.backward(g.double())
+    assert_close(x.grad, x64.grad, dtype)
+    assert_close(t.grad, t64.grad, dtype)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_float64(reduction):
+    x = rand(3, 7, dtype=torch.float64, requires_grad=True)
+    t = rand(3, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: mse_loss(a, b, reduction), (x, t))
+    tb = rand(7, dtype=torch.float64, requires_grad=True)  # broadcast target
+    assert torch.autograd.gradcheck(lambda a, b: mse_loss(a, b, reduction), (x, tb))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck(dtype):
+    for reduction in REDUCTIONS:
+        for compute_grad in (True, False):
+            args = (rand(5, 3, dtype=dtype, requires_grad=True), rand(5, 3, dtype=dtype), reduction, compute_grad)
+            torch.library.opcheck(torch.ops.aiaas_fast.mse_loss.default, args)
+    torch.library.opcheck(torch.ops.aiaas_fast.mse_loss.default, (rand(4, 1, dtype=dtype), rand(4, 6, dtype=dtype, contiguous=False), "mean", True))
+
+
+def test_forward_writes_the_gradient_only_when_asked():
+    x, t = rand(6, 2), rand(6, 2)
+    loss, grad = torch.ops.aiaas_fast.mse_loss(x, t, "sum", True)
+    assert_close(grad, 2 * (x - t), torch.float32)
+    loss2, grad2 = torch.ops.aiaas_fast.mse_loss(x, t, "sum", False)
+    assert grad2 is None and torch.equal(loss, loss2)
+    with torch.no_grad():  # the wrapper does not pay for a gradient nobody needs
+        assert_close(mse_loss(x.requires_grad_(), t), F.mse_loss(x, t), torch.float32)
+
+
+def test_gradient_recomputed_when_the_forward_skipped_it():
+    x, t = rand(4, 3, requires_grad=True), rand(4, 3)
+    loss, _ = torch.ops.aiaas_fast.mse_loss(x, t, "mean", False)
+    loss.backward()
+    assert_close(x.grad, 2 * (x.detach() - t) / x.numel(), torch.float32)
+
+
+def test_float16_gradient_survives_loss_scaling():
+    # The saved tensor is 2 (x - t), not 2 (x - t) / N: a large N would push it below
+    # float16's range before a GradScaler-style scale could bring it back.
+    n = 1 << 20
+    x = (torch.rand(n) * 1e-2).half().requires_grad_()
+    t = torch.zeros(n, dtype=torch.float16)
+    (mse_loss(x, t) * 32768.0).backward()  # float16 max is 65504
+    expected = 2 * x.detach().double() / n * 32768.0
+    torch.testing.assert_close(x.grad.double(), expected, rtol=2e-3, atol=1e-6)
+
+
+def test_nan_and_inf_propagate_as_pytorch():
+    x, t = rand(10), rand(10)
+    x[3] = float("nan")
+    t[5] = float("inf")
+    for reduction in REDUCTIONS:
+        assert_close(mse_loss(x, t, reduction), F.mse_loss(x, t, reduction=reduction), torch.float32)
+
+
+def test_empty_input_reductions():
+    x, t = torch.empty(0), torch.empty(0)
+    assert torch.isnan(mse_loss(x, t, "mean"))  # as torch: mean of nothing
+    assert mse_loss(x, t, "sum").item() == 0.0
+    assert mse_loss(x, t, "none").shape == (0,)
+
+
+def test_loss_bits_do_not_depend_on_thread_count():
+    x, t = rand(1_000_003), rand(1_000_003)
+    threads = torch.get_num_threads()
+    try:
+        losses = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            losses.append(mse_loss(x, t))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(losses[0], l) for l in losses[1:])
+    assert torch.equal(mse_loss(x, t), mse_loss(x, t))
+
+
+def test_bad_inputs_give_clear_errors():
+    x = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match=r"aiaas_fast.mse_loss: input and target shapes are incompatible: input \[4, 3\], target \[4, 2\]"):
+        mse_loss(x, torch.randn(4, 2))
+    with pytest.raises(RuntimeError, match=r"reduction must be 'none', 'mean' or 'sum', got 'avg'"):
+        mse_loss(x, x, "avg")
+    with pytest.raises(RuntimeError, match=r"input and target must have the same dtype.*torch.float32.*torch.float64"):
+        mse_loss(x, x.double())
+    with pytest.raises(RuntimeError, match=r"supports float32, float64, bfloat16 and float16"):
+        mse_loss(x.long(), x.long())
+    with pytest.raises(RuntimeError, match=r"same device"):
+        mse_loss(x, torch.randn(4, 3, device="meta"))

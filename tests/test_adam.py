@@ -173,3 +173,13 @@ def test_nan_gradient_propagates_as_torch():
     torch.optim.Adam([refp], lr=1e-2, amsgrad=True).step()
     assert_close(ours[0], refp.detach(), torch.float32)
     assert torch.isnan(ours[0][2])
+
+
+def test_update_of_a_tensor_saved_for_backward_is_caught():
+    # adam_ bumps version counters, as in-place torch ops do, so autograd refuses a stale graph.
+    w = rand(3, 4, requires_grad=True)
+    loss = (w * w).sum()  # saves w
+    with torch.no_grad():
+        adam_([w], [rand(3, 4)], [torch.zeros(3, 4)], [torch.zeros(3, 4)], [], [torch.tensor(0.0)], lr=0.1, beta1=0.9, beta2=0.999)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "aiaas_fast/aiaas_fast.h"
@@ -98,6 +99,21 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   }
 }
 
+// An optimizer step is not differentiable: run it below autograd (as torch.optim does
+// under no_grad) and bump the version counters, so a tensor saved for a backward pass
+// and then updated here is caught by autograd instead of giving a wrong gradient.
+void adam_autograd(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
+                   double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+          AdamOptions{lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay});
+  }
+  for (auto list : {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps})
+    for (const at::Tensor& t : list) torch::autograd::impl::bump_version(t);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(aiaas_fast, m) {
@@ -108,6 +124,8 @@ TORCH_LIBRARY_FRAGMENT(aiaas_fast, m) {
 }
 
 TORCH_LIBRARY_IMPL(aiaas_fast, CPU, m) { m.impl("adam_", &adam_cpu); }
+
+TORCH_LIBRARY_IMPL(aiaas_fast, Autograd, m) { m.impl("adam_", &adam_autograd); }
 
 void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
            at::TensorList max_exp_avg_sqs, at::TensorList state_steps, const AdamOptions& o) {

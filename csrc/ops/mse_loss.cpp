@@ -1,11 +1,12 @@
 // aiaas_fast::mse_loss: the loss and 2 * (input - target) in the same single pass.
-// The autograd backward (python/aiaas_fast/ops.py) only scales that saved tensor by
-// grad_output (and 1/numel for "mean"); keeping the 1/numel out of the saved tensor
+// The autograd backward (below, in C++ for every device) only scales that saved tensor
+// by grad_output (and 1/numel for "mean"); keeping the 1/numel out of the saved tensor
 // spares float16 from underflow when the loss is scaled.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "aiaas_fast/aiaas_fast.h"
@@ -60,6 +61,62 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss_cpu(const at::Tensor&
   return {loss, compute_grad ? std::optional<at::Tensor>(grad) : std::nullopt};
 }
 
+class MseLossFunction : public torch::autograd::Function<MseLossFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
+                                                const at::Tensor& target, c10::string_view reduction,
+                                                bool compute_grad) {
+    at::Tensor loss, grad;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [l, g] = mse_loss(input, target, std::string_view(reduction.data(), reduction.size()), compute_grad);
+      loss = l;
+      grad = g.value_or(at::Tensor());
+    }
+    ctx->saved_data["reduction"] = std::string(reduction.data(), reduction.size());
+    ctx->saved_data["input_sizes"] = input.sizes().vec();
+    ctx->saved_data["target_sizes"] = target.sizes().vec();
+    ctx->saved_data["numel"] = static_cast<int64_t>(c10::multiply_integers(checks::mse_loss_args(input, target)));
+    ctx->saved_data["has_grad"] = grad.defined();
+    // Saved from the forward pass: 2 * (input - target). Only when the caller asked for it
+    // not to be computed are the inputs kept instead, to recompute it.
+    if (grad.defined()) {
+      ctx->save_for_backward({grad});
+    } else {
+      ctx->save_for_backward({input, target});
+      grad = at::empty({0}, input.options());  // autograd outputs must be defined; dropped by the caller
+    }
+    ctx->mark_non_differentiable({grad});
+    return {loss, grad};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor twice_diff = ctx->saved_data["has_grad"].toBool() ? saved[0] : 2 * (saved[0] - saved[1]);
+    const at::Tensor& grad_loss = grads[0];
+    const at::Tensor scale = ctx->saved_data["reduction"].toStringRef() == "mean"
+                                 ? grad_loss / static_cast<double>(ctx->saved_data["numel"].toInt())
+                                 : grad_loss;
+    const at::Tensor grad = twice_diff * scale;
+    at::Tensor grad_input, grad_target;
+    if (ctx->needs_input_grad(0)) grad_input = grad.sum_to_size(ctx->saved_data["input_sizes"].toIntVector());
+    if (ctx->needs_input_grad(1)) grad_target = (-grad).sum_to_size(ctx->saved_data["target_sizes"].toIntVector());
+    return {grad_input, grad_target, at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss_autograd(const at::Tensor& input, const at::Tensor& target,
+                                                                   c10::string_view reduction, bool compute_grad) {
+  const bool needs_graph = at::GradMode::is_enabled() && (input.requires_grad() || target.requires_grad());
+  if (!needs_graph) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return mse_loss(input, target, std::string_view(reduction.data(), reduction.size()), compute_grad);
+  }
+  auto out = MseLossFunction::apply(input, target, reduction, compute_grad);
+  return {out[0], compute_grad ? std::optional<at::Tensor>(out[1]) : std::nullopt};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(aiaas_fast, m) {
@@ -67,6 +124,8 @@ TORCH_LIBRARY_FRAGMENT(aiaas_fast, m) {
 }
 
 TORCH_LIBRARY_IMPL(aiaas_fast, CPU, m) { m.impl("mse_loss", &mse_loss_cpu); }
+
+TORCH_LIBRARY_IMPL(aiaas_fast, Autograd, m) { m.impl("mse_loss", &mse_loss_autograd); }
 
 std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss(const at::Tensor& input, const at::Tensor& target,
                                                           std::string_view reduction, bool compute_grad) {

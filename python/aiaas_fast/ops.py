@@ -1,8 +1,9 @@
-"""Functional wrappers for the ``torch.ops.aiaas_fast`` operators, with their
-autograd formulas and fake (shape-only) kernels for ``torch.compile``.
+"""Functional wrappers for the ``torch.ops.aiaas_fast`` operators, and their fake
+(shape-only) kernels for ``torch.compile``.
 
-The schemas and kernels live in C++ (``csrc/ops/<op>.cpp``); this file adds, once for
-every backend, what the Python side of PyTorch needs.
+The schemas, kernels and autograd formulas live in C++ (``csrc/ops/<op>.cpp``), the
+autograd once for every device; this file adds, once for every backend, what only the
+Python side of PyTorch needs.
 """
 from __future__ import annotations
 
@@ -52,25 +53,6 @@ def _linear_relu_backward_fake(grad_out, x, weight, out, output_mask):
     )
 
 
-def _linear_relu_setup_context(ctx, inputs, output):
-    x, weight, bias = inputs
-    # The ReLU mask is read back from the output (out > 0): no mask tensor is kept.
-    ctx.save_for_backward(x, weight, output)
-    ctx.has_bias = bias is not None
-
-
-def _linear_relu_backward(ctx, grad_out):
-    x, weight, out = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    grad_x, grad_weight, grad_bias = _ops.linear_relu_backward.default(grad_out, x, weight, out, mask)
-    return grad_x, grad_weight, grad_bias
-
-
-torch.library.register_autograd(
-    "aiaas_fast::linear_relu", _linear_relu_backward, setup_context=_linear_relu_setup_context
-)
-
-
 # ---------------------------------------------------------------- mse_loss
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Same values as ``torch.nn.functional.mse_loss``. When a gradient will be needed,
@@ -92,36 +74,6 @@ def _mse_loss_fake(input, target, reduction="mean", compute_grad=True):
         raise RuntimeError(f"{op}: input and target shapes are incompatible: input {list(input.shape)}, target {list(target.shape)}") from None
     loss = input.new_empty(shape if reduction == "none" else ())
     return loss, (input.new_empty(shape) if compute_grad else None)
-
-
-def _mse_loss_setup_context(ctx, inputs, output):
-    input, target, reduction, _ = inputs
-    _, grad = output
-    ctx.reduction = reduction
-    ctx.input_shape, ctx.target_shape = input.shape, target.shape
-    ctx.numel = torch.broadcast_shapes(input.shape, target.shape).numel()
-    ctx.has_grad = grad is not None
-    # Saved from the forward pass: 2 * (input - target). Only when the caller asked for it
-    # not to be computed do we keep the inputs instead and recompute it.
-    ctx.save_for_backward(*((grad,) if grad is not None else (input, target)))
-
-
-def _mse_loss_backward(ctx, grad_loss, _grad_of_grad):
-    if ctx.has_grad:
-        (saved,) = ctx.saved_tensors
-    else:
-        input, target = ctx.saved_tensors
-        saved = 2 * (input - target)
-    scale = grad_loss / ctx.numel if ctx.reduction == "mean" else grad_loss
-    grad = saved * scale
-    grad_input = grad.sum_to_size(ctx.input_shape) if ctx.needs_input_grad[0] else None
-    grad_target = (-grad).sum_to_size(ctx.target_shape) if ctx.needs_input_grad[1] else None
-    return grad_input, grad_target, None, None
-
-
-torch.library.register_autograd(
-    "aiaas_fast::mse_loss", _mse_loss_backward, setup_context=_mse_loss_setup_context
-)
 
 
 # ---------------------------------------------------------------- adam_

@@ -34,6 +34,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
               at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
               double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay) {
   checks::adam_hyperparameters(lr, beta1, beta2, weight_decay, eps);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside record no graph
   checks::adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad);
   const size_t n = params.size();
   if (n == 0) return;

@@ -23,6 +23,7 @@ constexpr int64_t kBlock = 32768;
 std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss_cpu(const at::Tensor& input, const at::Tensor& target,
                                                               c10::string_view reduction, bool compute_grad) {
   const auto red = checks::parse_reduction("aiaas_fast.mse_loss", reduction);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside record no graph
   const auto shape = checks::mse_loss_args(input, target);
   const bool broadcast = input.sizes() != at::IntArrayRef(shape) || target.sizes() != at::IntArrayRef(shape);
   const at::Tensor x = (broadcast ? input.expand(shape) : input).contiguous();

@@ -88,6 +88,7 @@ class MseLossFunction : public torch::autograd::Function<MseLossFunction> {
       grad = at::empty({0}, input.options());  // autograd outputs must be defined; dropped by the caller
     }
     ctx->mark_non_differentiable({grad});
+    ctx->set_materialize_grads(false);  // no zero-filled gradient for that second output
     return {loss, grad};
   }
 
@@ -96,6 +97,7 @@ class MseLossFunction : public torch::autograd::Function<MseLossFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor twice_diff = ctx->saved_data["has_grad"].toBool() ? saved[0] : 2 * (saved[0] - saved[1]);
     const at::Tensor& grad_loss = grads[0];
+    if (!grad_loss.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     const at::Tensor scale = ctx->saved_data["reduction"].toStringRef() == "mean"
                                  ? grad_loss / static_cast<double>(ctx->saved_data["numel"].toInt())
                                  : grad_loss;

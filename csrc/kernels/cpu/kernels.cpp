@@ -124,7 +124,7 @@ acc_t<T> mse(const T* x, const T* t, T* grad, T* loss, int64_t n) {
 
 // torch.optim.Adam's single-tensor update, op for op (lerp, addcmul, sqrt / bc2 + eps,
 // addcdiv), fused into one pass that reads and writes each element of the state once.
-template <typename T, WeightDecay kWD, bool kAmsgrad>
+template <typename T, WeightDecay kWD, bool kAmsgrad, bool kLerpLow>
 void adam_impl(const AdamTensor<T>& p, const AdamScalars<acc_t<T>>& s, int64_t i0, int64_t i1) {
   using A = acc_t<T>;
   T* __restrict param = p.param;
@@ -132,19 +132,21 @@ void adam_impl(const AdamTensor<T>& p, const AdamScalars<acc_t<T>>& s, int64_t i
   T* __restrict exp_avg = p.exp_avg;
   T* __restrict exp_avg_sq = p.exp_avg_sq;
   T* __restrict max_sq = p.max_exp_avg_sq;
-  const A w1 = s.lerp_weight;
-  const bool lerp_low = w1 < A(0.5);  // ATen's lerp switches form at weight 0.5
+  const A w1 = s.lerp_weight, one_minus_w1 = A(1) - s.lerp_weight;
   const A b2 = s.beta2, w2 = s.one_minus_beta2;
   const A decay = s.decay;
   const A wd = s.weight_decay, sign = s.grad_sign, eps = s.eps;
-  const A bc2 = s.bias_corr2_sqrt, neg_step = -s.step_size;
+  // A multiply by 1/sqrt(1 - beta2^t) instead of torch's divide: one division less per
+  // element (the update's cost on AVX-512), within an ulp of torch's denominator.
+  const A inv_bc2 = A(1) / s.bias_corr2_sqrt, neg_step = -s.step_size;
   for (int64_t i = i0; i < i1; ++i) {
     A g = load(grad + i) * sign;
     A w = load(param + i);
     if constexpr (kWD == WeightDecay::l2) g = g + wd * w;
     if constexpr (kWD == WeightDecay::decoupled) w = w * decay;
     A m = load(exp_avg + i);
-    m = lerp_low ? m + w1 * (g - m) : g - (g - m) * (A(1) - w1);
+    if constexpr (kLerpLow) m = m + w1 * (g - m);  // ATen's lerp switches form at weight 0.5
+    else m = g - (g - m) * one_minus_w1;
     A v = load(exp_avg_sq + i) * b2 + w2 * g * g;
     A vmax = v;
     if constexpr (kAmsgrad) {
@@ -152,7 +154,7 @@ void adam_impl(const AdamTensor<T>& p, const AdamScalars<acc_t<T>>& s, int64_t i
       vmax = (old != old || old > v) ? old : v;  // torch.maximum: NaN wins
       store(max_sq + i, vmax);
     }
-    A denom = std::sqrt(vmax) / bc2 + eps;
+    A denom = std::sqrt(vmax) * inv_bc2 + eps;
     w = w + neg_step * (m / denom);
     store(exp_avg + i, m);
     store(exp_avg_sq + i, v);
@@ -160,18 +162,22 @@ void adam_impl(const AdamTensor<T>& p, const AdamScalars<acc_t<T>>& s, int64_t i
   }
 }
 
+template <typename T, WeightDecay kWD>
+void adam_wd(const AdamTensor<T>& p, const AdamScalars<acc_t<T>>& s, int64_t i0, int64_t i1) {
+  const bool low = s.lerp_weight < acc_t<T>(0.5);
+  if (s.amsgrad) {
+    low ? adam_impl<T, kWD, true, true>(p, s, i0, i1) : adam_impl<T, kWD, true, false>(p, s, i0, i1);
+  } else {
+    low ? adam_impl<T, kWD, false, true>(p, s, i0, i1) : adam_impl<T, kWD, false, false>(p, s, i0, i1);
+  }
+}
+
 template <typename T>
 void adam(const AdamTensor<T>& p, const AdamScalars<acc_t<T>>& s, int64_t i0, int64_t i1) {
   switch (s.wd_mode) {
-    case WeightDecay::none:
-      return s.amsgrad ? adam_impl<T, WeightDecay::none, true>(p, s, i0, i1)
-                       : adam_impl<T, WeightDecay::none, false>(p, s, i0, i1);
-    case WeightDecay::l2:
-      return s.amsgrad ? adam_impl<T, WeightDecay::l2, true>(p, s, i0, i1)
-                       : adam_impl<T, WeightDecay::l2, false>(p, s, i0, i1);
-    case WeightDecay::decoupled:
-      return s.amsgrad ? adam_impl<T, WeightDecay::decoupled, true>(p, s, i0, i1)
-                       : adam_impl<T, WeightDecay::decoupled, false>(p, s, i0, i1);
+    case WeightDecay::none: return adam_wd<T, WeightDecay::none>(p, s, i0, i1);
+    case WeightDecay::l2: return adam_wd<T, WeightDecay::l2>(p, s, i0, i1);
+    case WeightDecay::decoupled: return adam_wd<T, WeightDecay::decoupled>(p, s, i0, i1);
   }
 }
 

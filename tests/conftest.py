@@ -1,8 +1,13 @@
 import os
 import sys
+import tempfile
 
-import pytest
-import torch
+# A fresh torch.compile cache for every test session: compiled graphs embed the ops'
+# autograd formulas, and a cache left by an older build of aiaas_fast would replay them.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="aiaas_fast_inductor_")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 

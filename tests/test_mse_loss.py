@@ -81,6 +81,38 @@ def test_forward_writes_the_gradient_only_when_asked():
         assert_close(mse_loss(x.requires_grad_(), t), F.mse_loss(x, t), torch.float32)
 
 
+def test_op_returns_the_gradient_for_grad_output_one():
+    x, t = rand(6, 2), rand(6, 2)
+    for reduction, scale in (("mean", 2 / 12), ("sum", 2.0), ("none", 2.0)):
+        _, grad = torch.ops.aiaas_fast.mse_loss(x, t, reduction, True)
+        assert_close(grad, scale * (x - t), torch.float32)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_retain_graph_and_repeated_backward_stay_correct(reduction):
+    # The saved gradient may be handed to autograd as is: it must survive a second backward.
+    x, t = rand(5, 4, requires_grad=True), rand(5, 4)
+    loss = mse_loss(x, t, reduction)
+    g = torch.ones_like(loss)
+    loss.backward(g, retain_graph=True)
+    first = x.grad.clone()
+    loss.backward(g)
+    assert_close(x.grad, 2 * first, torch.float32)
+    x64 = x.detach().double().requires_grad_()
+    reference(x64, t.double(), reduction).backward(g.double())
+    assert_close(first, x64.grad, torch.float32)
+
+
+def test_gradient_flowing_into_a_shared_input_is_summed():
+    w, t1, t2 = rand(3, requires_grad=True), rand(3), rand(3)
+    y = w * 2
+    (mse_loss(y, t1) + mse_loss(y, t2)).backward()
+    w64 = w.detach().double().requires_grad_()
+    y64 = w64 * 2
+    (F.mse_loss(y64, t1.double()) + F.mse_loss(y64, t2.double())).backward()
+    assert_close(w.grad, w64.grad, torch.float32)
+
+
 def test_gradient_recomputed_when_the_forward_skipped_it():
     x, t = rand(4, 3, requires_grad=True), rand(4, 3)
     loss, _ = torch.ops.aiaas_fast.mse_loss(x, t, "mean", False)

@@ -1,11 +1,12 @@
-// aiaas_fast::mse_loss: the loss and 2 * (input - target) in the same single pass.
-// The autograd backward (below, in C++ for every device) only scales that saved tensor
-// by grad_output (and 1/numel for "mean"); keeping the 1/numel out of the saved tensor
-// spares float16 from underflow when the loss is scaled.
+// aiaas_fast::mse_loss: the loss and its gradient (for grad_output = 1) in one pass.
+// The autograd backward (below, in C++ for every device) only scales that saved
+// gradient by grad_output; when grad_output is exactly 1 (loss.backward()) it hands the
+// saved tensor on as is: no pass, no allocation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -40,12 +41,14 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss_cpu(const at::Tensor&
     const auto* tp = kernel_ptr<scalar_t>(t);
     auto* gp = compute_grad ? kernel_ptr<scalar_t>(grad) : nullptr;
     auto* lp = loss_elems.defined() ? kernel_ptr<scalar_t>(loss_elems) : nullptr;
+    // d loss / d input = 2 (x - t), over numel for a mean; 2 / numel folded in double, as torch does.
+    const A grad_scale = static_cast<A>(red == checks::Reduction::mean ? 2.0 / static_cast<double>(n) : 2.0);
     const int64_t nblocks = (n + kBlock - 1) / kBlock;
     std::vector<A> partial(nblocks, A(0));
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t i = b * kBlock, len = std::min(kBlock, n - i);
-        partial[b] = k.mse(xp + i, tp + i, gp ? gp + i : nullptr, lp ? lp + i : nullptr, len);
+        partial[b] = k.mse(xp + i, tp + i, gp ? gp + i : nullptr, lp ? lp + i : nullptr, grad_scale, len);
       }
     });
     for (A p : partial) total += static_cast<double>(p);
@@ -62,6 +65,15 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss_cpu(const at::Tensor&
   return {loss, compute_grad ? std::optional<at::Tensor>(grad) : std::nullopt};
 }
 
+// A real one-element CPU tensor whose value may be read: not a fake or functional tensor
+// being traced by torch.compile, and no Python dispatch mode active.
+bool is_plain_cpu_scalar(const at::Tensor& t) {
+  const auto traced = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                           c10::DispatchKey::PythonTLSSnapshot});
+  return t.is_cpu() && t.numel() == 1 && !t.key_set().has_any(traced) &&
+         !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python);
+}
+
 class MseLossFunction : public torch::autograd::Function<MseLossFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
@@ -74,19 +86,17 @@ class MseLossFunction : public torch::autograd::Function<MseLossFunction> {
       loss = l;
       grad = g.value_or(at::Tensor());
     }
-    ctx->saved_data["reduction"] = std::string(reduction.data(), reduction.size());
-    ctx->saved_data["input_sizes"] = input.sizes().vec();
-    ctx->saved_data["target_sizes"] = target.sizes().vec();
-    ctx->saved_data["numel"] = static_cast<int64_t>(c10::multiply_integers(checks::mse_loss_args(input, target)));
-    ctx->saved_data["has_grad"] = grad.defined();
-    // Saved from the forward pass: 2 * (input - target). Only when the caller asked for it
-    // not to be computed are the inputs kept instead, to recompute it.
-    if (grad.defined()) {
-      ctx->save_for_backward({grad});
-    } else {
-      ctx->save_for_backward({input, target});
-      grad = at::empty({0}, input.options());  // autograd outputs must be defined; dropped by the caller
+    const bool mean = checks::parse_reduction("aiaas_fast.mse_loss", reduction) == checks::Reduction::mean;
+    ctx->saved_data["mean"] = mean;
+    if (input.sizes() != target.sizes()) {  // broadcast: the gradients are summed back to each shape
+      ctx->saved_data["input_sizes"] = input.sizes().vec();
+      ctx->saved_data["target_sizes"] = target.sizes().vec();
     }
+    // The inputs are saved too (references, no copies): for a scaled float16 mean the
+    // gradient is recomputed from them, since grad_output * (2 (x - t) / n) would first
+    // round 2 (x - t) / n to float16 and lose it below float16's range.
+    ctx->save_for_backward({input, target, grad});
+    if (!grad.defined()) grad = at::empty({0}, input.options());  // autograd outputs must be defined
     ctx->mark_non_differentiable({grad});
     ctx->set_materialize_grads(false);  // no zero-filled gradient for that second output
     return {loss, grad};
@@ -94,17 +104,33 @@ class MseLossFunction : public torch::autograd::Function<MseLossFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor twice_diff = ctx->saved_data["has_grad"].toBool() ? saved[0] : 2 * (saved[0] - saved[1]);
     const at::Tensor& grad_loss = grads[0];
     if (!grad_loss.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    const at::Tensor scale = ctx->saved_data["reduction"].toStringRef() == "mean"
-                                 ? grad_loss / static_cast<double>(ctx->saved_data["numel"].toInt())
-                                 : grad_loss;
-    const at::Tensor grad = twice_diff * scale;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &target = saved[1], &saved_grad = saved[2];
+    const bool mean = ctx->saved_data["mean"].toBool();
+    const bool readable = is_plain_cpu_scalar(grad_loss);
+    at::Tensor grad;
+    if (readable && grad_loss.item<double>() == 1.0 && saved_grad.defined()) {
+      // The saved gradient is the answer. Autograd frees this node's saved tensors before
+      // accumulating, so AccumulateGrad can take it without a copy (with retain_graph it copies).
+      grad = saved_grad;
+    } else if (!saved_grad.defined() || (mean && input.scalar_type() == at::kHalf)) {
+      const double n = static_cast<double>(c10::multiply_integers(checks::mse_loss_args(input, target)));
+      const at::Tensor diff = input - target;
+      if (readable) grad = diff * (grad_loss.item<double>() * (mean ? 2.0 / n : 2.0));
+      else grad = diff * (grad_loss * (mean ? 2.0 / n : 2.0));
+    } else if (readable) {
+      grad = saved_grad * grad_loss.item<double>();  // one scalar multiply pass, no device sync on a CPU scalar
+    } else {
+      grad = saved_grad * grad_loss;
+    }
+    const bool broadcast = ctx->saved_data.count("input_sizes") > 0;
     at::Tensor grad_input, grad_target;
-    if (ctx->needs_input_grad(0)) grad_input = grad.sum_to_size(ctx->saved_data["input_sizes"].toIntVector());
-    if (ctx->needs_input_grad(1)) grad_target = (-grad).sum_to_size(ctx->saved_data["target_sizes"].toIntVector());
+    if (ctx->needs_input_grad(0))
+      grad_input = broadcast ? grad.sum_to_size(ctx->saved_data["input_sizes"].toIntVector()) : grad;
+    if (ctx->needs_input_grad(1))
+      grad_target = broadcast ? (-grad).sum_to_size(ctx->saved_data["target_sizes"].toIntVector()) : -grad;
     return {grad_input, grad_target, at::Tensor(), at::Tensor()};
   }
 };

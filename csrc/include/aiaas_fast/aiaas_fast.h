@@ -27,8 +27,8 @@ linear_relu_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::
                      const at::Tensor& out, std::array<bool, 3> output_mask = {true, true, true});
 
 // MSE loss with reduction "none", "mean" or "sum", as torch::nn::functional::mse_loss.
-// With compute_grad, also returns 2 * (input - target) from the same pass over the data:
-// the gradient of the loss is that tensor times grad_output (divided by numel for "mean").
+// With compute_grad, also returns the gradient with respect to input for grad_output = 1,
+// 2 (input - target) (divided by numel for "mean"), from the same pass over the data.
 std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss(const at::Tensor& input, const at::Tensor& target,
                                                           std::string_view reduction = "mean",
                                                           bool compute_grad = true);

@@ -90,7 +90,8 @@ void relu_grad(const T* g, const T* out, T* gm, acc_t<T>* col_sums, int64_t r0, 
 }
 
 template <typename T, bool kGrad, bool kLoss>
-acc_t<T> mse_impl(const T* __restrict x, const T* __restrict t, T* __restrict grad, T* __restrict loss, int64_t n) {
+acc_t<T> mse_impl(const T* __restrict x, const T* __restrict t, T* __restrict grad, T* __restrict loss,
+                  acc_t<T> grad_scale, int64_t n) {
   using A = acc_t<T>;
   constexpr int L = kLanes<A>;
   A lanes[L] = {};
@@ -99,14 +100,14 @@ acc_t<T> mse_impl(const T* __restrict x, const T* __restrict t, T* __restrict gr
     for (int j = 0; j < L; ++j) {
       A d = load(x + i + j) - load(t + i + j);
       lanes[j] += d * d;
-      if constexpr (kGrad) store(grad + i + j, A(2) * d);
+      if constexpr (kGrad) store(grad + i + j, d * grad_scale);
       if constexpr (kLoss) store(loss + i + j, d * d);
     }
   }
   for (int j = 0; i < n; ++i, ++j) {
     A d = load(x + i) - load(t + i);
     lanes[j] += d * d;
-    if constexpr (kGrad) store(grad + i, A(2) * d);
+    if constexpr (kGrad) store(grad + i, d * grad_scale);
     if constexpr (kLoss) store(loss + i, d * d);
   }
   for (int w = L / 2; w > 0; w /= 2)
@@ -115,11 +116,11 @@ acc_t<T> mse_impl(const T* __restrict x, const T* __restrict t, T* __restrict gr
 }
 
 template <typename T>
-acc_t<T> mse(const T* x, const T* t, T* grad, T* loss, int64_t n) {
-  if (grad && loss) return mse_impl<T, true, true>(x, t, grad, loss, n);
-  if (grad) return mse_impl<T, true, false>(x, t, grad, loss, n);
-  if (loss) return mse_impl<T, false, true>(x, t, grad, loss, n);
-  return mse_impl<T, false, false>(x, t, grad, loss, n);
+acc_t<T> mse(const T* x, const T* t, T* grad, T* loss, acc_t<T> grad_scale, int64_t n) {
+  if (grad && loss) return mse_impl<T, true, true>(x, t, grad, loss, grad_scale, n);
+  if (grad) return mse_impl<T, true, false>(x, t, grad, loss, grad_scale, n);
+  if (loss) return mse_impl<T, false, true>(x, t, grad, loss, grad_scale, n);
+  return mse_impl<T, false, false>(x, t, grad, loss, grad_scale, n);
 }
 
 // torch.optim.Adam's single-tensor update, op for op (lerp, addcmul, sqrt / bc2 + eps,

@@ -49,9 +49,10 @@ struct Kernels {
   // gm = g * (out > 0) for rows [r0, r1) (skipped if gm is null); col_sums[c] += sum_r gm[r, c]
   // (skipped if col_sums is null). One pass over g and out for the mask and the bias gradient.
   void (*relu_grad)(const T* g, const T* out, T* gm, A* col_sums, int64_t r0, int64_t r1, int64_t cols);
-  // One pass of MSE over n elements: returns sum (x - t)^2; writes grad = 2 (x - t)
-  // if grad is not null, and loss = (x - t)^2 elementwise if loss is not null.
-  A (*mse)(const T* x, const T* t, T* grad, T* loss, int64_t n);
+  // One pass of MSE over n elements: returns sum (x - t)^2; writes grad = (x - t) * grad_scale
+  // (2, or 2 / numel for a mean) if grad is not null, and loss = (x - t)^2 elementwise if
+  // loss is not null.
+  A (*mse)(const T* x, const T* t, T* grad, T* loss, A grad_scale, int64_t n);
   // Adam on elements [i0, i1) of one tensor.
   void (*adam)(const AdamTensor<T>& p, const AdamScalars<A>& s, int64_t i0, int64_t i1);
 };

@@ -1,0 +1,23 @@
+"""The benchmark scripts run and write their result files (a smoke run, not a timing)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_ops_benchmark_quick_run_writes_results(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "ops.py"), "--quick", "--no-compile",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = sorted(os.listdir(tmp_path))
+    assert any(f.endswith(".json") for f in files) and any(f.endswith(".md") for f in files), files
+    data = json.load(open(os.path.join(tmp_path, next(f for f in files if f.endswith(".json")))))
+    kernels = {row["kernel"] for row in data["rows"]}
+    assert kernels == {"linear_relu", "mse_loss", "adam"}
+    assert all(row["y20"] <= row["y50"] <= row["y80"] and row["y50"] > 0 for row in data["rows"])
+    assert data["environment"]["aiaas_fast"]["version"]

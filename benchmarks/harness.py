@@ -113,7 +113,7 @@ def environment(device: str) -> dict:
 
 class Results:
     """Rows of (kernel, provider, mode, metric, unit, x, y50, y20, y80, config, ...), written
-    to benchmarks/results/<name>-<device>-<date>[-rank<r>].json and .md."""
+    to benchmarks/results/<name>-<device>-<date>T<HHMM>[-rank<r>].json and .md."""
 
     def __init__(self, name: str, device: str):
         self.name, self.device = name, device
@@ -137,7 +137,7 @@ class Results:
         out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
         os.makedirs(out_dir, exist_ok=True)
         kind = "cuda" if self.device.startswith("cuda") else "cpu"
-        stem = f"{self.name}-{kind}-{self.env['date'][:10]}"
+        stem = f"{self.name}-{kind}-{self.env['date'][:16].replace(':', '')}"  # one file per run, none overwritten
         if self.env["world_size"] > 1:
             stem += f"-rank{self.env['rank']}"
         base = os.path.join(out_dir, stem)

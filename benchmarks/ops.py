@@ -5,7 +5,7 @@
 linear_relu vs F.relu(F.linear(...)) (eager and torch.compile), mse_loss vs F.mse_loss
 (eager and torch.compile), the adam_ update vs torch.optim.Adam(foreach=True) and
 (fused=True); beside each, the machine's ceiling measured in the same run (torch.mm
-GFLOP/s at the same shape, copy bandwidth). Writes benchmarks/results/ops-<device>-<date>.*
+GFLOP/s at the same shape, copy bandwidth). Writes benchmarks/results/ops-<device>-<date>T<time>.{json,md}
 Runs unchanged under torchrun: each rank times its own device and writes its own file.
 """
 from __future__ import annotations

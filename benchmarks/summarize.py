@@ -1,0 +1,61 @@
+"""Combines several runs of a benchmark into one table: for each (kernel, shape, provider)
+the median over runs of each run's median time, and the range of the ratio over runs.
+
+    python benchmarks/summarize.py benchmarks/results/ops-cpu-2026-11-29T*.json [--out FILE.md]
+
+On a shared machine one run is not to be trusted: this shows how far the runs agree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="+")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    runs = []
+    for path in args.files:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"error: cannot read {path}: {e}", file=sys.stderr)
+            return 2
+    times = defaultdict(list)
+    order = []
+    for run in runs:
+        for row in run["rows"]:
+            key = (row["kernel"], str(row["x"]), row["provider"])
+            if key not in times:
+                order.append(key)
+            times[key].append(row["y50"])
+    refs = {"linear_relu": "eager", "mse_loss": "eager", "adam": "fused"}
+    lines = [f"Summary of {len(runs)} runs ({', '.join(r['environment']['date'] for r in runs)}) on "
+             f"{runs[0]['environment']['device_name']}, {runs[0]['environment']['threads']} threads, "
+             f"torch {runs[0]['environment']['torch']}.", "",
+             "| kernel | shape | provider | median time | ratio vs reference (median, min - max over runs) |",
+             "|---|---|---|---|---|"]
+    for kernel, x, provider in order:
+        ref = times.get((kernel, x, refs[kernel]))
+        ratios = [r / t for r, t in zip(ref, times[(kernel, x, provider)])] if ref else []
+        med = statistics.median(times[(kernel, x, provider)])
+        unit = f"{med * 1e3:.2f} ms" if med >= 1e-3 else f"{med * 1e6:.1f} us"
+        ratio = (f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} - {max(ratios):.2f}) vs {refs[kernel]}"
+                 if ratios else "")
+        lines.append(f"| {kernel} | {x} | {provider} | {unit} | {ratio} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

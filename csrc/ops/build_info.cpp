@@ -25,8 +25,8 @@ BuildInfo build_info() {
   info.cuda = AIAAS_FAST_WITH_CUDA;
   info.cuda_archs = split(AIAAS_FAST_CUDA_ARCHS, ';');
 #if AT_PARALLEL_OPENMP
-  info.openmp = true;
-  info.parallel_backend = "OpenMP";
+  info.openmp = AIAAS_FAST_OPENMP;  // torch's backend is OpenMP; ours is threaded only if built with it
+  info.parallel_backend = AIAAS_FAST_OPENMP ? "OpenMP" : "OpenMP in torch, single-threaded in aiaas_fast";
 #elif AT_PARALLEL_NATIVE
   info.parallel_backend = "native thread pool";
 #else

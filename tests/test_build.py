@@ -89,3 +89,16 @@ def test_unknown_cpu_isa_is_a_clear_error():
     code = "import aiaas_fast; aiaas_fast.build_info()"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode != 0 and "AIAAS_FAST_CPU_ISA=sse9 is not one of default, avx2, avx512" in r.stderr
+
+
+def test_one_openmp_runtime_and_threaded_kernels():
+    # The ops are built with OpenMP (or at::parallel_for would run on one thread) and share
+    # torch's libgomp: a second runtime would ignore torch.set_num_threads.
+    from aiaas_fast.ops import mse_loss
+
+    mse_loss(torch.randn(100_000), torch.randn(100_000))
+    with open("/proc/self/maps") as f:
+        gomps = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomps) <= 1, gomps
+    if torch.backends.openmp.is_available():
+        assert aiaas_fast.build_info()["openmp"] is True

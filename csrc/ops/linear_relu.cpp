@@ -18,7 +18,7 @@
 namespace aiaas_fast {
 namespace {
 
-constexpr int64_t kGrainElements = 1 << 18;  // below this a pass is not worth waking a thread (measured)
+constexpr int64_t kGrainElements = 1 << 15;  // below this a pass is not worth waking a thread
 
 
 int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)); }

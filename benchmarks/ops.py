@@ -24,23 +24,20 @@ from aiaas_fast.ops import adam_, linear_relu, mse_loss  # noqa: E402
 from harness import Results, copy_gbps, fmt_time, mm_gflops, time_providers  # noqa: E402
 
 
-def _compiled(fn, enabled):
-    if not enabled:
-        return None, "disabled (--no-compile)"
-    try:
+def _providers(eager_fn, ours_fn, step, compile_ok):
+    """eager, aiaas_fast and (when it compiles and runs here) torch.compile of the eager
+    function, each wrapped by ``step``; plus why torch.compile is missing, if it is."""
+    providers = {"eager": step(eager_fn), "aiaas_fast": step(ours_fn)}
+    if not compile_ok:
+        return providers, "disabled (--no-compile)"
+    try:  # a failure to compile is reported in the table, not raised
         torch._dynamo.reset()
-        return torch.compile(fn, fullgraph=True), None
-    except Exception as e:  # noqa: BLE001 - report, do not crash the whole run
-        return None, f"{type(e).__name__}: {e}"
-
-
-def _try(fn):
-    """Runs fn once; returns an error string instead of raising (e.g. compile without a compiler)."""
-    try:
-        fn()
-        return None
+        compiled = step(torch.compile(eager_fn, fullgraph=True))
+        compiled()
     except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        return providers, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    providers["torch.compile"] = compiled
+    return providers, None
 
 
 def bench_linear_relu(res: Results, device: str, shapes, reps: int, compile_ok: bool) -> None:
@@ -60,12 +57,7 @@ def bench_linear_relu(res: Results, device: str, shapes, reps: int, compile_ok: 
                 f(x, w, b).backward(g)
             return run
 
-        providers = {"eager": step(eager_fn), "aiaas_fast": step(linear_relu)}
-        comp, why = _compiled(eager_fn, compile_ok)
-        if comp is not None:
-            why = _try(step(comp))
-            if why is None:
-                providers["torch.compile"] = step(comp)
+        providers, why = _providers(eager_fn, linear_relu, step, compile_ok)
         times = time_providers(providers, device, reps=reps)
         flops = 6.0 * batch * fin * fout  # forward product + two backward products
         ceiling = mm_gflops(batch, fin, fout, device=device)
@@ -98,12 +90,7 @@ def bench_mse_loss(res: Results, device: str, sizes, reps: int, compile_ok: bool
                 f(x, t).backward()
             return run
 
-        providers = {"eager": step(eager_fn), "aiaas_fast": step(mse_loss)}
-        comp, why = _compiled(eager_fn, compile_ok)
-        if comp is not None:
-            why = _try(step(comp))
-            if why is None:
-                providers["torch.compile"] = step(comp)
+        providers, why = _providers(eager_fn, mse_loss, step, compile_ok)
         times = time_providers(providers, device, reps=reps)
         # The least traffic a fwd+bwd can make: read input and target, write the gradient.
         min_bytes = 3.0 * n * 4

@@ -24,7 +24,9 @@ if _build_config.TORCH_VERSION != _torch.__version__:
     )
 
 from . import _C  # noqa: E402  (loads libaiaas_fast, which registers torch.ops.aiaas_fast)
-from . import ops  # noqa: E402  (autograd and fake kernels for the ops)
+from . import ops  # noqa: E402  (fake kernels for the ops)
+from . import nn, optim  # noqa: E402
+from .convert import convert  # noqa: E402
 
 __version__ = _build_config.VERSION
 
@@ -39,4 +41,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["ops", "build_info", "cmake_prefix_path", "__version__"]
+__all__ = ["ops", "nn", "optim", "convert", "build_info", "cmake_prefix_path", "__version__"]

@@ -1,0 +1,122 @@
+"""aiaas_fast.nn modules and aiaas_fast.convert against torch.nn."""
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import aiaas_fast
+from aiaas_fast.nn import MLP, Linear, LinearReLU, MSELoss
+from helpers import DTYPES, assert_close, rand
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_linear_relu_has_nn_linear_init_and_state_dict():
+    torch.manual_seed(1)
+    ref = nn.Linear(17, 5)
+    torch.manual_seed(1)
+    ours = LinearReLU(17, 5)
+    assert list(ours.state_dict()) == ["weight", "bias"]
+    for k in ("weight", "bias"):
+        assert torch.equal(ours.state_dict()[k], ref.state_dict()[k])
+    x = rand(3, 4, 17)
+    assert_close(ours(x), F.relu(ref(x)), torch.float32)
+    back = nn.Linear(17, 5)
+    back.load_state_dict(ours.state_dict())  # and back again
+    assert torch.equal(back.weight, ours.weight)
+    assert LinearReLU(3, 2, bias=False).bias is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_modules_take_device_and_dtype(dtype):
+    m = MLP(6, [5, 3], 2, dtype=dtype)
+    assert all(p.dtype == dtype for p in m.parameters())
+    x = rand(4, 6, dtype=dtype)
+    l0, l1, l2 = m.layers
+    ref = F.linear(F.relu(F.linear(F.relu(F.linear(x.double(), l0.weight.double(), l0.bias.double())),
+                                   l1.weight.double(), l1.bias.double())), l2.weight.double(), l2.bias.double())
+    assert_close(m(x), ref, dtype)
+
+
+def test_mlp_layout_and_bad_widths():
+    m = MLP(10, 20, 1)
+    assert [type(l) for l in m.layers] == [LinearReLU, Linear]
+    assert list(m.state_dict()) == ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
+    with pytest.raises(ValueError, match="MLP: every width must be a positive int, got 0"):
+        MLP(10, [20, 0], 1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mse_loss_module_matches_nn(reduction):
+    x, t = rand(9, 2, requires_grad=True), rand(9, 2)
+    loss = MSELoss(reduction)(x, t)
+    x2 = x.detach().clone().requires_grad_()
+    ref = nn.MSELoss(reduction=reduction)(x2, t)
+    assert_close(loss, ref, torch.float32)
+    loss.sum().backward()
+    ref.sum().backward()
+    assert_close(x.grad, x2.grad, torch.float32)
+
+
+def seed_network():
+    return nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 1))
+
+
+def test_convert_seed_network_same_outputs_gradients_and_keys():
+    ref = seed_network()
+    ours = aiaas_fast.convert(ref)
+    assert ours is not ref and type(ref[0]) is nn.Linear  # the original is untouched
+    assert type(ours[0]) is LinearReLU and type(ours[1]) is nn.Identity
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert ours.aiaas_fast_conversions == ["0+1: Linear(10, 20) + ReLU -> LinearReLU + Identity"]
+    x, y = rand(64, 10), rand(64, 1)
+    out, ref_out = ours(x), ref(x)
+    assert_close(out, ref_out, torch.float32)
+    F.mse_loss(out, y).backward()
+    F.mse_loss(ref_out, y).backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, msg=name)
+
+
+def test_convert_nested_inplace_and_losses():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Sequential(nn.Linear(8, 8), nn.ReLU()),
+                                      nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+            self.loss = nn.MSELoss(reduction="sum")
+
+    net = Net()
+    weight = net.body[0].weight
+    same = aiaas_fast.convert(net, inplace=True)
+    assert same is net
+    assert type(net.body[0]) is LinearReLU and net.body[0].weight is weight  # the same Parameter
+    assert type(net.body[2][0]) is LinearReLU
+    assert type(net.body[3]) is nn.Linear  # followed by Tanh: left alone
+    assert type(net.loss) is MSELoss and net.loss.reduction == "sum"
+    assert len(net.aiaas_fast_conversions) == 3
+    assert aiaas_fast.convert(nn.Tanh()).aiaas_fast_conversions == []
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        aiaas_fast.convert("model")
+
+
+def test_seed_example_gives_pytorch_losses():
+    spec = importlib.util.spec_from_file_location("seed_network", os.path.join(ROOT, "examples", "seed_network.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    ours, ref = example.run(steps=100)
+    assert len(ours) == len(ref) == 100
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=1e-5, atol=1e-6)
+    assert ours[-1] < ours[0]  # it trained
+
+
+def test_mse_loss_module_arguments():
+    assert MSELoss("sum").reduction == "sum" and MSELoss(reduction="none").reduction == "none"
+    assert MSELoss().reduction == "mean"
+    with pytest.warns(UserWarning):
+        assert MSELoss(False).reduction == nn.MSELoss(False).reduction == "sum"  # torch's legacy order
+    with pytest.raises(ValueError, match="reduction must be 'none', 'mean' or 'sum', got 'avg'"):
+        MSELoss("avg")

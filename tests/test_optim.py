@@ -1,0 +1,117 @@
+"""aiaas_fast.optim.Adam / AdamW against torch.optim: trajectories, param groups,
+schedulers and state_dict round trips in both directions."""
+import itertools
+
+import pytest
+import torch
+
+from aiaas_fast.optim import Adam, AdamW
+from helpers import rand
+
+FLAGS = [dict(amsgrad=a, maximize=m, weight_decay=wd) for a, m, wd in itertools.product([False, True], [False, True], [0.0, 0.05])]
+
+
+def make_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(7, 5, generator=g).requires_grad_(), torch.randn(7, generator=g).requires_grad_(),
+            torch.randn(1, 7, generator=g).requires_grad_(), torch.randn((), generator=g).requires_grad_()]
+
+
+def set_grads(params, step):
+    g = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+
+def trajectory(opt_cls, params, steps, scheduler=None, **kw):
+    opt = opt_cls(params, **kw)
+    sched = scheduler(opt) if scheduler else None
+    for s in range(steps):
+        set_grads(params, s)
+        opt.step()
+        if sched:
+            sched.step()
+    return opt
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=str)
+@pytest.mark.parametrize("pair", [(Adam, torch.optim.Adam), (AdamW, torch.optim.AdamW)], ids=["Adam", "AdamW"])
+def test_same_trajectory_as_torch(pair, flags):
+    ours_cls, torch_cls = pair
+    ours, ref = make_params(), make_params()
+    sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    o = trajectory(ours_cls, ours, 6, scheduler=sched, lr=0.01, **flags)
+    r = trajectory(torch_cls, ref, 6, scheduler=sched, lr=0.01, **flags)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert o.param_groups[0]["lr"] == r.param_groups[0]["lr"] == 0.01 * 0.5**3
+
+
+def test_adam_with_decoupled_weight_decay_flag_is_adamw():
+    ours, ref = make_params(), make_params()
+    trajectory(Adam, ours, 4, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)
+    trajectory(torch.optim.AdamW, ref, 4, lr=0.01, weight_decay=0.1)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_param_groups_and_zero_grad():
+    ours, ref = make_params(), make_params()
+    groups = lambda ps: [{"params": ps[:2], "lr": 0.02}, {"params": ps[2:], "lr": 0.001, "amsgrad": True}]
+    o, r = Adam(groups(ours)), torch.optim.Adam(groups(ref))
+    for s in range(3):
+        set_grads(ours, s)
+        set_grads(ref, s)
+        ours[3].grad = ref[3].grad = None  # a parameter without a gradient is skipped
+        o.step()
+        r.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert "max_exp_avg_sq" in o.state[ours[2]] and ours[3] not in o.state
+    o.zero_grad()
+    assert all(p.grad is None for p in ours)
+
+
+@pytest.mark.parametrize("direction", ["torch->ours", "ours->torch"])
+def test_state_dict_round_trip_resumes_the_same_trajectory(direction):
+    first, second = (torch.optim.Adam, Adam) if direction == "torch->ours" else (Adam, torch.optim.Adam)
+    a = make_params()
+    opt_a = trajectory(first, a, 3, lr=0.01, amsgrad=True)
+    ckpt = opt_a.state_dict()
+    b = [p.detach().clone().requires_grad_() for p in a]
+    opt_b = second(b, lr=0.01, amsgrad=True)
+    opt_b.load_state_dict(ckpt)
+    uninterrupted = make_params()
+    opt_u = trajectory(torch.optim.Adam, uninterrupted, 3, lr=0.01, amsgrad=True)
+    for s in range(3, 6):
+        set_grads(b, s)
+        set_grads(uninterrupted, s)
+        opt_b.step()
+        opt_u.step()
+    for p, q in zip(b, uninterrupted):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert opt_b.state_dict()["state"][0]["step"].item() == 6
+
+
+def test_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        Adam(make_params(), lr=-1.0)
+    with pytest.raises(RuntimeError, match="differentiable=True is not supported"):
+        Adam(make_params(), differentiable=True)
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    p.grad = torch.randn(3, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match="does not support complex"):
+        Adam([p]).step()
+
+
+def test_one_native_call_per_device_dtype_bucket(monkeypatch):
+    import aiaas_fast.ops
+
+    calls = []
+    real = aiaas_fast.ops.adam_
+    monkeypatch.setattr(aiaas_fast.ops, "adam_", lambda *a, **k: (calls.append(len(a[0])), real(*a, **k)))
+    params = make_params() + [torch.randn(3, dtype=torch.float64, requires_grad=True)]
+    opt = Adam(params)
+    set_grads(params, 0)
+    opt.step()
+    assert sorted(calls) == [1, 4]  # float32 bucket of 4 tensors, float64 bucket of 1

@@ -115,3 +115,19 @@ def test_one_native_call_per_device_dtype_bucket(monkeypatch):
     set_grads(params, 0)
     opt.step()
     assert sorted(calls) == [1, 4]  # float32 bucket of 4 tensors, float64 bucket of 1
+
+
+def test_cached_buckets_follow_changes_in_which_params_have_grads_and_loaded_state():
+    ours, ref = make_params(), make_params()
+    o, r = Adam(ours, lr=0.01), torch.optim.Adam(ref, lr=0.01)
+    for s in range(6):
+        set_grads(ours, s)
+        set_grads(ref, s)
+        if s % 3 == 1:  # a step where one parameter has no gradient
+            ours[1].grad = ref[1].grad = None
+        if s == 4:  # a reload replaces the state tensors: the cache must not keep the old ones
+            o.load_state_dict(o.state_dict())
+        o.step()
+        r.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

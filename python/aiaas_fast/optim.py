@@ -8,8 +8,6 @@ other and continues on the same trajectory.
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
 from . import ops
@@ -26,7 +24,12 @@ def _scalar(value, name):
 
 
 class _FusedAdamStep:
-    """The step shared by Adam and AdamW; ``_decoupled`` says which weight decay applies."""
+    """The step shared by Adam and AdamW; ``_decoupled`` says which weight decay applies.
+
+    Per parameter group, the (device, dtype) buckets of state tensors are built once and
+    reused while the same parameters have gradients: the state tensors are updated in place,
+    so only the gradients are gathered again each step (a tiny seed network's step is mostly
+    this Python). ``load_state_dict`` and ``add_param_group`` drop the cache."""
 
     _decoupled = False
 
@@ -37,45 +40,64 @@ class _FusedAdamStep:
             if group.get("capturable"):
                 raise RuntimeError(f"aiaas_fast.optim.{type(self).__name__}: capturable=True is not supported yet")
 
+    def _drop_bucket_cache(self):
+        self.__dict__["_aiaas_buckets"] = {}
+
+    def add_param_group(self, param_group):
+        self._drop_bucket_cache()
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict):
+        self._drop_bucket_cache()
+        super().load_state_dict(state_dict)
+
+    def _build_buckets(self, group, params):
+        name = type(self).__name__
+        buckets = {}
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"aiaas_fast.optim.{name} does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError(f"aiaas_fast.optim.{name} does not support complex parameters")
+            state = self.state[p]
+            if len(state) == 0:  # as torch.optim.Adam initialises it
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"] and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            lists = buckets.setdefault((p.device, p.dtype), ([], [], [], [], []))
+            lists[0].append(p)
+            lists[1].append(state["exp_avg"])
+            lists[2].append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                lists[3].append(state["max_exp_avg_sq"])
+            lists[4].append(state["step"])
+        return list(buckets.values())
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            buckets = defaultdict(lambda: ([], [], [], [], [], []))
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"aiaas_fast.optim.{type(self).__name__} does not support sparse gradients")
-                if torch.is_complex(p):
-                    raise RuntimeError(f"aiaas_fast.optim.{type(self).__name__} does not support complex parameters")
-                state = self.state[p]
-                if len(state) == 0:  # as torch.optim.Adam initialises it
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                elif group["amsgrad"] and "max_exp_avg_sq" not in state:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = buckets[(p.device, p.dtype)]
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                if group["amsgrad"]:
-                    max_sqs.append(state["max_exp_avg_sq"])
-                steps.append(state["step"])
+        cache = self.__dict__.setdefault("_aiaas_buckets", {})
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            key = (tuple(map(id, params)), bool(group["amsgrad"]))
+            cached = cache.get(index)
+            if cached is None or cached[0] != key:
+                cached = cache[index] = (key, self._build_buckets(group, params))
             beta1, beta2 = group["betas"]
-            decoupled = self._decoupled or bool(group.get("decoupled_weight_decay", False))
-            for lists in buckets.values():
-                ops.adam_(*lists, lr=_scalar(group["lr"], "lr"), beta1=_scalar(beta1, "beta1"),
-                          beta2=_scalar(beta2, "beta2"), weight_decay=float(group["weight_decay"]),
-                          eps=float(group["eps"]), amsgrad=bool(group["amsgrad"]),
-                          maximize=bool(group.get("maximize", False)), decoupled_weight_decay=decoupled)
+            hyper = dict(lr=_scalar(group["lr"], "lr"), beta1=_scalar(beta1, "beta1"), beta2=_scalar(beta2, "beta2"),
+                         weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+                         amsgrad=bool(group["amsgrad"]), maximize=bool(group.get("maximize", False)),
+                         decoupled_weight_decay=self._decoupled or bool(group.get("decoupled_weight_decay", False)))
+            for bucket_params, exp_avgs, exp_avg_sqs, max_sqs, steps in cached[1]:
+                grads = [p.grad for p in bucket_params]
+                ops.adam_(bucket_params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, **hyper)
         return loss
 
 

@@ -21,3 +21,14 @@ def test_ops_benchmark_quick_run_writes_results(tmp_path):
     assert kernels == {"linear_relu", "mse_loss", "adam"}
     assert all(row["y20"] <= row["y50"] <= row["y80"] and row["y50"] > 0 for row in data["rows"])
     assert data["environment"]["aiaas_fast"]["version"]
+
+
+@pytest.mark.slow
+def test_train_benchmark_quick_run_writes_results(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train.py"), "--quick", "--no-compile",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.load(open(os.path.join(tmp_path, next(f for f in os.listdir(tmp_path) if f.endswith(".json")))))
+    providers = {row["provider"] for row in data["rows"]}
+    assert {"eager (Adam foreach)", "eager (Adam fused)", "aiaas_fast"} <= providers
+    assert all(row["y50"] > 0 for row in data["rows"])

@@ -27,6 +27,7 @@ from . import _C  # noqa: E402  (loads libaiaas_fast, which registers torch.ops.
 from . import ops  # noqa: E402  (fake kernels for the ops)
 from . import nn, optim  # noqa: E402
 from .convert import convert  # noqa: E402
+from .training import History, fit, predict  # noqa: E402
 
 __version__ = _build_config.VERSION
 
@@ -41,4 +42,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["ops", "nn", "optim", "convert", "build_info", "cmake_prefix_path", "__version__"]
+__all__ = ["ops", "nn", "optim", "convert", "fit", "predict", "History", "build_info", "cmake_prefix_path", "__version__"]

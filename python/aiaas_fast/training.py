@@ -1,0 +1,268 @@
+"""``aiaas_fast.fit``: train a regression model on tensors, NumPy arrays or a DataLoader.
+
+Features and targets are standardised with scalers fitted on the training split and kept
+with the model (``model.aiaas_fast_scalers``, used by :func:`predict`); the loss is MSE on
+the standardised targets, the optimizer ``aiaas_fast.optim.Adam``; validation RMSE, MAE
+and R^2 are reported in the targets' own units. Checkpoints hold everything a resumed run
+needs to continue exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .nn import MSELoss
+from .optim import Adam
+
+__all__ = ["fit", "predict", "History", "Scaler"]
+
+CHECKPOINT_FORMAT = "aiaas_fast.fit/1"
+
+
+@dataclass
+class Scaler:
+    """Per-column standardisation: (v - mean) / std, with std 1 for constant columns."""
+
+    mean: Tensor
+    std: Tensor
+
+    @classmethod
+    def fit(cls, data: Tensor) -> "Scaler":
+        d = data.double()
+        std = d.std(0, unbiased=False) if len(d) > 1 else torch.ones(d.shape[1:], dtype=torch.float64)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        return cls(d.mean(0).float(), std.float())
+
+    def transform(self, v: Tensor) -> Tensor:
+        return (v - self.mean.to(v.device)) / self.std.to(v.device)
+
+    def inverse(self, v: Tensor) -> Tensor:
+        return v * self.std.to(v.device) + self.mean.to(v.device)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.cpu(), "std": self.std.cpu()}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "Scaler":
+        return cls(d["mean"], d["std"])
+
+
+@dataclass
+class History:
+    """Per-epoch records: epoch, train_loss (MSE on standardised targets), val_loss (same),
+    val_rmse, val_mae, val_r2 (targets' units), seconds, samples_per_s."""
+
+    epochs: List[Dict[str, float]] = field(default_factory=list)
+    best_epoch: Optional[int] = None
+    stopped_early: bool = False
+
+    def __getitem__(self, key: str) -> List[float]:
+        return [e[key] for e in self.epochs]
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+
+def _as_tensor(name: str, value) -> Tensor:
+    if isinstance(value, np.ndarray):
+        if not np.issubdtype(value.dtype, np.number):
+            raise ValueError(f"aiaas_fast.fit: {name} must be numeric, got a NumPy array of dtype {value.dtype}")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, Tensor):
+        raise TypeError(f"aiaas_fast.fit: {name} must be a tensor, a NumPy array or a DataLoader, got {type(value).__name__}")
+    if value.dim() == 1:
+        value = value.unsqueeze(1)
+    if value.dim() != 2:
+        raise ValueError(f"aiaas_fast.fit: {name} must be 1-D or 2-D (rows, columns), got shape {list(value.shape)}")
+    value = value.float()
+    bad = ~torch.isfinite(value)
+    if bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"aiaas_fast.fit: {name} has a non-finite value ({value[row, col].item()}) at row {row}, column {col}")
+    return value
+
+
+def _from_loader(loader) -> tuple:
+    xs, ys = [], []
+    for i, batch in enumerate(loader):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(f"aiaas_fast.fit: the DataLoader must yield (x, y) pairs; batch {i} is {type(batch).__name__}")
+        xs.append(torch.as_tensor(batch[0]))
+        ys.append(torch.as_tensor(batch[1]))
+    if not xs:
+        raise ValueError("aiaas_fast.fit: the DataLoader yielded no batches")
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _metrics(pred: Tensor, target: Tensor) -> Dict[str, float]:
+    err = (pred - target).double()
+    ss_res = (err**2).sum()
+    ss_tot = ((target.double() - target.double().mean(0)) ** 2).sum()
+    return {"val_rmse": math.sqrt((err**2).mean().item()), "val_mae": err.abs().mean().item(),
+            "val_r2": (1 - ss_res / ss_tot).item() if ss_tot > 0 else float("nan")}
+
+
+def _progress(enabled: Optional[bool], total: int, desc: str):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the bar is a convenience, never a requirement
+        return None
+    return tqdm(total=total, desc=desc, unit="epoch", leave=False)
+
+
+def predict(model: nn.Module, X, batch_size: int = 4096) -> Tensor:
+    """The model's predictions in the targets' units, using the scalers ``fit`` kept."""
+    x = _as_tensor("X", X)
+    scalers = getattr(model, "aiaas_fast_scalers", None)
+    device = next(model.parameters()).device
+    outs = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].to(device)
+            if scalers:
+                xb = scalers["x"].transform(xb)
+            out = model(xb)
+            outs.append(scalers["y"].inverse(out) if scalers else out)
+    model.train(was_training)
+    return torch.cat(outs).cpu() if outs else torch.empty(0, 0)
+
+
+def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64, lr: float = 1e-3,
+        weight_decay: float = 0.0, val_split: float = 0.2, seed: int = 0, standardize: bool = True,
+        patience: Optional[int] = None, min_delta: float = 0.0, checkpoint: Optional[str] = None,
+        resume: bool = False, progress: Optional[bool] = None) -> History:
+    """Trains ``model`` in place and returns its :class:`History`.
+
+    ``X``, ``y``: tensors or NumPy arrays (rows, features) and (rows,) or (rows, targets); or
+    ``X`` a DataLoader of (x, y) batches and ``y`` None. ``val_split`` of the rows (shuffled by
+    ``seed``) are held out for validation. ``patience``: stop after that many epochs without a
+    validation-loss improvement larger than ``min_delta``, keeping the best weights.
+    ``checkpoint``: a file written after every epoch; with ``resume=True`` a run continues from
+    it (model, optimizer, scalers, epoch, RNG states), to the same result as an uninterrupted run.
+    """
+    if isinstance(X, torch.utils.data.DataLoader):
+        if y is not None:
+            raise ValueError("aiaas_fast.fit: with a DataLoader, pass y=None (the loader yields (x, y))")
+        X, y = _from_loader(X)
+    elif y is None:
+        raise ValueError("aiaas_fast.fit: y is missing")
+    x_all, y_all = _as_tensor("X", X), _as_tensor("y", y)
+    if len(x_all) != len(y_all):
+        raise ValueError(f"aiaas_fast.fit: X has {len(x_all)} rows but y has {len(y_all)}")
+    if len(x_all) == 0:
+        raise ValueError("aiaas_fast.fit: no rows to train on")
+    for name, v, ok in (("epochs", epochs, isinstance(epochs, int) and epochs >= 1),
+                        ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1),
+                        ("lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0),
+                        ("val_split", val_split, isinstance(val_split, (int, float)) and 0 <= val_split < 1),
+                        ("patience", patience, patience is None or (isinstance(patience, int) and patience >= 1))):
+        if not ok:
+            raise ValueError(f"aiaas_fast.fit: invalid {name}={v!r}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("aiaas_fast.fit: the model has no parameters")
+    device = params[0].device
+
+    # The split and the scalers depend only on the data and the seed, so a resumed run
+    # rebuilds exactly the ones it had.
+    split_gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x_all), generator=split_gen)
+    n_val = int(round(len(x_all) * val_split))
+    if val_split > 0 and (n_val == 0 or n_val == len(x_all)):
+        raise ValueError(f"aiaas_fast.fit: val_split={val_split} leaves {len(x_all) - n_val} training and {n_val} "
+                         f"validation rows out of {len(x_all)}; use more rows or another val_split")
+    train_idx, val_idx = order[n_val:], order[:n_val]
+    x_tr, y_tr, x_va, y_va = x_all[train_idx], y_all[train_idx], x_all[val_idx], y_all[val_idx]
+    if standardize:
+        scalers = {"x": Scaler.fit(x_tr), "y": Scaler.fit(y_tr)}
+    else:
+        scalers = {"x": Scaler(torch.zeros(x_tr.shape[1]), torch.ones(x_tr.shape[1])),
+                   "y": Scaler(torch.zeros(y_tr.shape[1]), torch.ones(y_tr.shape[1]))}
+    xs_tr, ys_tr = scalers["x"].transform(x_tr).to(device), scalers["y"].transform(y_tr).to(device)
+    xs_va, ys_va = scalers["x"].transform(x_va).to(device), scalers["y"].transform(y_va).to(device)
+
+    loss_fn = MSELoss()
+    opt = Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    shuffle_gen = torch.Generator().manual_seed(seed + 1)
+    history = History()
+    best_loss, best_state, bad_epochs, start_epoch = math.inf, None, 0, 0
+
+    if resume and checkpoint and os.path.exists(checkpoint):
+        ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"aiaas_fast.fit: {checkpoint} is not an aiaas_fast.fit checkpoint")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        shuffle_gen.set_state(ckpt["shuffle_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        history = ckpt["history"]
+        best_loss, best_state, bad_epochs = ckpt["best_loss"], ckpt["best_state"], ckpt["bad_epochs"]
+        start_epoch = ckpt["epoch"] + 1
+
+    bar = _progress(progress, epochs, "aiaas_fast.fit")
+    if bar is not None:
+        bar.update(start_epoch)
+    model.train()
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(xs_tr), generator=shuffle_gen).to(device)
+        total = 0.0
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i:i + batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xs_tr[idx]), ys_tr[idx])
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        seconds = time.perf_counter() - t0
+        record = {"epoch": epoch, "train_loss": total / len(perm), "seconds": seconds,
+                  "samples_per_s": len(perm) / seconds if seconds > 0 else float("inf")}
+        if n_val:
+            model.eval()
+            with torch.no_grad():
+                pred = model(xs_va)
+                record["val_loss"] = loss_fn(pred, ys_va).item()
+                record.update(_metrics(scalers["y"].inverse(pred).cpu(), y_va))
+            model.train()
+        history.epochs.append(record)
+        monitored = record.get("val_loss", record["train_loss"])
+        if monitored < best_loss - min_delta:
+            best_loss, bad_epochs, history.best_epoch = monitored, 0, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if patience else None
+        else:
+            bad_epochs += 1
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['train_loss']:.4g}", val=f"{record.get('val_loss', float('nan')):.4g}",
+                            samples_s=f"{record['samples_per_s']:.0f}")
+            bar.update(1)
+        stop = patience is not None and bad_epochs >= patience
+        if checkpoint:
+            tmp = checkpoint + ".tmp"
+            torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scalers": {k: s.state_dict() for k, s in scalers.items()}, "epoch": epoch,
+                        "history": history, "shuffle_rng": shuffle_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                        "best_loss": best_loss, "best_state": best_state, "bad_epochs": bad_epochs}, tmp)
+            os.replace(tmp, checkpoint)  # never a half-written checkpoint
+        if stop:
+            history.stopped_early = True
+            break
+    if bar is not None:
+        bar.close()
+    if history.stopped_early and best_state is not None:
+        model.load_state_dict(best_state)
+    model.aiaas_fast_scalers = scalers
+    return history

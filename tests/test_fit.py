@@ -1,0 +1,115 @@
+"""aiaas_fast.fit: training, metrics, determinism, early stopping, checkpoints and resume."""
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import aiaas_fast
+from aiaas_fast.nn import MLP
+
+
+def data(n=600, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g) * torch.tensor([1.0, 10.0, 0.1, 5.0]) + 3.0
+    y = torch.stack([x[:, 0] * 2 + x[:, 1] * 0.1, (x[:, 2] * 10).sin()], 1) * 50 + 100
+    return x, y
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return MLP(4, [16, 16], 2)
+
+
+def test_fit_learns_and_reports_metrics_in_target_units():
+    x, y = data()
+    m = model()
+    h = aiaas_fast.fit(m, x, y, epochs=30, batch_size=32, lr=3e-3, seed=1)
+    assert len(h) == 30 and set(h.epochs[0]) >= {"train_loss", "val_loss", "val_rmse", "val_mae", "val_r2", "samples_per_s"}
+    assert h["train_loss"][-1] < 0.5 * h["train_loss"][0]
+    assert h["val_r2"][-1] > 0.5
+    pred = aiaas_fast.predict(m, x)  # scalers kept with the model: predictions in y's units
+    assert pred.shape == y.shape
+    rmse = (pred - y).pow(2).mean().sqrt().item()
+    assert rmse < y.std().item()
+    val_rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:120]  # fit's split for seed 1
+    ref = (pred[val_rows] - y[val_rows]).pow(2).mean().sqrt().item()
+    assert h["val_rmse"][-1] == pytest.approx(ref, rel=1e-4)
+
+
+def test_numpy_and_dataloader_inputs_train_the_same_as_tensors():
+    x, y = data(200)
+    h1 = aiaas_fast.fit(model(), x, y, epochs=3, seed=2)
+    h2 = aiaas_fast.fit(model(), x.numpy(), y.numpy(), epochs=3, seed=2)
+    h3 = aiaas_fast.fit(model(), DataLoader(TensorDataset(x, y), batch_size=50), epochs=3, seed=2)
+    assert h1["train_loss"] == h2["train_loss"] == h3["train_loss"]
+
+
+def test_deterministic_for_a_seed():
+    x, y = data(300)
+    runs = [aiaas_fast.fit(model(), x, y, epochs=4, seed=5) for _ in range(2)]
+    assert runs[0]["train_loss"] == runs[1]["train_loss"] and runs[0]["val_rmse"] == runs[1]["val_rmse"]
+    other = aiaas_fast.fit(model(), x, y, epochs=4, seed=6)
+    assert other["train_loss"] != runs[0]["train_loss"]
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+    x, y = data(300)
+    straight = model()
+    h_straight = aiaas_fast.fit(straight, x, y, epochs=6, seed=3)
+    ckpt = str(tmp_path / "run.pt")
+    resumed = model()
+    aiaas_fast.fit(resumed, x, y, epochs=3, seed=3, checkpoint=ckpt)  # "interrupted" after 3 epochs
+    fresh = model(seed=99)  # a new process would start from other weights: the checkpoint restores them
+    h_resumed = aiaas_fast.fit(fresh, x, y, epochs=6, seed=3, checkpoint=ckpt, resume=True)
+    assert h_resumed["train_loss"] == h_straight["train_loss"]
+    for a, b in zip(fresh.state_dict().values(), straight.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_early_stopping_keeps_the_best_weights():
+    x, y = data(200)
+    y = torch.randn_like(y)  # nothing to learn: validation loss stops improving quickly
+    m = model()
+    h = aiaas_fast.fit(m, x, y, epochs=200, lr=1e-2, patience=3, seed=0)
+    assert h.stopped_early and len(h) < 200
+    assert h.best_epoch == len(h) - 4
+    assert min(h["val_loss"]) == h["val_loss"][h.best_epoch]
+    # The weights kept are the best epoch's: evaluating them gives that epoch's validation loss.
+    val_rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:40]
+    sc = m.aiaas_fast_scalers
+    with torch.no_grad():
+        val_loss = torch.nn.functional.mse_loss(m(sc["x"].transform(x[val_rows])), sc["y"].transform(y[val_rows]))
+    assert val_loss.item() == pytest.approx(h["val_loss"][h.best_epoch], rel=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(epochs=0), "invalid epochs=0"),
+    (dict(batch_size=-1), "invalid batch_size=-1"),
+    (dict(lr=float("nan")), "invalid lr=nan"),
+    (dict(val_split=1.0), "invalid val_split=1.0"),
+])
+def test_bad_hyperparameters(kwargs, message):
+    x, y = data(50)
+    with pytest.raises(ValueError, match=message):
+        aiaas_fast.fit(model(), x, y, **kwargs)
+
+
+def test_bad_data_is_named():
+    x, y = data(50)
+    with pytest.raises(ValueError, match="X has 50 rows but y has 49"):
+        aiaas_fast.fit(model(), x, y[:49])
+    bad = x.clone()
+    bad[7, 2] = float("nan")
+    with pytest.raises(ValueError, match="X has a non-finite value \\(nan\\) at row 7, column 2"):
+        aiaas_fast.fit(model(), bad, y)
+    with pytest.raises(ValueError, match="must be numeric"):
+        aiaas_fast.fit(model(), np.array([["a"]] * 50), y)
+    with pytest.raises(ValueError, match="no rows"):
+        aiaas_fast.fit(model(), x[:0], y[:0])
+
+def test_a_foreign_checkpoint_is_refused(tmp_path):
+    x, y = data(50)
+    path = str(tmp_path / "x.pt")
+    torch.save({"something": 1}, path)
+    with pytest.raises(ValueError, match="is not an aiaas_fast.fit checkpoint"):
+        aiaas_fast.fit(model(), x, y, checkpoint=path, resume=True)

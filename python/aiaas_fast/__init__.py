@@ -28,6 +28,7 @@ from . import ops  # noqa: E402  (fake kernels for the ops)
 from . import nn, optim  # noqa: E402
 from .convert import convert  # noqa: E402
 from .training import History, fit, predict  # noqa: E402
+from . import datasets, training  # noqa: E402
 
 __version__ = _build_config.VERSION
 

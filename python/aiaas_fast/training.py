@@ -144,7 +144,7 @@ def predict(model: nn.Module, X, batch_size: int = 4096) -> Tensor:
 def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64, lr: float = 1e-3,
         weight_decay: float = 0.0, val_split: float = 0.2, seed: int = 0, standardize: bool = True,
         patience: Optional[int] = None, min_delta: float = 0.0, checkpoint: Optional[str] = None,
-        resume: bool = False, progress: Optional[bool] = None) -> History:
+        resume: bool = False, progress: Optional[bool] = None, optimizer=None, loss_fn=None) -> History:
     """Trains ``model`` in place and returns its :class:`History`.
 
     ``X``, ``y``: tensors or NumPy arrays (rows, features) and (rows,) or (rows, targets); or
@@ -153,6 +153,8 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
     validation-loss improvement larger than ``min_delta``, keeping the best weights.
     ``checkpoint``: a file written after every epoch; with ``resume=True`` a run continues from
     it (model, optimizer, scalers, epoch, RNG states), to the same result as an uninterrupted run.
+    ``optimizer`` / ``loss_fn``: defaults ``aiaas_fast.optim.Adam(lr, weight_decay)`` and
+    ``aiaas_fast.nn.MSELoss()``; any torch optimizer and loss work (``lr`` is then the optimizer's).
     """
     if isinstance(X, torch.utils.data.DataLoader):
         if y is not None:
@@ -195,8 +197,8 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
     xs_tr, ys_tr = scalers["x"].transform(x_tr).to(device), scalers["y"].transform(y_tr).to(device)
     xs_va, ys_va = scalers["x"].transform(x_va).to(device), scalers["y"].transform(y_va).to(device)
 
-    loss_fn = MSELoss()
-    opt = Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = loss_fn if loss_fn is not None else MSELoss()
+    opt = optimizer if optimizer is not None else Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     shuffle_gen = torch.Generator().manual_seed(seed + 1)
     history = History()
     best_loss, best_state, bad_epochs, start_epoch = math.inf, None, 0, 0

@@ -1,0 +1,136 @@
+"""The aiaas-fast command: training on the built-in data and on CSV files, predicting, and
+one clear line with a non-zero exit for every bad input (never a traceback)."""
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from aiaas_fast import cli, datasets
+
+
+def run(*args, cwd=None):
+    r = subprocess.run([sys.executable, "-m", "aiaas_fast.cli", *args], capture_output=True, text=True, cwd=cwd,
+                       timeout=300)
+    return r.returncode, r.stdout, r.stderr
+
+
+def write(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+def plant_csv(tmp_path, n=300):
+    x, y, feats, targets = datasets.cstr(n, seed=3)
+    return write(tmp_path / "plant.csv", feats + targets, np.concatenate([x, y], 1).tolist()), feats, targets
+
+
+def test_cstr_data_is_deterministic_and_physical():
+    x1, y1, feats, targets = datasets.cstr(500, seed=1)
+    x2, y2, *_ = datasets.cstr(500, seed=1)
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    assert x1.shape == (500, 5) and y1.shape == (500, 2) and len(feats) == 5 and len(targets) == 2
+    assert np.isfinite(y1).all()
+    clean = datasets.cstr(500, seed=1, noise=False)[1]
+    assert (clean[:, 1] >= 0).all() and (clean[:, 1] <= 1).all()  # conversion is a fraction
+    assert (clean[:, 0] > 250).all()  # no reactor freezes below its coolant
+
+
+def test_train_with_no_arguments_uses_builtin_data(tmp_path):
+    code, out, err = run("train", "--epochs", "2", "--rows", "3000", cwd=tmp_path)
+    assert code == 0, err
+    assert "built-in CSTR reactor data (3000 rows" in out and "samples/s" in out and "R^2" in out
+
+
+def test_train_csv_save_predict_round_trip(tmp_path):
+    path, feats, targets = plant_csv(tmp_path)
+    model = str(tmp_path / "model.pt")
+    code, out, err = run("train", "--data", path, "--target", ",".join(targets), "--hidden", "16,16",
+                         "--epochs", "3", "--out", model, "--compare")
+    assert code == 0, err
+    assert os.path.exists(model) and "compare (training time): plain PyTorch" in out
+    preds = str(tmp_path / "preds.csv")
+    code, out, err = run("predict", "--model", model, "--data", path, "--out", preds)
+    assert code == 0, err
+    with open(preds) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == targets and len(rows) == 301
+    # Same numbers as predicting in Python with the saved scalers.
+    code, out, err = run("predict", "--model", model, "--data", path)
+    assert code == 0 and out.splitlines()[0] == ",".join(targets) and len(out.splitlines()) == 301
+
+
+def test_nothing_is_overwritten_without_force(tmp_path):
+    path, feats, targets = plant_csv(tmp_path, 100)
+    model = tmp_path / "model.pt"
+    model.write_text("precious")
+    code, out, err = run("train", "--data", path, "--target", targets[0], "--epochs", "1", "--out", str(model))
+    assert code == 2 and "already exists; pass --force" in err and model.read_text() == "precious"
+    code, out, err = run("train", "--data", path, "--target", targets[0], "--epochs", "1", "--out", str(model), "--force")
+    assert code == 0, err
+    preds = tmp_path / "p.csv"
+    preds.write_text("keep me")
+    code, out, err = run("predict", "--model", str(model), "--data", path, "--out", str(preds))
+    assert code == 2 and preds.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "the file is empty"),
+    ("a,b\n", "has a header but no data rows"),
+    ("a,b\n1,2\n3,\n", "line 3, column 'b': empty cell"),
+    ("a,b\n1,2\n3,x7\n", "line 3, column 'b': 'x7' is not a number"),
+    ("a,b\n1,2\nnan,4\n", "line 3, column 'a': 'nan' is not a finite number"),
+    ("a,b\n1,2,3\n", "line 2 has 3 cells but the header has 2"),
+    ("a,a\n1,2\n", "column 'a' appears more than once"),
+])
+def test_bad_csv_files_get_one_line_with_row_and_column(tmp_path, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    code, out, err = run("train", "--data", str(path), "--target", "b", "--epochs", "1")
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--data", "missing.csv", "--target", "y"], "missing.csv: no such file"),
+    (["train", "--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+    (["train", "--lr", "-1"], "argument --lr: must be a positive finite number"),
+    (["train", "--hidden", "64,x"], "is not a comma-separated list of widths"),
+    (["train", "--backend", "triton"], "--backend triton: available here are native and reference"),
+    (["train", "--device", "tpu"], "--device tpu"),
+    (["train", "--target", "y"], "--target needs --data"),
+    (["predict", "--model", "nope.pt", "--data", "x.csv"], "nope.pt: no such file"),
+    ([], "the following arguments are required"),
+])
+def test_bad_arguments_get_one_line(tmp_path, args, message):
+    code, out, err = run(*args, cwd=tmp_path)
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_missing_or_non_numeric_target_column(tmp_path):
+    path = write(tmp_path / "d.csv", ["a", "b", "label"], [[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    code, out, err = run("train", "--data", path, "--target", "y", "--epochs", "1")
+    assert code == 2 and "no column named 'y' (columns: a, b, label)" in err
+    (tmp_path / "t.csv").write_text("a,y\n1,2\n3,high\n")
+    code, out, err = run("train", "--data", str(tmp_path / "t.csv"), "--target", "y", "--epochs", "1")
+    assert code == 2 and "line 3, column 'y': 'high' is not a number" in err
+
+
+def test_predict_refuses_a_file_that_is_not_our_model(tmp_path):
+    path, feats, targets = plant_csv(tmp_path, 20)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00\x01 not a pickle")
+    for model in (other, junk):
+        code, out, err = run("predict", "--model", str(model), "--data", path)
+        assert code == 2 and "not a model file written by 'aiaas-fast train --out'" in err, err
+
+
+def test_main_in_process_returns_status():
+    assert cli.main(["train", "--epochs", "0"]) == 2

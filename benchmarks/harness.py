@@ -43,10 +43,30 @@ def _quantiles(samples: List[float]) -> Dict[str, float]:
     return {"y50": statistics.median(s), "y20": q(0.2), "y80": q(0.8)}
 
 
+def _do_bench():
+    """triton.testing.do_bench where Triton is installed (CUDA timings only), else None."""
+    try:
+        from triton.testing import do_bench
+    except Exception:  # noqa: BLE001  (no Triton, or a Triton that fails to import)
+        return None
+    return do_bench
+
+
 def time_providers(fns: Dict[str, Callable[[], object]], device: str = "cpu", reps: int = 9,
                    block_seconds: float = 0.05, warmup: int = 3) -> Dict[str, Dict[str, float]]:
     """Seconds per call of each function: ``reps`` blocks per provider, interleaved, each
-    block long enough (``block_seconds``) that timer and loop overhead vanish."""
+    block long enough (``block_seconds``) that timer and loop overhead vanish.
+
+    On CUDA with Triton installed, ``triton.testing.do_bench`` times each provider instead
+    (CUDA events per call, the L2 cache flushed between calls), as the GPU kernel
+    libraries we compare with report it; its quantiles are over single calls."""
+    do_bench = _do_bench() if device.startswith("cuda") else None
+    if do_bench is not None:
+        out = {}
+        for name, fn in fns.items():
+            y50, y20, y80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])  # milliseconds
+            out[name] = {"y50": y50 * 1e-3, "y20": y20 * 1e-3, "y80": y80 * 1e-3}
+        return out
     calls = {}
     for name, fn in fns.items():
         for _ in range(warmup):
@@ -85,12 +105,94 @@ def mm_gflops(m: int, k: int, n: int, dtype=torch.float32, device: str = "cpu", 
     return 2.0 * m * k * n / t / 1e9
 
 
-def copy_gbps(device: str = "cpu", mbytes: int = 64, reps: int = 7) -> float:
-    """The machine's memory ceiling: dst.copy_(src) on ``mbytes`` of float32, read + write."""
-    src = torch.randn(mbytes * (1 << 20) // 4, device=device)
+def copy_gbps(device: str = "cpu", mbytes: float = 64, reps: int = 7) -> float:
+    """The machine's memory ceiling: dst.copy_(src) on ``mbytes`` of float32, read + write.
+    64 MB leaves the caches; a smaller copy gives the ceiling of the cache level that holds it."""
+    src = torch.randn(max(1, int(mbytes * (1 << 20)) // 4), device=device)
     dst = torch.empty_like(src)
     t = time_providers({"copy": lambda: dst.copy_(src)}, device, reps=reps)["copy"]["y50"]
     return 2.0 * src.numel() * 4 / t / 1e9
+
+
+def _loadavg() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _cpu_busy_seconds() -> Optional[float]:
+    """CPU seconds the whole machine has spent busy (all processes, all cores), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """How much of the CPUs other processes used while we measured: busy time of the
+    whole machine less our own CPU time, over wall time times cores. On a shared machine
+    a few tens of percent already skews short multi-threaded calls, whose threads then
+    wait for each other at every barrier."""
+
+    def __init__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _cpu_busy_seconds(), self._own()
+
+    @staticmethod
+    def _own() -> float:
+        """CPU seconds of this process and its children (torch.compile's worker pool too)."""
+        t = os.times()
+        own = t.user + t.system + t.children_user + t.children_system  # children_*: those already reaped
+        try:
+            parent, cpu = {}, {}
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                parent[int(pid)] = int(fields[1])
+                cpu[int(pid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            me = os.getpid()
+            for pid in cpu:
+                p = parent.get(pid)
+                while p and p != me:
+                    p = parent.get(p)
+                if p == me:
+                    own += cpu[pid]
+        except OSError:
+            pass
+        return own
+
+    def fraction(self) -> Optional[float]:
+        busy = _cpu_busy_seconds()
+        if busy is None or self.busy0 is None:
+            return None
+        wall = time.perf_counter() - self.t0
+        other = (busy - self.busy0) - (self._own() - self.own0)
+        return round(max(0.0, other) / (wall * (os.cpu_count() or 1)), 3) if wall > 0 else None
+
+
+def wait_until_quiet(max_busy: float = 0.1, timeout_s: float = 300.0, window_s: float = 3.0) -> Optional[float]:
+    """Wait (at most ``timeout_s``) until the machine's CPUs are at most ``max_busy``
+    busy over a ``window_s`` window, before timing on a shared machine. Returns the last
+    busy fraction seen (None where /proc/stat is unreadable)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        b0 = _cpu_busy_seconds()
+        if b0 is None:
+            return None
+        time.sleep(window_s)
+        busy = (_cpu_busy_seconds() - b0) / (window_s * (os.cpu_count() or 1))
+        if busy <= max_busy or time.monotonic() >= deadline:
+            return round(busy, 3)
+
+
+#: Above this share of the CPUs used by other processes a CPU run's times are not to be trusted.
+NOISY_OTHER_LOAD = 0.1
 
 
 def environment(device: str) -> dict:
@@ -106,6 +208,9 @@ def environment(device: str) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "aiaas_fast": aiaas_fast.build_info(),
+        # Another process on a shared machine slows every provider; the load says how busy it was.
+        "loadavg_start": _loadavg(),
+        "timer": "triton.testing.do_bench" if device.startswith("cuda") and _do_bench() else "interleaved blocks (time.perf_counter)",
         "rank": int(os.environ.get("RANK", 0)),
         "world_size": int(os.environ.get("WORLD_SIZE", 1)),
     }
@@ -118,6 +223,7 @@ class Results:
     def __init__(self, name: str, device: str):
         self.name, self.device = name, device
         self.env = environment(device)
+        self._other_load = OtherLoad()
         self.rows: List[dict] = []
         self.tables: List[str] = []
 
@@ -133,24 +239,42 @@ class Results:
         self.tables.append(text)
         print(text, flush=True)
 
+    def noise_warning(self) -> str:
+        return _noise_warning(self.env)
+
     def write(self, out_dir: Optional[str]) -> str:
         out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
         os.makedirs(out_dir, exist_ok=True)
         kind = "cuda" if self.device.startswith("cuda") else "cpu"
         stem = f"{self.name}-{kind}-{self.env['date'][:16].replace(':', '')}"  # one file per run, none overwritten
-        if self.env["world_size"] > 1:
+        if "RANK" in os.environ:  # under torchrun every rank writes its own file
             stem += f"-rank{self.env['rank']}"
+        self.env["loadavg_end"] = _loadavg()
+        self.env["other_processes_cpu_fraction"] = self._other_load.fraction()
         base = os.path.join(out_dir, stem)
         with open(base + ".json", "w") as f:
             json.dump({"environment": self.env, "rows": self.rows}, f, indent=1)
         env = self.env
+        timing = ("Times are do_bench medians of single calls [20th-80th percentile]" if "do_bench" in env["timer"]
+                  else "Times are medians of interleaved repeated blocks [20th-80th percentile]")
+        warning = self.noise_warning()
         header = (f"# {self.name}: {env['device_name']}, {env['threads']} threads, torch {env['torch']}, "
                   f"aiaas_fast {env['aiaas_fast']['version']} ({env['aiaas_fast']['cpu_isa']} CPU kernels), {env['date']}\n\n"
-                  "Times are medians of interleaved repeated blocks [20th-80th percentile]; "
-                  "ratio = reference time / provider time (> 1: faster than the reference).\n\n")
+                  f"Timer: {env['timer']}. Load average (1, 5, 15 min) at start {env['loadavg_start']}, "
+                  f"at end {env['loadavg_end']}; other processes used {env['other_processes_cpu_fraction']} "
+                  "of the CPUs during the run.\n\n" + (warning + "\n\n" if warning else "")
+                  + f"{timing}; ratio = reference time / provider time (> 1: faster than the reference).\n\n")
         with open(base + ".md", "w") as f:
             f.write(header + "\n".join(self.tables))
         return base
+
+
+def _noise_warning(env: dict) -> str:
+    frac = env.get("other_processes_cpu_fraction")
+    if env["device"].startswith("cuda") or frac is None or frac <= NOISY_OTHER_LOAD:
+        return ""
+    return (f"**WARNING: other processes used {frac:.0%} of the CPUs during this run; its times are "
+            "not trustworthy (rerun on a quiet machine, e.g. with --wait-quiet).**")
 
 
 def fmt_time(seconds: float) -> str:

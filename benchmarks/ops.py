@@ -1,12 +1,15 @@
 """Times each aiaas_fast op, forward plus backward, against plain PyTorch in one run.
 
-    python benchmarks/ops.py [--device cpu|cuda] [--quick] [--no-compile] [--out DIR]
+    python benchmarks/ops.py [--device cpu|cuda] [--quick] [--no-compile] [--reps N] [--out DIR] [--wait-quiet SECONDS]
 
 linear_relu vs F.relu(F.linear(...)) (eager and torch.compile), mse_loss vs F.mse_loss
 (eager and torch.compile), the adam_ update vs torch.optim.Adam(foreach=True) and
 (fused=True); beside each, the machine's ceiling measured in the same run (torch.mm
-GFLOP/s at the same shape, copy bandwidth). Writes benchmarks/results/ops-<device>-<date>T<time>.{json,md}
-Runs unchanged under torchrun: each rank times its own device and writes its own file.
+GFLOP/s at the same shape; copy bandwidth at 64 MB, out of cache, and at the op's own
+bytes, from whichever cache holds them). Writes benchmarks/results/ops-<device>-<date>T<time>.{json,md}
+Runs unchanged under torchrun: each rank times its own device and writes its own file
+(-rank<r> in its name). On CUDA, triton.testing.do_bench times the providers when
+Triton is installed.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aiaas_fast  # noqa: E402
 from aiaas_fast.ops import adam_, linear_relu, mse_loss  # noqa: E402
-from harness import Results, copy_gbps, fmt_time, mm_gflops, time_providers  # noqa: E402
+from harness import Results, copy_gbps, fmt_time, mm_gflops, time_providers, wait_until_quiet  # noqa: E402
 
 
 def _providers(eager_fn, ours_fn, step, compile_ok):
@@ -94,18 +97,21 @@ def bench_mse_loss(res: Results, device: str, sizes, reps: int, compile_ok: bool
         times = time_providers(providers, device, reps=reps)
         # The least traffic a fwd+bwd can make: read input and target, write the gradient.
         min_bytes = 3.0 * n * 4
+        # A copy moving the same bytes: its ceiling is the cache level these tensors fit in.
+        same = copy_gbps(device, mbytes=min_bytes / 2 / (1 << 20), reps=reps)
         for name, tm in times.items():
             ratio = times["eager"]["y50"] / tm["y50"]
             gbps = min_bytes / tm["y50"] / 1e9
             res.add(kernel="mse_loss", provider=name, mode="fwd+bwd", metric="time", unit="s", x=n,
                     config={"numel": n, "dtype": "float32", "reduction": "mean"}, ratio_vs_eager=ratio,
-                    gbps=gbps, ceiling_gbps=bandwidth, **tm)
+                    gbps=gbps, ceiling_gbps=bandwidth, ceiling_gbps_same_bytes=same, **tm)
             lines.append([f"{n:,}", name, fmt_time(tm["y50"]), f"{fmt_time(tm['y20'])} - {fmt_time(tm['y80'])}",
-                          f"{ratio:.2f}x", f"{gbps:.1f}", f"{bandwidth:.1f}"])
+                          f"{ratio:.2f}x", f"{gbps:.1f}", f"{same:.1f}", f"{bandwidth:.1f}"])
         if "torch.compile" not in times:
-            lines.append([f"{n:,}", "torch.compile", "n/a", why or "", "", "", ""])
+            lines.append([f"{n:,}", "torch.compile", "n/a", why or "", "", "", "", ""])
     res.table("mse_loss forward + backward, float32, reduction='mean'",
-              ["elements", "provider", "median", "p20 - p80", "vs eager", "GB/s (3 x 4 B/elem)", "copy GB/s"], lines)
+              ["elements", "provider", "median", "p20 - p80", "vs eager", "GB/s (3 x 4 B/elem)",
+               "copy GB/s, same bytes", "copy GB/s, 64 MB"], lines)
 
 
 def bench_adam(res: Results, device: str, groups, reps: int, bandwidth: float) -> None:
@@ -134,18 +140,20 @@ def bench_adam(res: Results, device: str, groups, reps: int, bandwidth: float) -
             warnings.simplefilter("ignore")
             times = time_providers(providers, device, reps=reps)
         min_bytes = 7.0 * numel * 4  # read param, grad, exp_avg, exp_avg_sq; write three of them
+        same = copy_gbps(device, mbytes=min_bytes / 2 / (1 << 20), reps=reps)
         for name, tm in times.items():
             gbps = min_bytes / tm["y50"] / 1e9
             res.add(kernel="adam", provider=name, mode="step", metric="time", unit="s", x=label,
                     config={"numel": numel, "tensors": len(shapes), "dtype": "float32"},
                     ratio_vs_foreach=times["foreach"]["y50"] / tm["y50"],
-                    ratio_vs_fused=times["fused"]["y50"] / tm["y50"], gbps=gbps, ceiling_gbps=bandwidth, **tm)
+                    ratio_vs_fused=times["fused"]["y50"] / tm["y50"], gbps=gbps, ceiling_gbps=bandwidth,
+                    ceiling_gbps_same_bytes=same, **tm)
             lines.append([label, name, fmt_time(tm["y50"]), f"{fmt_time(tm['y20'])} - {fmt_time(tm['y80'])}",
                           f"{times['foreach']['y50'] / tm['y50']:.2f}x", f"{times['fused']['y50'] / tm['y50']:.2f}x",
-                          f"{gbps:.1f}", f"{bandwidth:.1f}"])
+                          f"{gbps:.1f}", f"{same:.1f}", f"{bandwidth:.1f}"])
     res.table("Adam step, float32 (torch.optim.Adam.step() vs one aiaas_fast.ops.adam_ call)",
               ["group", "provider", "median", "p20 - p80", "vs foreach", "vs fused", "GB/s (7 x 4 B/param)",
-               "copy GB/s"], lines)
+               "copy GB/s, same bytes", "copy GB/s, 64 MB"], lines)
 
 
 def main(argv=None) -> int:
@@ -155,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--out", default=None, help="folder for the result files (default benchmarks/results)")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                   help="on a shared machine, first wait up to SECONDS for the CPUs to be idle")
     args = p.parse_args(argv)
     device = args.device
     if device.startswith("cuda"):
@@ -165,11 +175,14 @@ def main(argv=None) -> int:
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(torch.device(device))
     reps = args.reps or (3 if args.quick else 11)
+    if args.wait_quiet > 0:
+        busy = wait_until_quiet(timeout_s=args.wait_quiet)
+        print(f"machine busy {busy} of its CPUs when starting")
     res = Results("ops", device)
     print(f"aiaas_fast {aiaas_fast.__version__} on {res.env['device_name']} ({device}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU kernels {res.env['aiaas_fast']['cpu_isa']}")
     bandwidth = copy_gbps(device, mbytes=8 if args.quick else 64)
-    print(f"copy bandwidth: {bandwidth:.1f} GB/s")
+    print(f"copy bandwidth (64 MB, out of cache): {bandwidth:.1f} GB/s")
     if args.quick:
         lin, mse, adam = [(32, 8, 8)], [1000], [("tiny", [(8, 4), (8,)])]
     else:
@@ -184,6 +197,10 @@ def main(argv=None) -> int:
     bench_adam(res, device, adam, reps, bandwidth)
     base = res.write(args.out)
     print(f"results: {base}.json, {base}.md")
+    print(f"load average at start {res.env['loadavg_start']}, at end {res.env['loadavg_end']}; other processes "
+          f"used {res.env['other_processes_cpu_fraction']} of the CPUs during the run")
+    if res.noise_warning():
+        print(res.noise_warning().strip("*"), file=sys.stderr)
     return 0
 
 

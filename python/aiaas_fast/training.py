@@ -144,7 +144,8 @@ def predict(model: nn.Module, X, batch_size: int = 4096) -> Tensor:
 def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64, lr: float = 1e-3,
         weight_decay: float = 0.0, val_split: float = 0.2, seed: int = 0, standardize: bool = True,
         patience: Optional[int] = None, min_delta: float = 0.0, checkpoint: Optional[str] = None,
-        resume: bool = False, progress: Optional[bool] = None, optimizer=None, loss_fn=None) -> History:
+        resume: bool = False, progress: Optional[bool] = None, optimizer=None, loss_fn=None,
+        distributed: Optional[bool] = None) -> History:
     """Trains ``model`` in place and returns its :class:`History`.
 
     ``X``, ``y``: tensors or NumPy arrays (rows, features) and (rows,) or (rows, targets); or
@@ -154,7 +155,14 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
     ``checkpoint``: a file written after every epoch; with ``resume=True`` a run continues from
     it (model, optimizer, scalers, epoch, RNG states), to the same result as an uninterrupted run.
     ``optimizer`` / ``loss_fn``: defaults ``aiaas_fast.optim.Adam(lr, weight_decay)`` and
-    ``aiaas_fast.nn.MSELoss()``; any torch optimizer and loss work (``lr`` is then the optimizer's).
+    ``aiaas_fast.nn.MSELoss()``; any torch optimizer and mean-reduced loss work (``lr`` is then
+    the optimizer's).
+
+    Distributed: under ``torchrun`` (or with a process group already initialised;
+    ``distributed=None`` decides from the environment) the model is wrapped in
+    DistributedDataParallel (gloo on CPU, NCCL on GPU), ``batch_size`` is per process, and
+    each global batch of ``batch_size * world_size`` rows is split among the processes, so the
+    run equals a single process with the global batch size. Rank 0 writes the checkpoint.
     """
     if isinstance(X, torch.utils.data.DataLoader):
         if y is not None:
@@ -178,6 +186,19 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
     if not params:
         raise ValueError("aiaas_fast.fit: the model has no parameters")
     device = params[0].device
+    world, rank, train_model = 1, 0, model
+    if distributed is None:
+        distributed = (torch.distributed.is_available() and (torch.distributed.is_initialized()
+                       or int(os.environ.get("WORLD_SIZE", "1")) > 1))
+    if distributed:
+        dist = torch.distributed
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     # The split and the scalers depend only on the data and the seed, so a resumed run
     # rebuilds exactly the ones it had.
@@ -215,21 +236,35 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
         best_loss, best_state, bad_epochs = ckpt["best_loss"], ckpt["best_state"], ckpt["bad_epochs"]
         start_epoch = ckpt["epoch"] + 1
 
-    bar = _progress(progress, epochs, "aiaas_fast.fit")
+    bar = _progress(progress, epochs, "aiaas_fast.fit") if rank == 0 else None
     if bar is not None:
         bar.update(start_epoch)
     model.train()
+    global_batch = batch_size * world
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         perm = torch.randperm(len(xs_tr), generator=shuffle_gen).to(device)
         total = 0.0
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i:i + batch_size]
+        for i in range(0, len(perm), global_batch):
+            batch = perm[i:i + global_batch]
+            idx = torch.tensor_split(batch, world)[rank] if world > 1 else batch
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xs_tr[idx]), ys_tr[idx])
+            pred = train_model(xs_tr[idx])
+            if world > 1:
+                # DDP averages gradients over processes; weighting each process's mean loss by
+                # its share of the global batch makes that average the global batch's mean, even
+                # for a last batch that does not split evenly (or leaves a process no rows).
+                share = len(idx) * world / len(batch)
+                loss = loss_fn(pred, ys_tr[idx]) * share if len(idx) else pred.sum() * 0.0
+            else:
+                loss = loss_fn(pred, ys_tr[idx])
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
+            total += loss.item() * len(batch) / world if world > 1 else loss.item() * len(idx)
+        if world > 1:
+            summed = torch.tensor([total], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(summed)
+            total = summed.item()
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "train_loss": total / len(perm), "seconds": seconds,
                   "samples_per_s": len(perm) / seconds if seconds > 0 else float("inf")}
@@ -252,7 +287,7 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
                             samples_s=f"{record['samples_per_s']:.0f}")
             bar.update(1)
         stop = patience is not None and bad_epochs >= patience
-        if checkpoint:
+        if checkpoint and rank == 0:
             tmp = checkpoint + ".tmp"
             torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "scalers": {k: s.state_dict() for k, s in scalers.items()}, "epoch": epoch,

@@ -113,3 +113,18 @@ def test_a_foreign_checkpoint_is_refused(tmp_path):
     torch.save({"something": 1}, path)
     with pytest.raises(ValueError, match="is not an aiaas_fast.fit checkpoint"):
         aiaas_fast.fit(model(), x, y, checkpoint=path, resume=True)
+
+
+def test_fit_with_aiaas_fast_parts_equals_fit_with_plain_pytorch_parts():
+    # The same loop, data order and initial weights: aiaas_fast's modules, loss and Adam
+    # against torch.nn, nn.MSELoss and torch.optim.Adam.
+    x, y = data(400)
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 2))
+    fused = aiaas_fast.convert(plain)
+    h_fused = aiaas_fast.fit(fused, x, y, epochs=5, lr=3e-3, seed=7)
+    h_plain = aiaas_fast.fit(plain, x, y, epochs=5, seed=7, optimizer=torch.optim.Adam(plain.parameters(), lr=3e-3),
+                             loss_fn=torch.nn.MSELoss())
+    torch.testing.assert_close(torch.tensor(h_fused["train_loss"]), torch.tensor(h_plain["train_loss"]), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(h_fused["val_rmse"]), torch.tensor(h_plain["val_rmse"]), rtol=1e-4, atol=1e-6)

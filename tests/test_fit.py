@@ -128,3 +128,12 @@ def test_fit_with_aiaas_fast_parts_equals_fit_with_plain_pytorch_parts():
                              loss_fn=torch.nn.MSELoss())
     torch.testing.assert_close(torch.tensor(h_fused["train_loss"]), torch.tensor(h_plain["train_loss"]), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(torch.tensor(h_fused["val_rmse"]), torch.tensor(h_plain["val_rmse"]), rtol=1e-4, atol=1e-6)
+
+
+def test_progress_bar_shows_loss_and_samples_per_second(capsys):
+    x, y = data(100)
+    aiaas_fast.fit(model(), x, y, epochs=2, progress=True)
+    err = capsys.readouterr().err
+    assert "aiaas_fast.fit" in err and "loss=" in err and "samples_s=" in err
+    aiaas_fast.fit(model(), x, y, epochs=2, progress=False)
+    assert capsys.readouterr().err == ""  # quiet when asked (and by default outside a terminal)

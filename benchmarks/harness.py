@@ -96,12 +96,18 @@ def time_providers(fns: Dict[str, Callable[[], object]], device: str = "cpu", re
     return {name: _quantiles(v) for name, v in samples.items()}
 
 
-def mm_gflops(m: int, k: int, n: int, dtype=torch.float32, device: str = "cpu", reps: int = 7) -> float:
-    """The machine's product ceiling at one shape: torch.mm into a preallocated output."""
+def mm_fn(m: int, k: int, n: int, dtype=torch.float32, device: str = "cpu") -> Callable[[], object]:
+    """torch.mm (m, k) x (k, n) into a preallocated output: 2*m*k*n flops a call. Time it
+    among the providers (interleaved) where the machine's speed drifts during a run."""
     a = torch.randn(m, k, dtype=dtype, device=device)
     b = torch.randn(k, n, dtype=dtype, device=device)
     out = torch.empty(m, n, dtype=dtype, device=device)
-    t = time_providers({"mm": lambda: torch.mm(a, b, out=out)}, device, reps=reps)["mm"]["y50"]
+    return lambda: torch.mm(a, b, out=out)
+
+
+def mm_gflops(m: int, k: int, n: int, dtype=torch.float32, device: str = "cpu", reps: int = 7) -> float:
+    """The machine's product ceiling at one shape: torch.mm into a preallocated output."""
+    t = time_providers({"mm": mm_fn(m, k, n, dtype, device)}, device, reps=reps)["mm"]["y50"]
     return 2.0 * m * k * n / t / 1e9
 
 
@@ -121,15 +127,27 @@ def _loadavg() -> Optional[List[float]]:
         return None
 
 
-def _cpu_busy_seconds() -> Optional[float]:
-    """CPU seconds the whole machine has spent busy (all processes, all cores), from /proc/stat."""
+def _proc_stat() -> Optional[List[int]]:
     try:
         with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
+            return [int(v) for v in f.readline().split()[1:]]
     except (OSError, ValueError):
         return None
+
+
+def _cpu_busy_seconds() -> Optional[float]:
+    """CPU seconds the whole machine has spent busy (all processes, all cores), from /proc/stat;
+    steal (time the hypervisor gave our virtual CPUs to another guest) not included."""
+    fields = _proc_stat()
+    if fields is None:
+        return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    return (sum(fields[:7]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _steal_seconds() -> Optional[float]:
+    fields = _proc_stat()
+    return fields[7] / os.sysconf("SC_CLK_TCK") if fields is not None and len(fields) > 7 else None
 
 
 class OtherLoad:
@@ -139,7 +157,7 @@ class OtherLoad:
     wait for each other at every barrier."""
 
     def __init__(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _cpu_busy_seconds(), self._own()
+        self.t0, self.busy0, self.own0, self.steal0 = time.perf_counter(), _cpu_busy_seconds(), self._own(), _steal_seconds()
 
     @staticmethod
     def _own() -> float:
@@ -174,6 +192,14 @@ class OtherLoad:
         wall = time.perf_counter() - self.t0
         other = (busy - self.busy0) - (self._own() - self.own0)
         return round(max(0.0, other) / (wall * (os.cpu_count() or 1)), 3) if wall > 0 else None
+
+    def steal_fraction(self) -> Optional[float]:
+        """Share of our virtual CPUs' time the hypervisor gave to other guests (a busy host)."""
+        steal = _steal_seconds()
+        wall = time.perf_counter() - self.t0
+        if steal is None or self.steal0 is None or wall <= 0:
+            return None
+        return round((steal - self.steal0) / (wall * (os.cpu_count() or 1)), 3)
 
 
 def wait_until_quiet(max_busy: float = 0.1, timeout_s: float = 300.0, window_s: float = 3.0) -> Optional[float]:
@@ -251,6 +277,7 @@ class Results:
             stem += f"-rank{self.env['rank']}"
         self.env["loadavg_end"] = _loadavg()
         self.env["other_processes_cpu_fraction"] = self._other_load.fraction()
+        self.env["steal_cpu_fraction"] = self._other_load.steal_fraction()
         base = os.path.join(out_dir, stem)
         with open(base + ".json", "w") as f:
             json.dump({"environment": self.env, "rows": self.rows}, f, indent=1)
@@ -262,7 +289,7 @@ class Results:
                   f"aiaas_fast {env['aiaas_fast']['version']} ({env['aiaas_fast']['cpu_isa']} CPU kernels), {env['date']}\n\n"
                   f"Timer: {env['timer']}. Load average (1, 5, 15 min) at start {env['loadavg_start']}, "
                   f"at end {env['loadavg_end']}; other processes used {env['other_processes_cpu_fraction']} "
-                  "of the CPUs during the run.\n\n" + (warning + "\n\n" if warning else "")
+                  f"of the CPUs during the run, hypervisor steal {env['steal_cpu_fraction']}.\n\n" + (warning + "\n\n" if warning else "")
                   + f"{timing}; ratio = reference time / provider time (> 1: faster than the reference).\n\n")
         with open(base + ".md", "w") as f:
             f.write(header + "\n".join(self.tables))
@@ -270,11 +297,11 @@ class Results:
 
 
 def _noise_warning(env: dict) -> str:
-    frac = env.get("other_processes_cpu_fraction")
-    if env["device"].startswith("cuda") or frac is None or frac <= NOISY_OTHER_LOAD:
+    frac = (env.get("other_processes_cpu_fraction") or 0.0) + (env.get("steal_cpu_fraction") or 0.0)
+    if env["device"].startswith("cuda") or frac <= NOISY_OTHER_LOAD:
         return ""
-    return (f"**WARNING: other processes used {frac:.0%} of the CPUs during this run; its times are "
-            "not trustworthy (rerun on a quiet machine, e.g. with --wait-quiet).**")
+    return (f"**WARNING: other processes or guests took {frac:.0%} of the CPUs during this run; its times "
+            "are not trustworthy (rerun on a quiet machine, e.g. with --wait-quiet).**")
 
 
 def fmt_time(seconds: float) -> str:

@@ -61,9 +61,14 @@ def test_train_csv_save_predict_round_trip(tmp_path):
     with open(preds) as f:
         rows = list(csv.reader(f))
     assert rows[0] == targets and len(rows) == 301
-    # Same numbers as predicting in Python with the saved scalers.
+    # Printed predictions are the CSV's numbers, and they are in the targets' units.
     code, out, err = run("predict", "--model", model, "--data", path)
     assert code == 0 and out.splitlines()[0] == ",".join(targets) and len(out.splitlines()) == 301
+    printed = np.array([[float(v) for v in line.split(",")] for line in out.splitlines()[1:]])
+    written = np.array([[float(v) for v in row] for row in rows[1:]])
+    np.testing.assert_allclose(printed, written, rtol=1e-6)
+    truth = np.array(datasets.cstr(300, seed=3)[1])
+    assert abs(printed[:, 0].mean() - truth[:, 0].mean()) < 0.5 * truth[:, 0].std()
 
 
 def test_nothing_is_overwritten_without_force(tmp_path):

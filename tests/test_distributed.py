@@ -1,7 +1,6 @@
 """aiaas_fast.fit under torchrun: 2 CPU processes (gloo) give the same model as one
 process training on the same global batches."""
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -9,7 +8,6 @@ import textwrap
 import pytest
 import torch
 
-import aiaas_fast
 
 SCRIPT = textwrap.dedent("""
     import sys, torch, aiaas_fast

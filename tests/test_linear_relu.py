@@ -3,7 +3,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import aiaas_fast
 from aiaas_fast.ops import linear_relu
 from helpers import DTYPES, assert_close, rand
 

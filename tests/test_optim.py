@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from aiaas_fast.optim import Adam, AdamW
-from helpers import rand
 
 FLAGS = [dict(amsgrad=a, maximize=m, weight_decay=wd) for a, m, wd in itertools.product([False, True], [False, True], [0.0, 0.05])]
 

@@ -7,7 +7,6 @@
 #include <string_view>
 
 #include <ATen/core/Tensor.h>
-#include <ATen/core/List.h>
 
 namespace aiaas_fast::checks {
 

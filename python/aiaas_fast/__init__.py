@@ -43,4 +43,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["ops", "nn", "optim", "convert", "fit", "predict", "History", "build_info", "cmake_prefix_path", "__version__"]
+__all__ = ["ops", "nn", "optim", "convert", "fit", "predict", "History", "datasets", "training", "build_info", "cmake_prefix_path", "__version__"]

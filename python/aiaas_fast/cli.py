@@ -166,7 +166,6 @@ def _device(name: str):
 
 
 def _build_model(backend: str, widths: Sequence[int], device):
-    import torch
     from torch import nn
 
     import aiaas_fast

@@ -2,7 +2,8 @@
 # source is compiled once per instruction set, each copy in its own namespace, and
 # csrc/ops/cpu_dispatch.cpp picks one at run time from what the CPU supports.
 # Sets AIAAS_FAST_CPU_KERNEL_OBJECTS (to add to the library) and AIAAS_FAST_CPU_ISAS.
-set(_kernel_src "${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/cpu/kernels.cpp")
+set(_kernel_src "${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/cpu/kernels.cpp"
+                "${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/cpu/mlp.cpp")
 set(AIAAS_FAST_CPU_ISAS default)
 if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64")
   list(APPEND AIAAS_FAST_CPU_ISAS avx2 avx512)

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "aiaas_fast/aiaas_fast.h"
+#include "ops/adam_scalars.h"
 #include "ops/checks.h"
 #include "ops/cpu_dispatch.h"
 
@@ -67,9 +68,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
     for (int64_t b = 0, numel = slots[i].p.numel(); b < numel; b += kChunk)
       chunks.push_back({i, b, std::min(numel, b + kChunk)});
 
-  const auto wd_mode = weight_decay == 0 ? cpu::WeightDecay::none
-                       : decoupled_weight_decay ? cpu::WeightDecay::decoupled
-                                                : cpu::WeightDecay::l2;
+  const AdamOptions options{lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "aiaas_fast.adam_", [&] {
     using K = kernel_t<scalar_t>;
     using A = cpu::acc_t<K>;
@@ -79,12 +78,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
       const Slot& s = slots[i];
       views[i] = {kernel_ptr<scalar_t>(s.p), kernel_ptr<scalar_t>(s.g), kernel_ptr<scalar_t>(s.m),
                   kernel_ptr<scalar_t>(s.v), amsgrad ? kernel_ptr<scalar_t>(s.vmax) : nullptr};
-      // Scalars in double on the host, as torch.optim.Adam computes them in Python floats.
-      const double step = increment_step(state_steps[i]);
-      const double bc1 = 1 - std::pow(beta1, step);
-      const double bc2 = 1 - std::pow(beta2, step);
-      scalars[i] = {A(lr), A(eps), A(weight_decay), A(1 - beta1), A(beta2), A(1 - beta2), A(1 - lr * weight_decay),
-                    A(lr / bc1), A(std::sqrt(bc2)), A(maximize ? -1 : 1), wd_mode, amsgrad};
+      scalars[i] = adam_scalars<A>(options, increment_step(state_steps[i]));
     }
     const auto& k = cpu_kernels<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), kChunksPerThread, [&](int64_t c0, int64_t c1) {

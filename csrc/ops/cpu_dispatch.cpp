@@ -49,4 +49,16 @@ const cpu::KernelSet& cpu_kernel_set() {
   return set;
 }
 
+const cpu::MlpKernels& cpu_mlp_kernels() {
+  static const cpu::MlpKernels& k = [] () -> const cpu::MlpKernels& {
+    const std::string isa = cpu_kernel_set().isa;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (isa == "avx512") return cpu::isa_avx512::mlp_kernels();
+    if (isa == "avx2") return cpu::isa_avx2::mlp_kernels();
+#endif
+    return cpu::isa_default::mlp_kernels();
+  }();
+  return k;
+}
+
 }  // namespace aiaas_fast

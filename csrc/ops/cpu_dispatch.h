@@ -6,11 +6,14 @@
 #include <c10/util/Half.h>
 
 #include "kernels/cpu/kernels.h"
+#include "kernels/cpu/mlp.h"
 
 namespace aiaas_fast {
 
 // The set chosen from the CPU's features, or from AIAAS_FAST_CPU_ISA=default|avx2|avx512.
 const cpu::KernelSet& cpu_kernel_set();
+// The training engine's small-width kernels, for the same instruction set.
+const cpu::MlpKernels& cpu_mlp_kernels();
 
 template <typename scalar_t> struct KernelType { using type = scalar_t; };
 template <> struct KernelType<c10::BFloat16> { using type = cpu::bf16; };

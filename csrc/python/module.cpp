@@ -8,6 +8,10 @@
 
 namespace py = pybind11;
 
+namespace aiaas_fast::python {
+void bind_engine(py::module_& m);
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "aiaas_fast native extension";
   m.def("build_info", [] {
@@ -25,4 +29,5 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_isa"] = b.cpu_isa;
     return d;
   });
+  aiaas_fast::python::bind_engine(m);
 }

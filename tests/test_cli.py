@@ -139,3 +139,56 @@ def test_predict_refuses_a_file_that_is_not_our_model(tmp_path):
 
 def test_main_in_process_returns_status():
     assert cli.main(["train", "--epochs", "0"]) == 2
+
+
+def test_train_says_which_engine_ran(tmp_path):
+    code, out, err = run("train", "--epochs", "1", "--rows", "500", cwd=tmp_path)
+    assert code == 0 and "engine: compiled (the C++ training engine)" in out, err
+    code, out, err = run("train", "--epochs", "1", "--rows", "500", "--engine", "ops", cwd=tmp_path)
+    assert code == 0 and "engine: op by op" in out, err
+    code, out, err = run("train", "--epochs", "1", "--rows", "500", "--backend", "reference", cwd=tmp_path)
+    assert code == 0 and "engine: op by op" in out, err
+
+
+def test_ensemble_train_and_predict_mean_and_spread(tmp_path):
+    path, feats, targets = plant_csv(tmp_path)
+    model = str(tmp_path / "ens.pt")
+    code, out, err = run("train", "--data", path, "--target", ",".join(targets), "--hidden", "16", "--epochs", "3",
+                         "--ensemble", "4", "--out", model)
+    assert code == 0, err
+    assert "ensemble of 4 bootstrap models" in out and "validation RMSE" in out
+    preds = str(tmp_path / "p.csv")
+    code, out, err = run("predict", "--model", model, "--data", path, "--out", preds)
+    assert code == 0, err
+    with open(preds) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == [f"{t}_mean" for t in targets] + [f"{t}_std" for t in targets] and len(rows) == 301
+    assert all(float(v) > 0 for v in rows[1][len(targets):])
+
+
+def test_group_by_trains_one_model_per_value_and_routes_predictions(tmp_path):
+    x, y, feats, targets = datasets.cstr(300, seed=3)
+    unit = (np.arange(300) % 3 + 1)[:, None]
+    path = write(tmp_path / "units.csv", ["unit"] + feats + targets, np.concatenate([unit, x, y], 1).tolist())
+    model = str(tmp_path / "units.pt")
+    code, out, err = run("train", "--data", path, "--target", ",".join(targets), "--group-by", "unit",
+                         "--hidden", "8", "--epochs", "2", "--out", model)
+    assert code == 0, err
+    assert "3 models, one per value of 'unit'" in out and "unit=" in out
+    code, out, err = run("predict", "--model", model, "--data", path)
+    assert code == 0 and out.splitlines()[0] == ",".join(targets) and len(out.splitlines()) == 301, err
+    bad = write(tmp_path / "bad.csv", ["unit"] + feats, [[1] + list(x[0]), [7] + list(x[1])])
+    code, out, err = run("predict", "--model", model, "--data", bad)
+    assert code == 2 and "line 3, column 'unit': 7 is a group no model was trained for" in err, err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--ensemble", "3", "--group-by", "u", "--data", "x.csv", "--target", "y"], "use one"),
+    (["train", "--group-by", "u"], "--group-by needs --data"),
+    (["train", "--ensemble", "3", "--patience", "2"], "--patience does not apply"),
+    (["train", "--ensemble", "3", "--backend", "reference"], "--backend reference does not apply"),
+    (["train", "--engine", "fast"], "argument --engine: invalid choice"),
+])
+def test_bad_many_model_arguments(tmp_path, args, message):
+    code, out, err = run(*args, cwd=tmp_path)
+    assert code == 2 and message in err and "Traceback" not in err, err

@@ -29,6 +29,8 @@ from . import nn, optim  # noqa: E402
 from .convert import convert  # noqa: E402
 from .training import History, fit, predict  # noqa: E402
 from . import datasets, training  # noqa: E402
+from . import engine  # noqa: E402
+from .ensemble import Ensemble, EnsemblePrediction, ManyHistory, fit_many, predict_many  # noqa: E402
 
 __version__ = _build_config.VERSION
 
@@ -43,4 +45,6 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["ops", "nn", "optim", "convert", "fit", "predict", "History", "datasets", "training", "build_info", "cmake_prefix_path", "__version__"]
+__all__ = ["ops", "nn", "optim", "convert", "fit", "predict", "History", "datasets", "training", "engine",
+           "Ensemble", "EnsemblePrediction", "ManyHistory", "fit_many", "predict_many",
+           "build_info", "cmake_prefix_path", "__version__"]

@@ -3,6 +3,7 @@ data) and predict with it, without writing code.
 
     aiaas-fast train [--data FILE.csv --target COL[,COL]] [--hidden 64,64] [--epochs N]
                      [--batch-size N] [--lr X] [--backend native|reference] [--device cpu|cuda]
+                     [--engine auto|compiled|ops] [--ensemble K | --group-by COL]
                      [--seed N] [--out model.pt] [--force] [--compare]
     aiaas-fast predict --model model.pt --data FILE.csv [--out preds.csv] [--force]
 
@@ -136,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=_positive_int, default=None, help="early stopping after N epochs without improvement")
     t.add_argument("--backend", default="native", help="native (aiaas_fast ops, default) or reference (plain PyTorch)")
     t.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    t.add_argument("--engine", default="auto", choices=["auto", "compiled", "ops"],
+                   help="auto (default): the compiled C++ training engine when it supports the model, else op by op")
+    t.add_argument("--ensemble", type=_positive_int, default=None, metavar="K",
+                   help="train K models at once, each on its own bootstrap sample; predictions get a mean and a spread")
+    t.add_argument("--group-by", default=None, metavar="COLUMN",
+                   help="train one model per value of this --data column (e.g. a plant unit), all at once")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--rows", type=_positive_int, default=20000, help="rows of built-in data (default 20000)")
     t.add_argument("--out", help="save the trained model here (.pt)")
@@ -144,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train the same network in plain PyTorch from the same initial weights and compare")
     pr = sub.add_parser("predict", help="predict with a saved model")
     pr.add_argument("--model", required=True, help="a model file written by 'aiaas-fast train --out'")
-    pr.add_argument("--data", required=True, help="CSV with the model's feature columns")
+    pr.add_argument("--data", required=True, help="CSV with the model's feature columns (and its --group-by column)")
     pr.add_argument("--out", help="write predictions to this CSV (default: print them)")
     pr.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     return p
@@ -188,6 +195,18 @@ def cmd_train(args) -> int:
         raise UsageError(f"--backend {args.backend}: available here are native and reference "
                          "(the triton backend is not built yet)")
     device = _device(args.device)
+    many = args.ensemble is not None or args.group_by is not None
+    if args.ensemble is not None and args.group_by is not None:
+        raise UsageError("--ensemble and --group-by are two kinds of many-model training; use one")
+    if args.group_by is not None and not args.data:
+        raise UsageError("--group-by needs --data (a CSV with the column to group by)")
+    if many:
+        what = "--ensemble" if args.ensemble is not None else "--group-by"
+        for flag, bad in (("--patience", args.patience is not None), ("--compare", args.compare),
+                          ("--backend reference", args.backend == "reference"), ("--engine ops", args.engine == "ops"),
+                          (f"--device {args.device}", device.type != "cpu")):
+            if bad:
+                raise UsageError(f"{what} trains on the compiled CPU engine; {flag} does not apply to it")
     if args.out and os.path.exists(args.out) and not args.force:
         raise UsageError(f"{args.out}: already exists; pass --force to overwrite it")
     if args.data:
@@ -198,9 +217,15 @@ def cmd_train(args) -> int:
         missing = [t for t in targets if t not in header]
         if missing:
             raise UsageError(f"{args.data}: no column named '{missing[0]}' (columns: {', '.join(header)})")
-        features = [h for h in header if h not in targets]
+        if args.group_by is not None:
+            if args.group_by not in header:
+                raise UsageError(f"{args.data}: no column named '{args.group_by}' to group by (columns: {', '.join(header)})")
+            if args.group_by in targets:
+                raise UsageError(f"--group-by {args.group_by}: that column is a target")
+        features = [h for h in header if h not in targets and h != args.group_by]
         if not features:
             raise UsageError(f"{args.data}: no feature columns left besides the target(s)")
+        groups = table[:, header.index(args.group_by)] if args.group_by is not None else None
         x = table[:, [header.index(f) for f in features]]
         y = table[:, [header.index(t) for t in targets]]
         source = f"{args.data} ({len(x)} rows)"
@@ -217,14 +242,25 @@ def cmd_train(args) -> int:
     x_t, y_t = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
     widths = [len(features), *args.hidden, len(targets)]
     torch.manual_seed(args.seed)
+    if many:
+        return _train_many(args, x_t, y_t, groups if args.data else None, widths, features, targets, source)
     model = _build_model(args.backend, widths, device)
     initial = copy.deepcopy(model.state_dict())
     print(f"data: {source}; features: {', '.join(features)}; targets: {', '.join(targets)}")
     print(f"model: MLP {'->'.join(map(str, widths))} ({args.backend} backend, {device}), "
           f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr}")
     t0 = time.perf_counter()
-    history = aiaas_fast.fit(model, x_t, y_t, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             val_split=args.val_split, seed=args.seed, patience=args.patience)
+    # The reference backend is plain PyTorch, op by op, unless the engine is asked for by name.
+    engine = "ops" if args.backend == "reference" and args.engine == "auto" else args.engine
+    try:
+        history = aiaas_fast.fit(model, x_t, y_t, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                 val_split=args.val_split, seed=args.seed, patience=args.patience, engine=engine)
+    except ValueError as e:
+        if "engine='compiled'" in str(e):
+            raise UsageError(f"--engine compiled: {str(e).split(': ', 2)[-1]}") from None
+        raise
+    print("engine: compiled (the C++ training engine)" if history.engine == "compiled"
+          else f"engine: op by op{f' ({history.engine_note})' if history.engine_note else ''}")
     wall = time.perf_counter() - t0
     # Training time: the epochs' own clocks (no validation, no one-time start-up costs).
     seconds = sum(history["seconds"])
@@ -242,7 +278,7 @@ def cmd_train(args) -> int:
         ref_history = aiaas_fast.fit(ref, x_t, y_t, epochs=len(history), batch_size=args.batch_size,
                                      val_split=args.val_split, seed=args.seed, progress=False,
                                      optimizer=torch.optim.Adam(ref.parameters(), lr=args.lr),
-                                     loss_fn=torch.nn.MSELoss())
+                                     loss_fn=torch.nn.MSELoss(), engine="ops")
         ref_seconds = sum(ref_history["seconds"])
         ref_loss = ref_history.epochs[-1]["train_loss"]
         print(f"compare (training time): plain PyTorch {ref_seconds:.2f} s, final loss {ref_loss:.5f}; "
@@ -251,6 +287,53 @@ def cmd_train(args) -> int:
         payload = {"format": MODEL_FORMAT, "widths": widths, "features": features, "targets": targets,
                    "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                    "scalers": {k: s.state_dict() for k, s in model.aiaas_fast_scalers.items()},
+                   "aiaas_fast": aiaas_fast.__version__}
+        tmp = args.out + ".tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, args.out)
+        print(f"saved: {args.out}")
+    return 0
+
+
+def _train_many(args, x_t, y_t, groups, widths, features, targets, source) -> int:
+    import torch
+
+    import aiaas_fast
+
+    if groups is not None:
+        values = sorted(set(groups.tolist()))
+        k = len(values)
+        if k > 10000:
+            raise UsageError(f"--group-by {args.group_by}: {k} distinct values; that many models is surely not meant")
+    else:
+        k = args.ensemble
+    ens = aiaas_fast.Ensemble(k, widths[0], widths[1:-1], widths[-1])
+    kind = f"{k} models, one per value of '{args.group_by}'" if groups is not None else f"ensemble of {k} bootstrap models"
+    print(f"data: {source}; features: {', '.join(features)}; targets: {', '.join(targets)}")
+    print(f"model: {kind}, MLP {'->'.join(map(str, widths))} each, {args.epochs} epochs, batch {args.batch_size}, "
+          f"lr {args.lr}")
+    try:
+        history = aiaas_fast.fit_many(ens, x_t, y_t, groups=groups, epochs=args.epochs, batch_size=args.batch_size,
+                                      lr=args.lr, val_split=args.val_split, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e).replace("aiaas_fast.fit_many: ", "")) from None
+    seconds = sum(history.seconds)
+    samples = len(history) * sum(history.rows)
+    print("engine: compiled (the C++ training engine, all models in one call)")
+    print(f"trained {len(history)} epochs: {seconds:.2f} s of training ({samples / seconds:,.0f} samples/s over all models)")
+    last = history.train_loss[-1]
+    print(f"final train loss (standardised MSE): mean {last.mean():.5f}, range {last.min():.5f} - {last.max():.5f}")
+    if history.val_rmse is not None:
+        labels = [f"{args.group_by}={v:g}" for v in history.group_values] if groups is not None else \
+            [f"model {i}" for i in range(k)]
+        worst = int(history.val_rmse.argmax())
+        print(f"validation RMSE: mean {history.val_rmse.mean():.5g}, worst {history.val_rmse[worst]:.5g} ({labels[worst]})")
+    if args.out:
+        payload = {"format": MODEL_FORMAT, "kind": "groups" if groups is not None else "ensemble", "num_models": k,
+                   "widths": widths, "features": features, "targets": targets,
+                   "group_by": args.group_by, "group_values": history.group_values,
+                   "state_dict": {n: v.cpu() for n, v in ens.state_dict().items()},
+                   "scalers": {n: s.state_dict() for n, s in ens.aiaas_fast_scalers.items()},
                    "aiaas_fast": aiaas_fast.__version__}
         tmp = args.out + ".tmp"
         torch.save(payload, tmp)
@@ -281,16 +364,44 @@ def cmd_predict(args) -> int:
         raise UsageError(f"{args.data}: no column named '{missing[0]}', which the model needs "
                          f"(features: {', '.join(payload['features'])})")
     x = torch.as_tensor(table[:, [header.index(f) for f in payload["features"]]], dtype=torch.float32)
+    kind = payload.get("kind", "single")
+    if kind in ("ensemble", "groups"):
+        ens = aiaas_fast.Ensemble(payload["num_models"], payload["widths"][0], payload["widths"][1:-1],
+                                  payload["widths"][-1])
+        ens.load_state_dict(payload["state_dict"])
+        ens.aiaas_fast_scalers = {k: Scaler.from_state_dict(v) for k, v in payload["scalers"].items()}
+        if kind == "groups":
+            col = payload["group_by"]
+            if col not in header:
+                raise UsageError(f"{args.data}: no column named '{col}', which the model groups by")
+            ens.group_values = payload["group_values"]
+            groups = table[:, header.index(col)]
+            known = set(ens.group_values)
+            for i, v in enumerate(groups.tolist()):
+                if v not in known:
+                    raise UsageError(f"{args.data}: line {i + 2}, column '{col}': {v:g} is a group no model was "
+                                     f"trained for")
+            pred = aiaas_fast.predict_many(ens, x, groups=groups).numpy()
+            names = payload["targets"]
+        else:
+            out = aiaas_fast.predict_many(ens, x)
+            pred = np.concatenate([out.mean.numpy(), out.std.numpy()], axis=1)
+            names = [f"{t}_mean" for t in payload["targets"]] + [f"{t}_std" for t in payload["targets"]]
+        return _write_predictions(args, names, pred)
     model = _build_model("native", payload["widths"], torch.device("cpu"))
     model.load_state_dict(payload["state_dict"])
     model.aiaas_fast_scalers = {k: Scaler.from_state_dict(v) for k, v in payload["scalers"].items()}
     pred = aiaas_fast.predict(model, x).numpy()
+    return _write_predictions(args, payload["targets"], pred)
+
+
+def _write_predictions(args, names, pred) -> int:
     if args.out:
-        write_csv(args.out, payload["targets"], pred, args.force)
+        write_csv(args.out, names, pred, args.force)
         print(f"wrote {len(pred)} predictions to {args.out}")
     else:
         w = csv.writer(sys.stdout)
-        w.writerow(payload["targets"])
+        w.writerow(names)
         w.writerows([[f"{v:.7g}" for v in row] for row in pred])
     return 0
 

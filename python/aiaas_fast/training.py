@@ -8,6 +8,7 @@ needs to continue exactly as an uninterrupted one.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -63,6 +64,8 @@ class History:
     epochs: List[Dict[str, float]] = field(default_factory=list)
     best_epoch: Optional[int] = None
     stopped_early: bool = False
+    engine: str = "ops"     # "compiled" (the C++ engine ran the epochs) or "ops" (op by op)
+    engine_note: str = ""   # why the op-by-op path ran, when the engine was not used
 
     def __getitem__(self, key: str) -> List[float]:
         return [e[key] for e in self.epochs]
@@ -145,7 +148,7 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
         weight_decay: float = 0.0, val_split: float = 0.2, seed: int = 0, standardize: bool = True,
         patience: Optional[int] = None, min_delta: float = 0.0, checkpoint: Optional[str] = None,
         resume: bool = False, progress: Optional[bool] = None, optimizer=None, loss_fn=None,
-        distributed: Optional[bool] = None) -> History:
+        distributed: Optional[bool] = None, engine: str = "auto") -> History:
     """Trains ``model`` in place and returns its :class:`History`.
 
     ``X``, ``y``: tensors or NumPy arrays (rows, features) and (rows,) or (rows, targets); or
@@ -157,6 +160,12 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
     ``optimizer`` / ``loss_fn``: defaults ``aiaas_fast.optim.Adam(lr, weight_decay)`` and
     ``aiaas_fast.nn.MSELoss()``; any torch optimizer and mean-reduced loss work (``lr`` is then
     the optimizer's).
+
+    ``engine``: ``"auto"`` (default) runs each epoch in the compiled C++ engine
+    (:mod:`aiaas_fast.engine`) when it supports the model, optimizer and loss (an MLP of
+    Linear/ReLU on the CPU in float32, Adam/AdamW, mean MSE, one process), else op by op;
+    ``"compiled"`` insists (an error says why it cannot); ``"ops"`` never uses it. Both paths
+    see the same batches in the same order; ``History.engine`` says which ran.
 
     Distributed: under ``torchrun`` (or with a process group already initialised;
     ``distributed=None`` decides from the environment) the model is wrapped in
@@ -224,6 +233,9 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
     history = History()
     best_loss, best_state, bad_epochs, start_epoch = math.inf, None, 0, 0
 
+    if engine not in ("auto", "compiled", "ops"):
+        raise ValueError(f"aiaas_fast.fit: engine must be 'auto', 'compiled' or 'ops', got {engine!r}")
+
     if resume and checkpoint and os.path.exists(checkpoint):
         ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -236,7 +248,22 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
         best_loss, best_state, bad_epochs = ckpt["best_loss"], ckpt["best_state"], ckpt["bad_epochs"]
         start_epoch = ckpt["epoch"] + 1
 
-    bar = _progress(progress, epochs, "aiaas_fast.fit") if rank == 0 else None
+    # The engine shares the optimizer's state tensors, so it is built after a resume has loaded them.
+    compiled, engine_note = None, ""
+    if engine != "ops":
+        from .engine import Engine, unsupported_reason
+
+        engine_note = ("distributed training runs op by op under DDP" if world > 1
+                       else unsupported_reason(model, opt, loss_fn) or "")
+        if not engine_note:
+            compiled = Engine(model, opt)
+        elif engine == "compiled":
+            raise ValueError(f"aiaas_fast.fit: engine='compiled' cannot train this model: {engine_note}")
+    history.engine, history.engine_note = ("compiled", "") if compiled is not None else ("ops", engine_note)
+    logging.getLogger("aiaas_fast").info("aiaas_fast.fit: %s engine%s", history.engine,
+                                         f" ({engine_note})" if engine_note else "")
+
+    bar = _progress(progress, epochs, f"aiaas_fast.fit ({history.engine})") if rank == 0 else None
     if bar is not None:
         bar.update(start_epoch)
     model.train()
@@ -245,7 +272,10 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
         t0 = time.perf_counter()
         perm = torch.randperm(len(xs_tr), generator=shuffle_gen).to(device)
         total = 0.0
-        for i in range(0, len(perm), global_batch):
+        if compiled is not None:  # the same batches, in C++: one call for the epoch
+            total = float(compiled.run(xs_tr, ys_tr, epochs=1, batch_size=batch_size, shuffle=False, rows=perm)[0])
+            total *= len(perm)
+        for i in range(0, len(perm) if compiled is None else 0, global_batch):
             batch = perm[i:i + global_batch]
             idx = torch.tensor_split(batch, world)[rank] if world > 1 else batch
             opt.zero_grad(set_to_none=True)

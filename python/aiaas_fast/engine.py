@@ -1,0 +1,243 @@
+"""The compiled training engine: whole training steps, and whole runs, of an MLP in C++.
+
+``Engine(model)`` takes an MLP (``aiaas_fast.nn.MLP``, or an ``nn.Sequential`` of ``Linear``
+layers each optionally followed by ``ReLU``, as written by hand or by ``aiaas_fast.convert``)
+and trains its parameter tensors in place, with MSE loss and Adam/AdamW:
+
+    engine = aiaas_fast.engine.Engine(model, lr=1e-3)
+    loss = engine.step(x, y)                                # one step, one call into C++
+    losses = engine.run(X, Y, epochs=50, batch_size=64)     # the whole run in C++, GIL released
+
+Given an optimizer (``torch.optim.Adam``/``AdamW`` or aiaas_fast's), the engine updates that
+optimizer's own state tensors, so its ``state_dict`` stays valid and a checkpoint taken in
+between resumes either way; learning-rate changes in its ``param_groups`` are picked up at
+every call. CPU and float32; anything else is refused with the reason
+(:func:`unsupported_reason`), and ``aiaas_fast.fit`` then falls back to the op-by-op path.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import _C
+from .nn import LinearReLU, MLP
+
+__all__ = ["Engine", "UnsupportedModel", "mlp_layers", "unsupported_reason"]
+
+
+class UnsupportedModel(ValueError):
+    """The model, loss or optimizer is outside what the compiled engine runs."""
+
+
+def _flatten(module: nn.Module, prefix: str) -> List[Tuple[str, nn.Module]]:
+    if isinstance(module, MLP):
+        return _flatten(module.layers, f"{prefix}layers.")
+    if isinstance(module, nn.Sequential):
+        out = []
+        for name, child in module.named_children():
+            out += _flatten(child, f"{prefix}{name}.")
+        return out
+    return [(prefix.rstrip("."), module)]
+
+
+def mlp_layers(model: nn.Module) -> List[Tuple[nn.Linear, bool]]:
+    """The model's layers as (Linear, followed by ReLU); raises :class:`UnsupportedModel` with
+    the reason when it is not a plain MLP the engine can run."""
+    if isinstance(model, nn.Linear):
+        return [(model, isinstance(model, LinearReLU))]
+    if not isinstance(model, (nn.Sequential, MLP)):
+        raise UnsupportedModel(
+            f"the compiled engine runs aiaas_fast.nn.MLP or nn.Sequential of Linear/ReLU layers; got "
+            f"{type(model).__name__}, whose forward() it cannot see")
+    layers: List[List] = []
+    for name, m in _flatten(model, ""):
+        if isinstance(m, nn.Identity):
+            continue
+        if isinstance(m, nn.ReLU):
+            if not layers or layers[-1][1]:
+                raise UnsupportedModel(f"{name}: a ReLU that does not follow a Linear layer")
+            layers[-1][1] = True
+        elif isinstance(m, nn.Linear):
+            layers.append([m, isinstance(m, LinearReLU)])
+        else:
+            raise UnsupportedModel(f"{name}: {type(m).__name__} is not a layer the compiled engine runs "
+                                   "(Linear, ReLU, Identity)")
+    if not layers:
+        raise UnsupportedModel("the model has no Linear layers")
+    known = {id(p) for lin, _ in layers for p in lin.parameters()}
+    for pname, p in model.named_parameters():
+        if id(p) not in known:
+            raise UnsupportedModel(f"parameter {pname} is not a Linear weight or bias")
+    for lin, _ in layers:
+        for pname, p in lin.named_parameters():
+            if p.device.type != "cpu":
+                raise UnsupportedModel(f"the compiled engine runs on the CPU; the model is on {p.device}")
+            if p.dtype != torch.float32:
+                raise UnsupportedModel(f"the compiled engine runs float32; the model is {p.dtype}")
+            if not p.requires_grad:
+                raise UnsupportedModel("a frozen parameter (requires_grad=False): the engine trains every parameter")
+            if not p.is_contiguous():
+                raise UnsupportedModel("a non-contiguous parameter")
+    return [(lin, relu) for lin, relu in layers]
+
+
+def _optimizer_hyper(optimizer, params: Sequence[Tensor]) -> dict:
+    if not isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, torch.optim.AdamW):
+        raise UnsupportedModel(f"the compiled engine runs Adam and AdamW; got {type(optimizer).__name__}")
+    ids = {id(p) for p in params}
+    seen, hyper = set(), None
+    for group in optimizer.param_groups:
+        if group.get("capturable") or group.get("differentiable"):
+            raise UnsupportedModel("capturable/differentiable Adam is not supported by the compiled engine")
+        beta1, beta2 = group["betas"]
+        h = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                 weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
+                 maximize=bool(group.get("maximize", False)),
+                 decoupled_weight_decay=bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))))
+        if hyper is not None and h != hyper:
+            raise UnsupportedModel("the optimizer's parameter groups have different hyperparameters")
+        hyper = h
+        seen |= {id(p) for p in group["params"]}
+    if seen != ids:
+        raise UnsupportedModel("the optimizer's parameters are not exactly the model's")
+    return hyper
+
+
+def unsupported_reason(model: nn.Module, optimizer=None, loss_fn=None) -> Optional[str]:
+    """None when the engine can train ``model`` with this optimizer and loss, else why not."""
+    try:
+        layers = mlp_layers(model)
+        if optimizer is not None:
+            _optimizer_hyper(optimizer, [p for lin, _ in layers for p in lin.parameters()])
+    except UnsupportedModel as e:
+        return str(e)
+    if loss_fn is not None and not (isinstance(loss_fn, nn.MSELoss) and loss_fn.reduction == "mean"):
+        return f"the compiled engine computes a mean MSE loss; got {type(loss_fn).__name__}"
+    return None
+
+
+class Engine:
+    """Trains ``model`` in place with MSE loss and Adam (see the module docstring).
+
+    Without ``optimizer``, the engine holds its own Adam state with ``lr``, ``betas``,
+    ``eps``, ``weight_decay``, ``amsgrad`` and ``decoupled_weight_decay`` (AdamW).
+    ``path``: ``"auto"`` picks hand-vectorized kernels or the BLAS per layer by size;
+    ``"small"`` / ``"blas"`` force one (for tests and measurements)."""
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *, lr: float = 1e-3,
+                 betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 amsgrad: bool = False, decoupled_weight_decay: bool = False, path: str = "auto"):
+        layers = mlp_layers(model)
+        self.model = model
+        self.optimizer = optimizer
+        params: List[Tensor] = []
+        for lin, _ in layers:
+            params.append(lin.weight)
+            if lin.bias is not None:
+                params.append(lin.bias)
+        if optimizer is not None:
+            self._hyper = _optimizer_hyper(optimizer, params)
+            state = [self._optimizer_state(p, self._hyper["amsgrad"]) for p in params]
+        else:
+            self._hyper = dict(lr=float(lr), beta1=float(betas[0]), beta2=float(betas[1]), eps=float(eps),
+                               weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=False,
+                               decoupled_weight_decay=bool(decoupled_weight_decay))
+            state = [self._fresh_state(p, amsgrad) for p in params]
+        self.state = state
+        with torch.no_grad():
+            self._core = _C.MLPEngine(
+                [lin.weight for lin, _ in layers], [lin.bias for lin, _ in layers], [relu for _, relu in layers],
+                [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state],
+                [s["max_exp_avg_sq"] for s in state] if self._hyper["amsgrad"] else [],
+                [s["step"] for s in state], path=path, **self._hyper)
+
+    @staticmethod
+    def _fresh_state(p: Tensor, amsgrad: bool) -> dict:
+        s = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        if amsgrad:
+            s["max_exp_avg_sq"] = torch.zeros_like(p)
+        return s
+
+    def _optimizer_state(self, p: Tensor, amsgrad: bool) -> dict:
+        """The optimizer's state for p, created as torch.optim.Adam would, and made the form the
+        engine updates in place (a float32 CPU step, contiguous float32 moments)."""
+        state = self.optimizer.state[p]
+        if len(state) == 0:
+            state.update(self._fresh_state(p, False))
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p)
+        step = state["step"]
+        if not isinstance(step, Tensor) or step.dtype != torch.float32 or step.device.type != "cpu" or step.numel() != 1:
+            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key in state and not (state[key].dtype == torch.float32 and state[key].is_contiguous()
+                                     and state[key].device.type == "cpu" and state[key].shape == p.shape):
+                state[key] = state[key].detach().to("cpu", torch.float32).contiguous().reshape(p.shape)
+        return state
+
+    def _sync(self) -> None:
+        """Picks up hyperparameter changes (a learning-rate scheduler) from the optimizer."""
+        if self.optimizer is None:
+            return
+        # The engine steps for the optimizer: tell a learning-rate scheduler so (it checks
+        # this flag, set by its wrapper of optimizer.step, to warn about a wrong call order).
+        self.optimizer._opt_called = True
+        group = self.optimizer.param_groups[0]
+        if float(group["lr"]) != self._hyper["lr"] or group["betas"][0] != self._hyper["beta1"] \
+                or float(group["weight_decay"]) != self._hyper["weight_decay"]:
+            self._hyper = _optimizer_hyper(self.optimizer, [p for g in self.optimizer.param_groups for p in g["params"]])
+            self._core.set_hyperparameters(**self._hyper)
+
+    @property
+    def lr(self) -> float:
+        return self._hyper["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = value
+        self._hyper["lr"] = float(value)
+        self._core.set_hyperparameters(**self._hyper)
+
+    def layer_paths(self, batch_size: int) -> List[str]:
+        """``"small"`` (hand kernels) or ``"blas"`` for each layer at this batch size."""
+        return self._core.layer_paths(batch_size)
+
+    def step(self, x: Tensor, y: Tensor) -> float:
+        """Forward, MSE loss, backward and the Adam update on one mini-batch; returns the loss."""
+        self._sync()
+        return float(self._core.step(x, y)[0])
+
+    def run(self, X: Tensor, Y: Tensor, *, epochs: int, batch_size: int = 64, seed: int = 0, shuffle: bool = True,
+            callback: Optional[Callable[..., Optional[bool]]] = None, callback_every: int = 0,
+            rows: Optional[Tensor] = None) -> Tensor:
+        """``epochs`` passes over (X, Y) in mini-batches, all in C++ without the GIL; returns
+        each epoch's mean training loss (weighted by rows), shape ``(epochs run,)``.
+
+        ``shuffle``: a new order every epoch from ``seed``. ``rows``: train on these rows, in
+        this order when not shuffling. ``callback(epoch, step, steps_in_epoch, epoch_end,
+        losses)`` runs every ``callback_every`` steps and at each epoch's end (``losses``: the
+        epoch's mean loss so far); returning True stops the run there."""
+        self._sync()
+        if not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"Engine.run: epochs must be an int >= 0, got {epochs!r}")
+        offsets = None
+        if rows is not None:
+            rows = torch.as_tensor(rows, dtype=torch.int64)
+            offsets = torch.tensor([0, rows.numel()], dtype=torch.int64)
+        out = self._core.run(X, Y, epochs=epochs, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                             callback_every=callback_every, sample_index=rows, sample_offsets=offsets,
+                             callback=None if callback is None else
+                             (lambda e, s, n, end, losses: callback(e, s, n, end, losses[0])))
+        return out[:, 0]
+
+    def predict(self, X: Tensor) -> Tensor:
+        """The model's output for X, (rows, out), computed by the engine's kernels."""
+        return self._core.predict(X)[0]
+
+    def last_gradients(self) -> List[Tensor]:
+        """Gradients of the last step, in parameter order (weight, bias per layer): for tests."""
+        return self._core.last_gradients()

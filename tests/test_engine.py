@@ -1,0 +1,478 @@
+"""The compiled training engine against plain PyTorch: same initial weights and same batches
+give the same losses, gradients and weights, on every kernel path, for odd widths and a last
+partial batch; its runs, callbacks, optimizer sharing and errors."""
+import copy
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import aiaas_fast
+from aiaas_fast.engine import Engine, UnsupportedModel, mlp_layers, unsupported_reason
+
+PATHS = ["small", "blas", "auto"]
+
+
+def sequential(widths, final_relu=False, bias=True, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(widths) - 2 or final_relu:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def torch_steps(model, batches, opt):
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def batches(n, batch, in_f, out_f, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, in_f, generator=g), torch.randn(batch, out_f, generator=g)) for _ in range(n)]
+
+
+def assert_same_weights(a, b, atol=2e-6):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=atol, msg=f"parameter {name}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("widths,batch", [([10, 20, 1], 64), ([13, 37, 5, 3], 67), ([7, 3], 1), ([5, 129, 17, 2], 33)])
+def test_steps_match_pytorch(path, widths, batch):
+    model = sequential(widths)
+    ref = copy.deepcopy(model)
+    engine = Engine(model, lr=1e-2, path=path)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    data = batches(6, batch, widths[0], widths[-1])
+    losses = [engine.step(x, y) for x, y in data]
+    ref_losses = torch_steps(ref, data, opt)
+    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+    assert_same_weights(model, ref)
+
+
+@pytest.mark.parametrize("path", ["small", "blas"])
+def test_gradients_match_autograd(path):
+    widths = [9, 31, 18, 4]
+    model = sequential(widths)
+    ref = copy.deepcopy(model)
+    engine = Engine(model, path=path)
+    (x, y), = batches(1, 50, 9, 4)
+    engine.step(x, y)
+    nn.functional.mse_loss(ref(x), y).backward()
+    for g, p in zip(engine.last_gradients(), ref.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_wide_small_kernels_split_across_threads_match_pytorch():
+    # 64 x 300 x 112 multiply-adds per layer: past the size at which a small-kernel layer
+    # splits its batch (forward, input gradient) and outputs (weight gradient) across threads.
+    model = sequential([64, 300, 1])
+    ref = copy.deepcopy(model)
+    engine = Engine(model, path="small")
+    data = batches(3, 100, 64, 1)
+    assert [engine.step(x, y) for x, y in data] == pytest.approx(torch_steps(ref, data, torch.optim.Adam(ref.parameters())), rel=1e-5)
+    assert_same_weights(model, ref)
+
+
+@pytest.mark.parametrize("path", ["small", "blas"])
+def test_final_relu_and_layers_without_bias(path):
+    for kw in (dict(final_relu=True), dict(bias=False)):
+        model = sequential([6, 11, 3], **kw)
+        ref = copy.deepcopy(model)
+        engine = Engine(model, path=path)
+        data = batches(4, 21, 6, 3)
+        assert [engine.step(x, y) for x, y in data] == pytest.approx(
+            torch_steps(ref, data, torch.optim.Adam(ref.parameters())), rel=1e-5, abs=1e-7)
+        assert_same_weights(model, ref)
+
+
+def test_converted_and_aiaas_models_are_supported():
+    model = sequential([4, 8, 8, 1])
+    converted = aiaas_fast.convert(copy.deepcopy(model))
+    assert [(lin.out_features, relu) for lin, relu in mlp_layers(converted)] == [(8, True), (8, True), (1, False)]
+    mlp = aiaas_fast.nn.MLP(4, [8, 8], 1)
+    assert [relu for _, relu in mlp_layers(mlp)] == [True, True, False]
+
+
+@pytest.mark.parametrize("kind", ["adamw", "amsgrad", "l2", "maximize"])
+def test_optimizer_variants_through_a_torch_optimizer(kind):
+    model = sequential([5, 16, 2])
+    ref = copy.deepcopy(model)
+    make = {
+        "adamw": lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.1),
+        "amsgrad": lambda p: torch.optim.Adam(p, lr=3e-3, amsgrad=True),
+        "l2": lambda p: torch.optim.Adam(p, lr=3e-3, weight_decay=0.05, betas=(0.8, 0.99), eps=1e-6),
+        "maximize": lambda p: torch.optim.Adam(p, lr=1e-4, maximize=True),
+    }[kind]
+    opt = make(model.parameters())
+    engine = Engine(model, opt)
+    data = batches(5, 16, 5, 2)
+    losses = [engine.step(x, y) for x, y in data]
+    assert losses == pytest.approx(torch_steps(ref, data, make(ref.parameters())), rel=1e-5)
+    assert_same_weights(model, ref)
+
+
+def test_optimizer_state_is_shared_and_a_checkpoint_resumes_either_way():
+    model = sequential([3, 12, 1])
+    ref = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    engine = Engine(model, opt)
+    data = batches(6, 10, 3, 1)
+    for x, y in data[:3]:
+        engine.step(x, y)
+    assert all(float(opt.state[p]["step"]) == 3 for p in model.parameters())
+    saved = copy.deepcopy(opt.state_dict())
+    torch_steps(model, data[3:], opt)  # the op-by-op path continues from the engine's state
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    torch_steps(ref, data, ref_opt)
+    assert_same_weights(model, ref)
+    assert saved["state"][0]["step"].item() == 3
+
+
+def test_learning_rate_changes_are_picked_up():
+    model = sequential([3, 8, 1])
+    ref = copy.deepcopy(model)
+    opt, ref_opt = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(ref.parameters(), lr=1e-2)
+    sched, ref_sched = (torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (opt, ref_opt))
+    engine = Engine(model, opt)
+    for x, y in batches(4, 8, 3, 1):
+        engine.step(x, y)
+        sched.step()
+        torch_steps(ref, [(x, y)], ref_opt)
+        ref_sched.step()
+    assert_same_weights(model, ref)
+
+
+@pytest.mark.parametrize("path", ["small", "blas"])
+def test_run_without_shuffle_equals_steps_on_the_same_batches(path):
+    model = sequential([7, 19, 2])
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    X, Y = torch.randn(103, 7, generator=g), torch.randn(103, 2, generator=g)
+    rows = torch.randperm(103, generator=g)
+    losses = Engine(model, lr=1e-2, path=path).run(X, Y, epochs=2, batch_size=20, shuffle=False, rows=rows)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    expected = []
+    for _ in range(2):
+        per_batch = [(X[rows[i:i + 20]], Y[rows[i:i + 20]]) for i in range(0, 103, 20)]  # last batch of 3
+        step_losses = torch_steps(ref, per_batch, opt)
+        expected.append(sum(loss * len(b[0]) for loss, b in zip(step_losses, per_batch)) / 103)
+    assert losses.tolist() == pytest.approx(expected, rel=1e-5)
+    assert_same_weights(model, ref)
+
+
+def test_run_shuffles_by_seed_deterministically():
+    X, Y = torch.randn(200, 4), torch.randn(200, 1)
+    results = []
+    for seed in (5, 5, 6):
+        model = sequential([4, 8, 1])
+        losses = Engine(model).run(X, Y, epochs=3, batch_size=16, seed=seed)
+        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    assert not torch.equal(results[0][0], results[2][0])
+
+
+def test_run_calls_back_and_stops():
+    X, Y = torch.randn(100, 4), torch.randn(100, 1)
+    calls = []
+
+    def cb(epoch, step, steps, end, loss):
+        calls.append((epoch, step, steps, end))
+        return epoch == 1 and end
+
+    losses = Engine(sequential([4, 8, 1])).run(X, Y, epochs=5, batch_size=10, callback=cb, callback_every=4)
+    assert len(losses) == 2
+    assert calls == [(0, 4, 10, False), (0, 8, 10, False), (0, 10, 10, True), (1, 4, 10, False), (1, 8, 10, False), (1, 10, 10, True)]
+
+    def boom(*args):
+        raise KeyError("from the callback")
+
+    with pytest.raises(KeyError, match="from the callback"):
+        Engine(sequential([4, 8, 1])).run(X, Y, epochs=2, batch_size=10, callback=boom)
+
+
+def test_run_releases_the_gil():
+    X, Y = torch.randn(20000, 16), torch.randn(20000, 1)
+    engine = Engine(sequential([16, 64, 64, 1]))
+    ticks, done = [0], threading.Event()
+
+    def count():
+        while not done.is_set():
+            ticks[0] += 1
+            time.sleep(0.001)
+
+    t = threading.Thread(target=count)
+    t.start()
+    t0 = time.perf_counter()
+    engine.run(X, Y, epochs=20, batch_size=64)  # a few hundred ms
+    elapsed = time.perf_counter() - t0
+    done.set()
+    t.join()
+    # The other thread ticked while C++ trained (with the GIL held it would not tick at all).
+    assert ticks[0] >= min(10, elapsed / 0.01), (ticks[0], elapsed)
+
+
+def test_predict_matches_the_module():
+    model = sequential([6, 40, 9, 3])
+    X = torch.randn(1500, 6)  # more rows than one predict chunk
+    torch.testing.assert_close(Engine(model).predict(X), model(X).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_models_are_named():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 1)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    cases = [
+        (Net(), "whose forward\\(\\) it cannot see"),
+        (nn.Sequential(nn.Linear(2, 3), nn.Dropout(), nn.Linear(3, 1)), "1: Dropout is not a layer"),
+        (nn.Sequential(nn.ReLU(), nn.Linear(2, 1)), "0: a ReLU that does not follow"),
+        (sequential([2, 3, 1]).double(), "float32; the model is torch.float64"),
+    ]
+    frozen = sequential([2, 3, 1])
+    frozen[0].weight.requires_grad_(False)
+    cases.append((frozen, "frozen parameter"))
+    for model, message in cases:
+        with pytest.raises(UnsupportedModel, match=message):
+            Engine(model)
+    assert "SGD" in unsupported_reason(sequential([2, 1]), torch.optim.SGD(sequential([2, 1]).parameters(), lr=0.1))
+    assert "L1Loss" in unsupported_reason(sequential([2, 1]), loss_fn=nn.L1Loss())
+    m = sequential([2, 1])
+    assert "not exactly the model's" in unsupported_reason(m, torch.optim.Adam(sequential([2, 1]).parameters()))
+
+
+def test_bad_data_is_a_clear_error():
+    engine = Engine(sequential([4, 8, 2]))
+    with pytest.raises(RuntimeError, match="x has 5 columns .* but the model takes 4"):
+        engine.step(torch.randn(3, 5), torch.randn(3, 2))
+    with pytest.raises(RuntimeError, match="y has 1 columns .* but the model gives 2"):
+        engine.step(torch.randn(3, 4), torch.randn(3, 1))
+    with pytest.raises(RuntimeError, match="x has 3 rows but y has 4"):
+        engine.step(torch.randn(3, 4), torch.randn(4, 2))
+    with pytest.raises(RuntimeError, match="x must be float32, got Double"):
+        engine.step(torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 2))
+    with pytest.raises(RuntimeError, match="batch_size must be >= 1"):
+        engine.run(torch.randn(3, 4), torch.randn(3, 2), epochs=1, batch_size=0)
+    with pytest.raises(RuntimeError, match="sample_index holds row 7 for model 0, but x has 3 rows"):
+        engine.run(torch.randn(3, 4), torch.randn(3, 2), epochs=1, rows=torch.tensor([0, 7]))
+    with pytest.raises(RuntimeError, match="x has no rows"):
+        engine.run(torch.randn(0, 4), torch.randn(0, 2), epochs=1)
+
+
+def test_a_non_contiguous_batch_is_read_correctly():
+    model = sequential([4, 8, 2])
+    ref = copy.deepcopy(model)
+    x = torch.randn(8, 10)[:, 1:9:2]
+    y = torch.randn(2, 8).t()
+    assert Engine(model).step(x, y) == pytest.approx(torch_steps(ref, [(x, y)], torch.optim.Adam(ref.parameters()))[0], rel=1e-6)
+
+
+CHECK_ENGINE = """
+import copy, torch, aiaas_fast
+from aiaas_fast.engine import Engine
+assert aiaas_fast.build_info()['cpu_isa'] == '{isa}'
+for path in ('small', 'blas'):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(11, 37), torch.nn.ReLU(), torch.nn.Linear(37, 3))
+    r = copy.deepcopy(m)
+    e, o = Engine(m, lr=1e-2, path=path), torch.optim.Adam(r.parameters(), lr=1e-2)
+    for _ in range(3):
+        x, y = torch.randn(45, 11), torch.randn(45, 3)
+        l = e.step(x, y)
+        o.zero_grad(); lr = torch.nn.functional.mse_loss(r(x), y); lr.backward(); o.step()
+        assert abs(l - lr.item()) < 1e-5 * abs(lr.item()) + 1e-6, (path, l, lr.item())
+    for p, q in zip(m.parameters(), r.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+print('ok')
+"""
+
+
+@pytest.mark.parametrize("isa", aiaas_fast.build_info()["cpu_isas"])
+def test_every_compiled_engine_kernel_set_is_correct(isa):
+    import ctypes  # noqa: F401
+
+    from aiaas_fast import _C  # noqa: F401
+
+    env = {**os.environ, "AIAAS_FAST_CPU_ISA": isa}
+    r = subprocess.run([sys.executable, "-c", CHECK_ENGINE.format(isa=isa)], capture_output=True, text=True, env=env)
+    if r.returncode != 0 and "does not support it" in r.stderr:
+        pytest.skip(f"this CPU has no {isa}")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+# ---------------------------------------------------------------- many models at once
+def test_ensemble_forward_and_members_agree():
+    ens = aiaas_fast.Ensemble(5, 6, [9, 4], 2)
+    x = torch.randn(11, 6)
+    out = ens(x)
+    assert out.shape == (5, 11, 2)
+    for k in range(5):
+        torch.testing.assert_close(out[k], ens.member(k)(x), rtol=1e-5, atol=1e-6)
+    again = aiaas_fast.Ensemble.from_models([ens.member(k) for k in range(5)])
+    torch.testing.assert_close(again(x), out)
+
+
+@pytest.mark.parametrize("path", ["small", "blas"])
+def test_many_models_each_on_its_own_rows_match_a_loop_of_pytorch_models(path):
+    K, widths = 6, [5, 13, 3]
+    torch.manual_seed(0)
+    ens = aiaas_fast.Ensemble(K, widths[0], widths[1:-1], widths[-1])
+    refs = [ens.member(k) for k in range(K)]
+    g = torch.Generator().manual_seed(2)
+    X, Y = torch.randn(90, 5, generator=g), torch.randn(90, 3, generator=g)
+    rows = [torch.randint(90, (n,), generator=g) for n in (30, 31, 17, 45, 8, 30)]  # uneven, with repeats
+    params = [p for pair in zip(ens.weights, ens.biases) for p in pair]
+    state = [(torch.zeros_like(p), torch.zeros_like(p), torch.zeros(K)) for p in params]
+    with torch.no_grad():
+        core = aiaas_fast._C.MLPEngine(list(ens.weights), list(ens.biases), [True, False], [s[0] for s in state],
+                                       [s[1] for s in state], [], [s[2] for s in state], lr=1e-2, beta1=0.9,
+                                       beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                                       decoupled_weight_decay=False, path=path)
+    offsets = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)
+    losses = core.run(X, Y, epochs=2, batch_size=8, shuffle=False, sample_index=torch.cat(rows), sample_offsets=offsets)
+    assert losses.shape == (2, K)
+    for k, ref in enumerate(refs):
+        opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+        for epoch in range(2):
+            per_batch = [(X[rows[k][i:i + 8]], Y[rows[k][i:i + 8]]) for i in range(0, len(rows[k]), 8)]
+            step_losses = torch_steps(ref, per_batch, opt)
+            mean = sum(loss * len(b[0]) for loss, b in zip(step_losses, per_batch)) / len(rows[k])
+            assert losses[epoch, k].item() == pytest.approx(mean, rel=1e-5), (k, epoch)
+        member = ens.member(k)
+        assert_same_weights(member, ref)
+    assert all(torch.equal(s[2], torch.tensor([8.0, 8, 6, 12, 2, 8])) for s in state)  # per-model step counts
+
+
+def test_ensemble_step_with_shared_and_per_model_batches():
+    K = 4
+    ens = aiaas_fast.Ensemble(K, 3, [7], 1)
+    refs = [ens.member(k) for k in range(K)]
+    params = [p for pair in zip(ens.weights, ens.biases) for p in pair]
+    state = [(torch.zeros_like(p), torch.zeros_like(p), torch.zeros(K)) for p in params]
+    with torch.no_grad():
+        core = aiaas_fast._C.MLPEngine(list(ens.weights), list(ens.biases), [True, False], [s[0] for s in state],
+                                       [s[1] for s in state], [], [s[2] for s in state], lr=1e-2, beta1=0.9,
+                                       beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                                       decoupled_weight_decay=False)
+    x, y = torch.randn(12, 3), torch.randn(12, 1)
+    xk, yk = torch.randn(K, 12, 3), torch.randn(K, 12, 1)
+    l1, l2 = core.step(x, y), core.step(xk, yk)
+    for k, ref in enumerate(refs):
+        opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+        r1, r2 = torch_steps(ref, [(x, y), (xk[k], yk[k])], opt)
+        assert (l1[k].item(), l2[k].item()) == pytest.approx((r1, r2), rel=1e-5)
+        assert_same_weights(ens.member(k), ref)
+    with pytest.raises(RuntimeError, match="holds 3 models in dim 0 .* but the engine trains 4"):
+        core.step(torch.randn(3, 12, 3), y)
+
+
+def fit_data(n=900, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g) * torch.tensor([1.0, 5.0, 0.2]) + 2
+    unit = torch.arange(n) % 3
+    y = (x[:, :1] * (unit[:, None] + 1.0) + (x[:, 1:2] / 5).sin() * 3) * 10 + 50 * unit[:, None]
+    return x, y, unit
+
+
+def test_fit_many_deep_ensemble_learns_and_gives_a_spread():
+    x, _, _ = fit_data()
+    y = (x[:, :1] * 2 + (x[:, 1:2] / 5).sin() * 3) * 10 + 50  # a smooth function of the features alone
+    ens = aiaas_fast.Ensemble(6, 3, [24], 1)
+    h = aiaas_fast.fit_many(ens, x, y, epochs=15, batch_size=32, lr=3e-3, val_split=0.2, progress=False)
+    assert h.train_loss.shape == (15, 6) and h.val_loss.shape == (15, 6)
+    assert (h.train_loss[-1] < 0.5 * h.train_loss[0]).all()
+    assert len(set(h.rows)) == 1 and h.rows[0] == 720
+    pred = aiaas_fast.predict_many(ens, x)
+    assert pred.members.shape == (6, 900, 1) and pred.mean.shape == (900, 1)
+    assert (pred.std > 0).all()  # bootstrap samples and inits differ
+    torch.testing.assert_close(pred.mean, pred.members.mean(0))
+    assert h.val_rmse.shape == (6,) and (h.val_rmse < y.std()).all()
+
+
+def test_fit_many_with_groups_trains_one_model_per_group():
+    x, y, unit = fit_data()
+    labels = [["north", "south", "west"][u] for u in unit.tolist()]
+    ens = aiaas_fast.Ensemble(3, 3, [24], 1)
+    h = aiaas_fast.fit_many(ens, x, y, groups=labels, epochs=20, batch_size=16, lr=3e-3, val_split=0.2, progress=False)
+    assert h.group_values == ["north", "south", "west"] and h.rows == [240, 240, 240]
+    pred = aiaas_fast.predict_many(ens, x, groups=labels)
+    assert pred.shape == (900, 1)
+    for k in range(3):  # each group's own model and scalers: errors far below the groups' spread
+        rows = unit == k
+        assert (pred[rows] - y[rows]).pow(2).mean().sqrt() < 0.5 * y[rows].std()
+    with pytest.raises(ValueError, match="row 1 has group 'east', for which no model was trained"):
+        aiaas_fast.predict_many(ens, x[:2], groups=["north", "east"])
+    with pytest.raises(ValueError, match="pass groups="):
+        aiaas_fast.predict_many(ens, x)
+    with pytest.raises(ValueError, match="groups has 3 distinct values but the ensemble has 2 models"):
+        aiaas_fast.fit_many(aiaas_fast.Ensemble(2, 3, [4], 1), x, y, groups=labels, progress=False)
+
+
+def test_fit_many_is_deterministic_for_a_seed():
+    x, y, _ = fit_data(300)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        ens = aiaas_fast.Ensemble(3, 3, [8], 1)
+        runs.append(aiaas_fast.fit_many(ens, x, y, epochs=3, seed=4, progress=False).train_loss)
+    assert torch.equal(runs[0], runs[1])
+
+
+# ---------------------------------------------------------------- fit(engine=...)
+def fit_model(seed=0):
+    torch.manual_seed(seed)
+    return aiaas_fast.nn.MLP(3, [16, 16], 1)
+
+
+def test_fit_compiled_equals_op_by_op():
+    x, y, _ = fit_data(500)
+    a, b = fit_model(), fit_model()
+    ha = aiaas_fast.fit(a, x, y, epochs=4, batch_size=32, engine="compiled", progress=False)
+    hb = aiaas_fast.fit(b, x, y, epochs=4, batch_size=32, engine="ops", progress=False)
+    assert (ha.engine, hb.engine) == ("compiled", "ops")
+    assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-5)
+    assert ha["val_loss"] == pytest.approx(hb["val_loss"], rel=1e-5)
+    assert_same_weights(a, b, atol=1e-5)
+
+
+def test_fit_auto_uses_the_engine_and_falls_back_with_the_reason():
+    x, y, _ = fit_data(200)
+    assert aiaas_fast.fit(fit_model(), x, y, epochs=1, progress=False).engine == "compiled"
+    h = aiaas_fast.fit(fit_model(), x, y, epochs=1, progress=False, loss_fn=nn.L1Loss())
+    assert h.engine == "ops" and "L1Loss" in h.engine_note
+    with pytest.raises(ValueError, match="engine='compiled' cannot train this model: .*SGD"):
+        m = fit_model()
+        aiaas_fast.fit(m, x, y, epochs=1, engine="compiled", optimizer=torch.optim.SGD(m.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="engine must be 'auto', 'compiled' or 'ops'"):
+        aiaas_fast.fit(fit_model(), x, y, engine="fast")
+
+
+def test_fit_compiled_resumes_from_a_checkpoint_exactly(tmp_path):
+    x, y, _ = fit_data(300)
+    ckpt = str(tmp_path / "run.pt")
+    whole = fit_model()
+    h_whole = aiaas_fast.fit(whole, x, y, epochs=4, engine="compiled", progress=False)
+    part = fit_model()
+    aiaas_fast.fit(part, x, y, epochs=2, engine="compiled", checkpoint=ckpt, progress=False)
+    h = aiaas_fast.fit(part, x, y, epochs=4, engine="compiled", checkpoint=ckpt, resume=True, progress=False)
+    assert h["train_loss"] == h_whole["train_loss"]
+    for p, q in zip(part.parameters(), whole.parameters()):
+        assert torch.equal(p, q)

@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 
 #include <aiaas_fast/aiaas_fast.h>
+#include <aiaas_fast/engine.h>
 
 namespace {
 
@@ -89,6 +90,28 @@ void run_checks() {
   check("adam_ one step: exp_avg", m, want_m);
   check("adam_ one step: exp_avg_sq", v, want_v);
   check("adam_ one step: step counter", step, at::ones({}));
+
+  // The training engine, from C++: the seed network 10 -> 20 -> 1 learns y = sum(x) / 4.
+  // Its first step must equal adam_ on the gradients of the same batch, computed by hand.
+  at::manual_seed(0);
+  at::Tensor w1 = at::randn({20, 10}) * 0.3, b1 = at::zeros({20}), w2 = at::randn({1, 20}) * 0.3, b2 = at::zeros({1});
+  std::vector<at::Tensor> params{w1, b1, w2, b2}, exp_avgs, exp_avg_sqs, steps;
+  for (const auto& t : params) {
+    exp_avgs.push_back(at::zeros_like(t));
+    exp_avg_sqs.push_back(at::zeros_like(t));
+    steps.push_back(at::zeros({}));
+  }
+  aiaas_fast::AdamOptions eopt;
+  eopt.lr = 1e-2;
+  aiaas_fast::MLPEngine engine({{w1, b1, true}, {w2, b2, false}}, {exp_avgs, exp_avg_sqs, {}, steps}, eopt);
+  const at::Tensor xs = at::randn({256, 10}), ys = xs.sum(1, true) / 4;
+  const at::Tensor first = engine.run(xs, ys, {1, 32, 7, true, 0});
+  const at::Tensor later = engine.run(xs, ys, {30, 32, 7, true, 0});
+  const double first_loss = first[0][0].item<double>(), last_loss = later[29][0].item<double>();
+  report("engine run: loss falls 10x in 31 epochs", last_loss < 0.1 * first_loss,
+         "loss " + c10::str(first_loss) + " after 1 epoch, " + c10::str(last_loss) + " after 31");
+  check("engine step counter", steps[0], at::full({}, 31.0 * 8));
+  check("engine predict", engine.predict(xs)[0], at::relu(xs.matmul(w1.t()) + b1).matmul(w2.t()) + b2);
 }
 
 }  // namespace

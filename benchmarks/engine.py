@@ -1,0 +1,249 @@
+"""Training steps per second of the compiled engine against PyTorch, in one run.
+
+    python benchmarks/engine.py [--quick] [--no-compile] [--sweep] [--models K] [--out DIR]
+
+Single models (seed 10->20->1 at batch 64; 64->256->256->1 at batch 512): eager PyTorch with
+Adam(fused=True) (the reference) and Adam(foreach=True), torch.compile of model and loss with
+fused Adam, the op-by-op aiaas_fast path (convert, MSELoss, optim.Adam), the engine's step()
+(one Python call per step) and the engine's run() (the whole epoch in C++, time per step).
+
+Many models (K seed networks at batch 64, default K = 256): a Python loop over K eager models
+(Adam fused each), torch.func.vmap of grad over the stacked models with one fused Adam, the
+stacked models with torch.bmm and autograd (aiaas_fast.Ensemble.forward), and the engine
+(step() with a shared batch; run() with each model on its own rows).
+
+Every table has the achieved GFLOP/s (6 x batch x weights per step) beside torch.mm's at the
+layer's shape and at 1024^3 (the machine's product ceiling), timed in the same run.
+``--sweep`` times the engine's two kernel paths (hand kernels, BLAS) over widths and batches:
+the measurement behind the engine's switch point. The engine runs on the CPU; on a CUDA
+machine this script says so and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import aiaas_fast  # noqa: E402
+from aiaas_fast.engine import Engine  # noqa: E402
+from harness import Results, fmt_time, mm_fn, time_providers  # noqa: E402
+
+
+def mlp(widths):
+    layers = []
+    for a, b in zip(widths[:-2], widths[1:-1]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(widths[-2], widths[-1]))
+    return nn.Sequential(*layers)
+
+
+def torch_step(model, opt, x, y, loss_fn=None):
+    loss_fn = loss_fn or nn.MSELoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def single_providers(widths, batch, compile_ok, steps_per_run):
+    """name -> (fn, steps per call)."""
+    torch.manual_seed(0)
+    base = mlp(widths)
+    x, y = torch.randn(batch, widths[0]), torch.randn(batch, widths[-1])
+    fresh = lambda: copy.deepcopy(base)
+    out = {}
+    m = fresh()
+    out["eager (Adam fused)"] = (torch_step(m, torch.optim.Adam(m.parameters(), lr=1e-3, fused=True), x, y), 1)
+    m = fresh()
+    out["eager (Adam foreach)"] = (torch_step(m, torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True), x, y), 1)
+    if compile_ok:
+        torch._dynamo.reset()
+        m = fresh()
+        loss = nn.MSELoss()
+        fwd = torch.compile(lambda x, y: loss(m(x), y), fullgraph=True)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=True)
+
+        def compiled_step():
+            opt.zero_grad(set_to_none=True)
+            fwd(x, y).backward()
+            opt.step()
+        compiled_step()
+        out["torch.compile (Adam fused)"] = (compiled_step, 1)
+    m = aiaas_fast.convert(fresh())
+    out["aiaas_fast op by op"] = (torch_step(m, aiaas_fast.optim.Adam(m.parameters(), lr=1e-3), x, y,
+                                             aiaas_fast.nn.MSELoss()), 1)
+    eng = Engine(fresh(), lr=1e-3)
+    out["engine step()"] = (lambda: eng.step(x, y), 1)
+    eng_run = Engine(fresh(), lr=1e-3)
+    X, Y = x.repeat(steps_per_run, 1), y.repeat(steps_per_run, 1)
+    out["engine run()"] = (lambda: eng_run.run(X, Y, epochs=1, batch_size=batch, shuffle=False), steps_per_run)
+    return out, eng.layer_paths(batch)
+
+
+def many_providers(K, widths, batch, steps_per_run):
+    torch.manual_seed(0)
+    models = [mlp(widths) for _ in range(K)]
+    x, y = torch.randn(batch, widths[0]), torch.randn(batch, widths[-1])
+    out = {}
+
+    loop_models = copy.deepcopy(models)
+    loop_opts = [torch.optim.Adam(m.parameters(), lr=1e-3, fused=True) for m in loop_models]
+    loss_fn = nn.MSELoss()
+
+    def python_loop():
+        for m, opt in zip(loop_models, loop_opts):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(m(x), y).backward()
+            opt.step()
+    out["Python loop of K eager models"] = (python_loop, 1)
+
+    params, _ = torch.func.stack_module_state(copy.deepcopy(models))
+    leaves = [p.detach().requires_grad_(False) for p in params.values()]
+    names = list(params)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+
+    def one_loss(p, xb, yb):
+        return nn.functional.mse_loss(torch.func.functional_call(skeleton, dict(zip(names, p)), (xb,)), yb)
+
+    grads_of = torch.func.vmap(torch.func.grad(one_loss), in_dims=(0, None, None))
+    vopt = torch.optim.Adam(leaves, lr=1e-3, fused=True)
+
+    def vmap_step():
+        for p, g in zip(leaves, grads_of(leaves, x, y)):
+            p.grad = g
+        vopt.step()
+    out["torch.func.vmap (stacked, Adam fused)"] = (vmap_step, 1)
+
+    ens = aiaas_fast.Ensemble.from_models(copy.deepcopy(models))
+    eopt = torch.optim.Adam(ens.parameters(), lr=1e-3, fused=True)
+
+    def bmm_step():
+        eopt.zero_grad(set_to_none=True)
+        (ens(x) - y).pow(2).mean(dim=(1, 2)).sum().backward()  # sum of per-model mean losses
+        eopt.step()
+    out["stacked bmm + autograd (Adam fused)"] = (bmm_step, 1)
+
+    ens_e = aiaas_fast.Ensemble.from_models(copy.deepcopy(models))
+    core = _engine_for(ens_e)
+    out["engine step() (K models)"] = (lambda: core.step(x, y), 1)
+    ens_r = aiaas_fast.Ensemble.from_models(copy.deepcopy(models))
+    core_r = _engine_for(ens_r)
+    X, Y = torch.randn(batch * steps_per_run, widths[0]), torch.randn(batch * steps_per_run, widths[-1])
+    out["engine run() (K models, own rows)"] = (
+        lambda: core_r.run(X, Y, epochs=1, batch_size=batch, shuffle=True), steps_per_run)
+    return out
+
+
+def _engine_for(ens):
+    K = ens.num_models
+    params = [p for pair in zip(ens.weights, ens.biases) for p in pair]
+    state = [(torch.zeros_like(p), torch.zeros_like(p), torch.zeros(K)) for p in params]
+    ens._bench_state = state  # kept alive with the engine's parameters
+    with torch.no_grad():
+        return aiaas_fast._C.MLPEngine(
+            list(ens.weights), list(ens.biases), [True] * (len(ens.weights) - 1) + [False], [s[0] for s in state],
+            [s[1] for s in state], [], [s[2] for s in state], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+            weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False)
+
+
+def timed(provs, reps, block):
+    fns = {name: fn for name, (fn, _) in provs.items()}
+    fns["torch.mm ceiling 1024^3"] = mm_fn(1024, 1024, 1024)
+    times = time_providers(fns, "cpu", reps=reps, block_seconds=block)
+    per_step = {name: {k: v / provs[name][1] for k, v in times[name].items()} for name in provs}
+    return per_step, 2.0 * 1024**3 / times["torch.mm ceiling 1024^3"]["y50"] / 1e9
+
+
+def report(res, title, label, batch, per_step, ref_names, flops, mm_shape, mm_peak, lines, extra=None):
+    mm_same = time_providers({"mm": mm_fn(*mm_shape)}, "cpu", reps=5)["mm"]["y50"]
+    mm_same = 2.0 * mm_shape[0] * mm_shape[1] * mm_shape[2] / mm_same / 1e9
+    refs = {r: per_step[r]["y50"] for r in ref_names}
+    for name, t in per_step.items():
+        ratios = {f"vs {r}": refs[r] / t["y50"] for r in ref_names}
+        res.add(kernel="engine", provider=name, mode="train_step", metric="time", unit="s", x=label,
+                config={"batch": batch, **(extra or {})}, steps_per_s=1.0 / t["y50"], gflops=flops / t["y50"] / 1e9,
+                mm_gflops_same_shape=mm_same, mm_gflops_1024=mm_peak, **{k.replace(" ", "_"): v for k, v in ratios.items()}, **t)
+        lines.append([label, name, fmt_time(t["y50"]), f"{fmt_time(t['y20'])} - {fmt_time(t['y80'])}",
+                      f"{1.0 / t['y50']:,.0f}", *[f"{v:.2f}x" for v in ratios.values()],
+                      f"{flops / t['y50'] / 1e9:.2f}", f"{mm_same:.0f} / {mm_peak:.0f}"])
+
+
+def sweep(res, quick):
+    lines = []
+    widths = [8, 16, 32, 64, 128, 256] if quick else [8, 16, 32, 64, 96, 128, 192, 256, 384, 512]
+    batches = [64, 512] if quick else [64, 256, 1024, 4096]
+    for batch in batches:
+        for w in widths:
+            torch.manual_seed(0)
+            net = [w, w, w, 1]
+            x, y = torch.randn(batch, w), torch.randn(batch, 1)
+            engines = {p: Engine(mlp(net), path=p) for p in ("small", "blas")}
+            t = time_providers({p: (lambda e=e: e.step(x, y)) for p, e in engines.items()}, "cpu", reps=3 if quick else 5,
+                               block_seconds=0.02 if quick else 0.05)
+            ratio = t["blas"]["y50"] / t["small"]["y50"]
+            auto = Engine(mlp(net)).layer_paths(batch)[1]
+            res.add(kernel="engine_sweep", provider="small/blas", mode="train_step", metric="time", unit="s",
+                    x=f"{w}x{w}@{batch}", config={"width": w, "batch": batch}, small_s=t["small"]["y50"],
+                    blas_s=t["blas"]["y50"], small_over_blas_speed=ratio, auto_path=auto)
+            lines.append([str(batch), str(w), fmt_time(t["small"]["y50"]), fmt_time(t["blas"]["y50"]), f"{ratio:.2f}x",
+                          "small" if ratio > 1 else "blas", auto])
+    res.table("Kernel paths: engine step of w->w->w->1, hand kernels against BLAS (per-layer switch: w*w*batch > 2M "
+              "multiply-adds goes to BLAS)", ["batch", "width", "small", "blas", "small speed / blas", "faster",
+                                            "auto picks (middle layer)"], lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, short blocks: a smoke test")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="also time the small/BLAS kernel paths over widths")
+    p.add_argument("--models", type=int, default=None, help="K for the many-model table (default 256; 16 with --quick)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.device != "cpu":
+        print(f"benchmarks/engine.py: the compiled engine runs on the CPU; --device {args.device} has no engine yet "
+              "(the CUDA graph / fused-MLP engine is still to come)", file=sys.stderr)
+        return 2
+    res = Results("engine", "cpu")
+    reps, block = (3, 0.02) if args.quick else (9, 0.2)
+    nets = [("seed 10->20->1", [10, 20, 1], 64)] + ([] if args.quick else [("64->256->256->1", [64, 256, 256, 1], 512)])
+    lines = []
+    for label, widths, batch in nets:
+        provs, paths = single_providers(widths, batch, not args.no_compile, steps_per_run=50 if batch <= 64 else 10)
+        per_step, mm_peak = timed(provs, reps, block)
+        flops = 6.0 * batch * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+        report(res, "single", label, batch, per_step, ["eager (Adam fused)"], flops, (batch, widths[1], widths[0]),
+               mm_peak, lines, {"widths": widths, "engine_paths": paths})
+    res.table("One model: training step (forward, MSE, backward, Adam), float32",
+              ["network @ batch", "provider", "median per step", "p20 - p80", "steps/s", "vs eager (Adam fused)",
+               "GFLOP/s", "torch.mm GFLOP/s (same shape / 1024^3)"],
+              [[f"{l[0]} @ {nets[[n[0] for n in nets].index(l[0])][2]}", *l[1:]] for l in lines])
+
+    K = args.models or (16 if args.quick else 256)
+    widths, batch = [10, 20, 1], 64
+    provs = many_providers(K, widths, batch, steps_per_run=5 if args.quick else 20)
+    per_step, mm_peak = timed(provs, 3 if args.quick else 7, block)
+    flops = 6.0 * batch * sum(a * b for a, b in zip(widths[:-1], widths[1:])) * K
+    lines = []
+    report(res, "many", f"{K} x seed", batch, per_step, ["Python loop of K eager models", "torch.func.vmap (stacked, Adam fused)"],
+           flops, (batch, widths[1], widths[0]), mm_peak, lines, {"widths": widths, "models": K})
+    res.table(f"{K} seed networks (10->20->1) at once, batch 64 each: one step of all of them",
+              ["models", "provider", "median per step of all", "p20 - p80", "steps/s", "vs Python loop", "vs vmap",
+               "GFLOP/s", "torch.mm GFLOP/s (same shape / 1024^3)"], lines)
+    if args.sweep:
+        sweep(res, args.quick)
+    base = res.write(args.out)
+    print(f"results: {base}.json, {base}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

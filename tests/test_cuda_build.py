@@ -37,3 +37,11 @@ def test_every_cuda_kernel_compiles_with_nvcc():
     if "CUTLASS: absent" in out:
         pytest.skip("kernels compiled, but without CUTLASS headers (none installed and the wheel could not be fetched): "
                     "linear_relu_gemm.cu's CUTLASS path was not checked\n" + out)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU: the benchmark would run")
+def test_cuda_benchmark_says_plainly_that_there_is_no_gpu():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "cuda_ops.py")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 1
+    assert "no CUDA GPU here" in proc.stderr and "nothing measured" in proc.stderr

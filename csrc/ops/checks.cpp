@@ -92,7 +92,7 @@ void adam_hyperparameters(double lr, double beta1, double beta2, double weight_d
 
 void adam_tensors(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                  bool amsgrad) {
+                  bool amsgrad, bool fp32_state_ok) {
   constexpr const char* op = "aiaas_fast.adam_";
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && state_steps.size() == n,
@@ -109,19 +109,26 @@ void adam_tensors(at::TensorList params, at::TensorList grads, at::TensorList ex
     TORCH_CHECK(p.scalar_type() == params[0].scalar_type() && p.device() == params[0].device(), op, ": params[", i,
                 "] is ", dtype_name(p.scalar_type()), " on ", p.device(), " but params[0] is ",
                 dtype_name(params[0].scalar_type()), " on ", params[0].device(), "; call once per (device, dtype) group");
-    auto same = [&](const char* name, const at::Tensor& t) {
+    // The state's dtype: the params', or (where allowed) float32 for 16-bit params, the same for the whole group.
+    const bool half = p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf;
+    const at::ScalarType state_dtype =
+        fp32_state_ok && half && exp_avgs[0].defined() && exp_avgs[0].scalar_type() == at::kFloat ? at::kFloat
+                                                                                                 : p.scalar_type();
+    auto same = [&](const char* name, const at::Tensor& t, bool state) {
       TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
       TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(), " but params[", i,
                   "] has shape ", p.sizes());
-      TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "].dtype=", dtype_name(t.scalar_type()),
-                  " but params[", i, "].dtype=", dtype_name(p.scalar_type()));
+      const at::ScalarType want = state ? state_dtype : p.scalar_type();
+      TORCH_CHECK(t.scalar_type() == want, op, ": ", name, "[", i, "].dtype=", dtype_name(t.scalar_type()),
+                  " but params[", i, "].dtype=", dtype_name(p.scalar_type()),
+                  want != p.scalar_type() ? " and exp_avgs[0].dtype=torch.float32" : "");
       TORCH_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(), " but params[", i,
                   "] is on ", p.device());
     };
-    same("grads", grads[i]);
-    same("exp_avgs", exp_avgs[i]);
-    same("exp_avg_sqs", exp_avg_sqs[i]);
-    if (amsgrad) same("max_exp_avg_sqs", max_exp_avg_sqs[i]);
+    same("grads", grads[i], false);
+    same("exp_avgs", exp_avgs[i], true);
+    same("exp_avg_sqs", exp_avg_sqs[i], true);
+    if (amsgrad) same("max_exp_avg_sqs", max_exp_avg_sqs[i], true);
     const at::Tensor& s = state_steps[i];
     TORCH_CHECK(s.defined() && s.numel() == 1 && at::isFloatingType(s.scalar_type()), op, ": state_steps[", i,
                 "] must be a one-element floating-point tensor, got ",

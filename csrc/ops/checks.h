@@ -22,6 +22,7 @@ std::vector<int64_t> mse_loss_args(const at::Tensor& input, const at::Tensor& ta
 void adam_hyperparameters(double lr, double beta1, double beta2, double weight_decay, double eps);
 void adam_tensors(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                  bool amsgrad);
+                  bool amsgrad, bool fp32_state_ok = false);
+// fp32_state_ok (the CUDA kernel): 16-bit params may keep float32 state, one state dtype per group.
 
 }  // namespace aiaas_fast::checks

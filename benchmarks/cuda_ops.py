@@ -1,0 +1,193 @@
+"""The native CUDA kernels against the GPU's own baselines, in one run.
+
+    python benchmarks/cuda_ops.py [--quick] [--no-compile] [--out DIR]
+
+linear_relu forward at 8192^3 bf16: torch.mm, eager F.relu(F.linear), torch._addmm_activation
+(cuBLASLt's fused RELU_BIAS path inside PyTorch), torch.compile, the Triton backend (when
+aiaas_fast.set_backend exists) and ours with each GEMM (AIAAS_FAST_CUDA_GEMM=cutlass /
+cublaslt / auto), as TFLOP/s and as a fraction of torch.mm (target >= 95%).
+linear_relu forward+backward at batch 4096, 1024->1024 bf16: eager, torch.compile, Triton,
+ours (target >= 1.3x eager and ahead of torch.compile).
+mse_loss (forward writing the gradient) and Adam (16M float32 params in 6 tensors) as GB/s
+against the copy bandwidth measured in the same run (target >= 85%).
+Writes benchmarks/results/cuda-ops-<date>T<time>.{json,md}. Without CUDA it says so and exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import aiaas_fast  # noqa: E402
+from aiaas_fast.ops import adam_, linear_relu, mse_loss  # noqa: E402
+from harness import copy_gbps, time_providers  # noqa: E402
+
+
+def with_gemm(name, fn):
+    def run():
+        os.environ["AIAAS_FAST_CUDA_GEMM"] = name
+        return fn()
+    return run
+
+
+def with_backend(name, fn):
+    def run():
+        aiaas_fast.set_backend(name)
+        try:
+            return fn()
+        finally:
+            aiaas_fast.set_backend("native")
+    return run
+
+
+def try_compile(fn, notes, label):
+    try:
+        torch._dynamo.reset()
+        c = torch.compile(fn, fullgraph=True)
+        c()
+        return c
+    except Exception as e:  # noqa: BLE001  (reported, not raised)
+        notes.append(f"{label}: torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        return None
+
+
+def ours_providers(fn):
+    out = {f"aiaas_fast native ({g})": with_gemm(g, fn) for g in ("auto", "cutlass", "cublaslt")}
+    if hasattr(aiaas_fast, "set_backend"):
+        out["aiaas_fast triton"] = with_backend("triton", fn)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not numbers to record")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/cuda_ops.py: no CUDA GPU here (torch.cuda.is_available() is False); nothing measured",
+              file=sys.stderr)
+        return 1
+    dev = "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    q = args.quick
+    rows, notes = [], []
+
+    def record(bench, shape, provider, t, metric, value, ref=None):
+        rows.append(dict(bench=bench, shape=shape, provider=provider, seconds=t, metric=metric, value=value, ratio=ref))
+
+    # ---- linear_relu forward, 8192^3 bf16
+    n = 1024 if q else 8192
+    x = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(n, n, device=dev, dtype=torch.bfloat16) * n**-0.5
+    b = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    outbuf = torch.empty(n, n, device=dev, dtype=torch.bfloat16)
+    wt = w.t()
+    fns = {
+        "torch.mm": lambda: torch.mm(x, wt, out=outbuf),
+        "eager": lambda: F.relu(F.linear(x, w, b)),
+        "torch._addmm_activation": lambda: torch._addmm_activation(b, x, wt),
+        **ours_providers(lambda: linear_relu(x, w, b)),
+    }
+    if not args.no_compile:
+        c = try_compile(lambda: F.relu(F.linear(x, w, b)), notes, "linear_relu forward")
+        if c is not None:
+            fns["torch.compile"] = c
+    times = time_providers(fns, dev)
+    flops = 2.0 * n * n * n
+    mm_t = times["torch.mm"]["y50"]
+    for name, t in times.items():
+        record("linear_relu forward", f"{n}x{n}->{n} bf16", name, t["y50"], "TFLOP/s", flops / t["y50"] / 1e12,
+               mm_t / t["y50"])
+
+    # ---- linear_relu forward+backward, batch 4096, 1024->1024 bf16
+    batch, fin, fout = (512, 256, 256) if q else (4096, 1024, 1024)
+    x = torch.randn(batch, fin, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(fout, fin, device=dev, dtype=torch.bfloat16) * fin**-0.5).requires_grad_()
+    b = torch.randn(fout, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(batch, fout, device=dev, dtype=torch.bfloat16)
+
+    def step(f):
+        def run():
+            x.grad = w.grad = b.grad = None
+            f(x, w, b).backward(g)
+        return run
+
+    fns = {"eager": step(lambda x, w, b: F.relu(F.linear(x, w, b))), **ours_providers(step(linear_relu))}
+    if not args.no_compile:
+        torch._dynamo.reset()
+        comp = torch.compile(lambda x, w, b: F.relu(F.linear(x, w, b)), fullgraph=True)
+        try:
+            step(comp)()
+            fns["torch.compile"] = step(comp)
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"fwd+bwd: torch.compile failed: {type(e).__name__}")
+    times = time_providers(fns, dev)
+    eager_t = times["eager"]["y50"]
+    for name, t in times.items():
+        record("linear_relu fwd+bwd", f"{batch}x{fin}->{fout} bf16", name, t["y50"], "x eager", eager_t / t["y50"],
+               eager_t / t["y50"])
+
+    # ---- memory-bound: mse_loss and Adam vs the copy bandwidth
+    copy = copy_gbps(dev, mbytes=64 if q else 1024)
+    record("copy", "1 GiB" if not q else "64 MiB", "dst.copy_(src)", None, "GB/s", copy)
+    numel = (1 << 20) if q else (1 << 24)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(numel, device=dev, dtype=dtype)
+        t = torch.randn(numel, device=dev, dtype=dtype)
+        byts = 3 * numel * x.element_size()  # read x, t; write the gradient
+        fns = {"aiaas_fast native": lambda: torch.ops.aiaas_fast.mse_loss.default(x, t, "mean", True)}
+        xr = x.clone().requires_grad_()
+        fns["eager fwd+bwd"] = lambda: F.mse_loss(xr, t).backward()
+        for name, tm in time_providers(fns, dev).items():
+            gbs = byts / tm["y50"] / 1e9
+            record("mse_loss (loss + grad)", f"{numel} {str(dtype)[6:]}", name, tm["y50"], "GB/s", gbs, gbs / copy)
+
+    sizes = [numel // 6] * 5 + [numel - 5 * (numel // 6)]
+    params = [torch.randn(s, device=dev) for s in sizes]
+    grads = [torch.randn_like(p) for p in params]
+    ms, vs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps = [torch.zeros((), device=dev) for _ in params]
+    ref_params = [p.clone().requires_grad_() for p in params]
+    for rp, gg in zip(ref_params, grads):
+        rp.grad = gg
+    fused = torch.optim.Adam(ref_params, lr=1e-3, fused=True)
+    byts = 7 * 4 * numel  # read p, g, m, v; write p, m, v
+    fns = {
+        "aiaas_fast native": lambda: adam_(params, grads, ms, vs, [], steps, lr=1e-3, beta1=0.9, beta2=0.999),
+        "torch.optim.Adam(fused=True)": fused.step,
+    }
+    for name, tm in time_providers(fns, dev).items():
+        gbs = byts / tm["y50"] / 1e9
+        record("adam", f"{numel} fp32 in 6 tensors", name, tm["y50"], "GB/s", gbs, gbs / copy)
+
+    stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H%M")
+    meta = dict(date=stamp, gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
+                build=aiaas_fast.build_info(), quick=q, notes=notes)
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"cuda-ops-{stamp}{'-quick' if q else ''}")
+    with open(base + ".json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
+    lines = [f"# CUDA ops, {meta['gpu']}, {stamp} (torch {meta['torch']}, CUDA {meta['cuda']})", "",
+             "| bench | shape | provider | median | metric | value | ratio |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = "" if r["seconds"] is None else f"{r['seconds'] * 1e3:.3f} ms"
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['bench']} | {r['shape']} | {r['provider']} | {t} | {r['metric']} | {r['value']:.2f} | {ratio} |")
+    lines += ["", "ratio: vs torch.mm (forward), vs eager (fwd+bwd), vs the copy bandwidth (mse_loss, adam)."]
+    lines += [f"- {n}" for n in notes]
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {base}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

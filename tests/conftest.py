@@ -9,7 +9,15 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="aiaas_fast_indu
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors, so their
+# numerics are tested on every change. triton.jit reads this when aiaas_fast.triton is
+# imported (lazily, on first use of the backend), which is after this line.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))
+
+from helpers import BACKENDS, backend_skip_reason  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -17,3 +25,17 @@ def _seed():
     # Fresh inputs for every test, reproducible from the test's seed when one fails.
     torch.manual_seed(0x5EED)
     yield
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda b: f"{b.name}-{b.device}")
+def backend(request):
+    """Every op test that takes this fixture runs once per backend (and device) that can run
+    here: native and reference on the CPU (and CUDA), triton on CUDA or, without a GPU,
+    interpreted on the CPU. Tensors go to ``backend.device``."""
+    import aiaas_fast
+
+    why = backend_skip_reason(request.param)
+    if why:
+        pytest.skip(why)
+    with aiaas_fast.use_backend(request.param.name):
+        yield request.param

@@ -2,6 +2,10 @@
 non-contiguous views, and a tolerance per dtype."""
 from __future__ import annotations
 
+import importlib.util
+import os
+from typing import NamedTuple, Optional
+
 import torch
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -20,22 +24,74 @@ def tol(dtype: torch.dtype) -> dict:
     return {"rtol": rtol, "atol": atol}
 
 
-def rand(*shape, dtype=torch.float32, contiguous=True, requires_grad=False, scale=1.0, generator=None):
+class Backend(NamedTuple):
+    name: str
+    device: str
+
+    @property
+    def dtypes(self):
+        """The dtypes this backend's kernels take (Triton: no float64)."""
+        return [d for d in DTYPES if d != torch.float64] if self.name == "triton" else DTYPES
+
+    def supports(self, dtype) -> bool:
+        return dtype in self.dtypes
+
+
+_CUDA = torch.cuda.is_available()
+BACKENDS = [Backend("native", "cpu"), Backend("reference", "cpu")]
+if _CUDA:
+    BACKENDS += [Backend("native", "cuda"), Backend("reference", "cuda"), Backend("triton", "cuda")]
+else:
+    BACKENDS += [Backend("triton", "cpu")]
+
+
+def backend_skip_reason(b: Backend) -> Optional[str]:
+    if b.name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed"
+        if b.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton on the CPU needs TRITON_INTERPRET=1"
+    if b.name == "native" and b.device == "cuda":
+        from aiaas_fast.backend import native_supports
+
+        if not native_supports("cuda"):
+            return "this build has no native CUDA kernels"
+    return None
+
+
+def rand(*shape, dtype=torch.float32, contiguous=True, requires_grad=False, scale=1.0, generator=None, device="cpu"):
     """Fresh random normal values; when ``contiguous`` is False, a strided view into a
     larger buffer (every other element of a transposed buffer) with the same values
     semantics, so kernels see real strides."""
     if contiguous or len(shape) == 0:
         t = torch.randn(tuple(shape), dtype=torch.float64, generator=generator) * scale
     else:
-        big = torch.randn(tuple(reversed([2 * s for s in shape])), dtype=torch.float64, generator=generator) * scale
+        # Rounded to dtype before the view is taken: .to() of a strided view makes it contiguous.
+        big = (torch.randn(tuple(reversed([2 * s for s in shape])), dtype=torch.float64, generator=generator) * scale).to(dtype)
         t = big.permute(*reversed(range(len(shape))))[tuple(slice(None, None, 2) for _ in shape)]
         assert tuple(t.shape) == tuple(shape) and (t.numel() <= 1 or not t.is_contiguous())
     t = t.to(dtype)
+    if device != "cpu":
+        t = t.to(device) if contiguous or len(shape) == 0 else _strided_on(t, device)
     if requires_grad:
         t.requires_grad_(True)
     return t
 
 
-def assert_close(actual, expected, dtype, msg=""):
-    expected = expected.to(actual.dtype) if actual.dtype != expected.dtype else expected
-    torch.testing.assert_close(actual, expected, **tol(dtype), equal_nan=True, msg=msg or None)
+# The Triton kernels' float32 products run in another order (tiles of K on the GPU; IEEE
+# float32, not TF32, unless torch.backends.cuda.matmul.allow_tf32 is set): a looser float32 bound.
+TRITON_TOLERANCES = {**TOLERANCES, torch.float32: (1e-4, 1e-4)}
+
+
+def assert_close(actual, expected, dtype, msg="", backend=None):
+    expected = expected.to(device=actual.device, dtype=actual.dtype)
+    rtol, atol = (TRITON_TOLERANCES if backend is not None and backend.name == "triton" else TOLERANCES)[dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=msg or None)
+
+
+def _strided_on(t, device):
+    """The same values as a non-contiguous view on ``device``."""
+    big = torch.empty(tuple(2 * s for s in t.shape), dtype=t.dtype, device=device)
+    view = big[tuple(slice(None, None, 2) for _ in t.shape)]
+    view.copy_(t)
+    return view

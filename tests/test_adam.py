@@ -35,34 +35,34 @@ class OurAdam:
               self.steps, **self.hyper)
 
 
-def run_both(dtype, flags, steps=4, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, shapes=SHAPES, contiguous=True):
+def run_both(dtype, flags, steps=4, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, shapes=SHAPES, contiguous=True, device="cpu"):
     """Runs our op and torch.optim.Adam in float64 (same rounded start and gradients) side by side."""
-    start = [rand(*s, dtype=dtype, contiguous=contiguous) for s in shapes]
+    start = [rand(*s, dtype=dtype, contiguous=contiguous, device=device) for s in shapes]
     ours = [p.clone() if contiguous else p for p in start]
-    ref = [p.detach().double().clone().requires_grad_() for p in start]
+    ref = [p.detach().double().cpu().clone().requires_grad_() for p in start]
     opt_ours = OurAdam(ours, lr, betas, eps, **flags)
     opt_ref = torch.optim.Adam(ref, lr=lr, betas=betas, eps=eps, **flags)
     for _ in range(steps):
-        grads = [rand(*s, dtype=dtype) for s in shapes]
+        grads = [rand(*s, dtype=dtype, device=device) for s in shapes]
         for p, q, g in zip(ours, ref, grads):
             p.grad = g
-            q.grad = g.double()
+            q.grad = g.double().cpu()
         opt_ours.step()
         opt_ref.step()
     return ours, ref, opt_ours, opt_ref
 
 
 @pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
-def test_matches_torch_adam_float32_same_dtype(flags):
+def test_matches_torch_adam_float32_same_dtype(backend, flags):
     # Against torch.optim.Adam itself in float32: the same op-by-op math, so close to rounding.
     shapes = SHAPES
-    ours = [rand(*s) for s in shapes]
+    ours = [rand(*s, device=backend.device) for s in shapes]
     ref = [p.clone().requires_grad_() for p in ours]
     opt_ours = OurAdam(ours, 1e-2, (0.9, 0.999), 1e-8, **flags)
     opt_ref = torch.optim.Adam(ref, lr=1e-2, **flags)
     for _ in range(5):
         for p, q in zip(ours, ref):
-            p.grad = rand(*p.shape)
+            p.grad = rand(*p.shape, device=backend.device)
             q.grad = p.grad.clone()
         opt_ours.step()
         opt_ref.step()
@@ -80,12 +80,16 @@ def test_matches_torch_adam_float32_same_dtype(flags):
 @pytest.mark.parametrize("flags", [FLAGS[0], FLAGS[-1], dict(amsgrad=True, maximize=False, weight_decay=0.1, decoupled_weight_decay=False)],
                          ids=["plain", "all-flags", "amsgrad-l2"])
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
-def test_every_dtype_against_float64_reference(dtype, flags, contiguous):
+def test_every_dtype_against_float64_reference(backend, dtype, flags, contiguous):
     shapes = [(20, 10), (20,), (3, 17), ()] if not contiguous else SHAPES
-    ours, ref, *_ = run_both(dtype, flags, shapes=shapes, contiguous=contiguous)
+    if not backend.supports(dtype):
+        with pytest.raises(RuntimeError, match=rf"aiaas_fast.adam_ \({backend.name} backend\): supports .*params\[0\].dtype={dtype}"):
+            run_both(dtype, flags, shapes=shapes, contiguous=contiguous, device=backend.device)
+        return
+    ours, ref, *_ = run_both(dtype, flags, shapes=shapes, contiguous=contiguous, device=backend.device)
     for p, q in zip(ours, ref):
         assert p.dtype == dtype
-        assert_close(p, q.detach(), dtype)
+        assert_close(p, q.detach(), dtype, backend=backend)
 
 
 def test_betas_at_or_above_half_use_the_other_lerp_form():

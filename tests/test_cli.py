@@ -106,7 +106,7 @@ def test_bad_csv_files_get_one_line_with_row_and_column(tmp_path, content, messa
     (["train", "--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
     (["train", "--lr", "-1"], "argument --lr: must be a positive finite number"),
     (["train", "--hidden", "64,x"], "is not a comma-separated list of widths"),
-    (["train", "--backend", "triton"], "--backend triton: available here are native and reference"),
+    (["train", "--backend", "cuda"], "--backend cuda: choose native, triton or reference"),
     (["train", "--device", "tpu"], "--device tpu"),
     (["train", "--target", "y"], "--target needs --data"),
     (["predict", "--model", "nope.pt", "--data", "x.csv"], "nope.pt: no such file"),
@@ -192,3 +192,12 @@ def test_group_by_trains_one_model_per_value_and_routes_predictions(tmp_path):
 def test_bad_many_model_arguments(tmp_path, args, message):
     code, out, err = run(*args, cwd=tmp_path)
     assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_backend_triton_without_a_gpu_or_the_interpreter_says_why(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "aiaas_fast.cli", "train", "--backend", "triton", "--epochs", "1"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the Triton backend can run")
+    assert r.returncode == 2 and "--backend triton cannot run on cpu" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -34,9 +34,13 @@ def reference(input, target, reduction):
 @pytest.mark.parametrize("in_shape,tgt_shape", SHAPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
-def test_values_and_gradients_match_pytorch(dtype, in_shape, tgt_shape, reduction, contiguous):
-    x = rand(*in_shape, dtype=dtype, contiguous=contiguous, requires_grad=True)
-    t = rand(*tgt_shape, dtype=dtype, contiguous=contiguous, requires_grad=True)
+def test_values_and_gradients_match_pytorch(backend, dtype, in_shape, tgt_shape, reduction, contiguous):
+    x = rand(*in_shape, dtype=dtype, contiguous=contiguous, requires_grad=True, device=backend.device)
+    t = rand(*tgt_shape, dtype=dtype, contiguous=contiguous, requires_grad=True, device=backend.device)
+    if not backend.supports(dtype):
+        with pytest.raises(RuntimeError, match=rf"aiaas_fast.mse_loss \({backend.name} backend\): supports .*got input.dtype={dtype}"):
+            mse_loss(x, t, reduction)
+        return
     loss = mse_loss(x, t, reduction)
     # The reference in float64 from the same rounded inputs, and eager PyTorch in the same dtype.
     x64, t64 = x.detach().double().requires_grad_(), t.detach().double().requires_grad_()
@@ -46,7 +50,7 @@ def test_values_and_gradients_match_pytorch(dtype, in_shape, tgt_shape, reductio
     if dtype == torch.float32:
         assert_close(loss, reference(x.detach(), t.detach(), reduction), dtype)
 
-    g = rand(*loss.shape, dtype=dtype)
+    g = rand(*loss.shape, dtype=dtype, device=backend.device)
     loss.backward(g)
     ref.backward(g.double())
     assert_close(x.grad, x64.grad, dtype)
@@ -54,11 +58,14 @@ def test_values_and_gradients_match_pytorch(dtype, in_shape, tgt_shape, reductio
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_gradcheck_float64(reduction):
-    x = rand(3, 7, dtype=torch.float64, requires_grad=True)
-    t = rand(3, 7, dtype=torch.float64, requires_grad=True)
+def test_gradcheck_float64(backend, reduction):
+    if not backend.supports(torch.float64):
+        pytest.skip("the Triton kernels take no float64; their gradients are compared with a float64 "
+                    "reference in float32, bfloat16 and float16 by test_values_and_gradients_match_pytorch")
+    x = rand(3, 7, dtype=torch.float64, requires_grad=True, device=backend.device)
+    t = rand(3, 7, dtype=torch.float64, requires_grad=True, device=backend.device)
     assert torch.autograd.gradcheck(lambda a, b: mse_loss(a, b, reduction), (x, t))
-    tb = rand(7, dtype=torch.float64, requires_grad=True)  # broadcast target
+    tb = rand(7, dtype=torch.float64, requires_grad=True, device=backend.device)  # broadcast target
     assert torch.autograd.gradcheck(lambda a, b: mse_loss(a, b, reduction), (x, tb))
 
 
@@ -89,9 +96,9 @@ def test_op_returns_the_gradient_for_grad_output_one():
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_retain_graph_and_repeated_backward_stay_correct(reduction):
+def test_retain_graph_and_repeated_backward_stay_correct(backend, reduction):
     # The saved gradient may be handed to autograd as is: it must survive a second backward.
-    x, t = rand(5, 4, requires_grad=True), rand(5, 4)
+    x, t = rand(5, 4, requires_grad=True, device=backend.device), rand(5, 4, device=backend.device)
     loss = mse_loss(x, t, reduction)
     g = torch.ones_like(loss)
     loss.backward(g, retain_graph=True)
@@ -100,7 +107,7 @@ def test_retain_graph_and_repeated_backward_stay_correct(reduction):
     assert_close(x.grad, 2 * first, torch.float32)
     x64 = x.detach().double().requires_grad_()
     reference(x64, t.double(), reduction).backward(g.double())
-    assert_close(first, x64.grad, torch.float32)
+    assert_close(first, x64.grad, torch.float32, backend=backend)
 
 
 def test_gradient_flowing_into_a_shared_input_is_summed():
@@ -120,27 +127,27 @@ def test_gradient_recomputed_when_the_forward_skipped_it():
     assert_close(x.grad, 2 * (x.detach() - t) / x.numel(), torch.float32)
 
 
-def test_float16_gradient_survives_loss_scaling():
+def test_float16_gradient_survives_loss_scaling(backend):
     # The saved tensor is 2 (x - t), not 2 (x - t) / N: a large N would push it below
     # float16's range before a GradScaler-style scale could bring it back.
     n = 1 << 20
-    x = (torch.rand(n) * 1e-2).half().requires_grad_()
-    t = torch.zeros(n, dtype=torch.float16)
+    x = (torch.rand(n) * 1e-2).half().to(backend.device).requires_grad_()
+    t = torch.zeros(n, dtype=torch.float16, device=backend.device)
     (mse_loss(x, t) * 32768.0).backward()  # float16 max is 65504
     expected = 2 * x.detach().double() / n * 32768.0
     torch.testing.assert_close(x.grad.double(), expected, rtol=2e-3, atol=1e-6)
 
 
-def test_nan_and_inf_propagate_as_pytorch():
-    x, t = rand(10), rand(10)
+def test_nan_and_inf_propagate_as_pytorch(backend):
+    x, t = rand(10, device=backend.device), rand(10, device=backend.device)
     x[3] = float("nan")
     t[5] = float("inf")
     for reduction in REDUCTIONS:
-        assert_close(mse_loss(x, t, reduction), F.mse_loss(x, t, reduction=reduction), torch.float32)
+        assert_close(mse_loss(x, t, reduction), F.mse_loss(x, t, reduction=reduction), torch.float32, backend=backend)
 
 
-def test_empty_input_reductions():
-    x, t = torch.empty(0), torch.empty(0)
+def test_empty_input_reductions(backend):
+    x, t = torch.empty(0, device=backend.device), torch.empty(0, device=backend.device)
     assert torch.isnan(mse_loss(x, t, "mean"))  # as torch: mean of nothing
     assert mse_loss(x, t, "sum").item() == 0.0
     assert mse_loss(x, t, "none").shape == (0,)
@@ -172,3 +179,17 @@ def test_bad_inputs_give_clear_errors():
         mse_loss(x.long(), x.long())
     with pytest.raises(RuntimeError, match=r"same device"):
         mse_loss(x, torch.randn(4, 3, device="meta"))
+
+
+def test_loss_bits_are_the_same_on_every_run(backend):
+    # No float atomics in any backend: the same inputs give the same bits, loss and gradient.
+    n = 300_001 if backend.device == "cpu" else 5_000_003
+    x = rand(n, device=backend.device, requires_grad=True)
+    t = rand(n, device=backend.device)
+    runs = []
+    for _ in range(3):
+        x.grad = None
+        loss = mse_loss(x, t)
+        loss.backward()
+        runs.append((loss.detach().clone(), x.grad.clone()))
+    assert all(torch.equal(runs[0][0], l) and torch.equal(runs[0][1], g) for l, g in runs[1:])

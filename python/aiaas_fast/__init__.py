@@ -25,6 +25,7 @@ if _build_config.TORCH_VERSION != _torch.__version__:
 
 from . import _C  # noqa: E402  (loads libaiaas_fast, which registers torch.ops.aiaas_fast)
 from . import ops  # noqa: E402  (fake kernels for the ops)
+from .backend import get_backend, set_backend, use_backend  # noqa: E402
 from . import nn, optim  # noqa: E402
 from .convert import convert  # noqa: E402
 from .training import History, fit, predict  # noqa: E402
@@ -45,6 +46,6 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["ops", "nn", "optim", "convert", "fit", "predict", "History", "datasets", "training", "engine",
-           "Ensemble", "EnsemblePrediction", "ManyHistory", "fit_many", "predict_many",
-           "build_info", "cmake_prefix_path", "__version__"]
+__all__ = ["ops", "set_backend", "get_backend", "use_backend", "nn", "optim", "convert", "fit", "predict", "History",
+           "datasets", "training", "engine", "Ensemble", "EnsemblePrediction", "ManyHistory", "fit_many",
+           "predict_many", "build_info", "cmake_prefix_path", "__version__"]

@@ -2,7 +2,7 @@
 data) and predict with it, without writing code.
 
     aiaas-fast train [--data FILE.csv --target COL[,COL]] [--hidden 64,64] [--epochs N]
-                     [--batch-size N] [--lr X] [--backend native|reference] [--device cpu|cuda]
+                     [--batch-size N] [--lr X] [--backend native|triton|reference] [--device cpu|cuda]
                      [--engine auto|compiled|ops] [--ensemble K | --group-by COL]
                      [--seed N] [--out model.pt] [--force] [--compare]
     aiaas-fast predict --model model.pt --data FILE.csv [--out preds.csv] [--force]
@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, default=1e-3)
     t.add_argument("--val-split", type=_fraction, default=0.2)
     t.add_argument("--patience", type=_positive_int, default=None, help="early stopping after N epochs without improvement")
-    t.add_argument("--backend", default="native", help="native (aiaas_fast ops, default) or reference (plain PyTorch)")
+    t.add_argument("--backend", default="native",
+                   help="native (aiaas_fast's compiled ops, default), triton (its Triton kernels) or reference (plain PyTorch)")
     t.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     t.add_argument("--engine", default="auto", choices=["auto", "compiled", "ops"],
                    help="auto (default): the compiled C++ training engine when it supports the model, else op by op")
@@ -191,10 +192,16 @@ def cmd_train(args) -> int:
     import aiaas_fast
     from aiaas_fast import datasets
 
-    if args.backend not in ("native", "reference"):
-        raise UsageError(f"--backend {args.backend}: available here are native and reference "
-                         "(the triton backend is not built yet)")
+    if args.backend not in ("native", "triton", "reference"):
+        raise UsageError(f"--backend {args.backend}: choose native, triton or reference")
     device = _device(args.device)
+    if args.backend == "triton":
+        from aiaas_fast import backend as _backend
+
+        why = _backend._triton_unavailable(device.type)
+        if why:
+            raise UsageError(f"--backend triton cannot run on {device.type}: {why}")
+        aiaas_fast.set_backend("triton")
     many = args.ensemble is not None or args.group_by is not None
     if args.ensemble is not None and args.group_by is not None:
         raise UsageError("--ensemble and --group-by are two kinds of many-model training; use one")
@@ -203,7 +210,7 @@ def cmd_train(args) -> int:
     if many:
         what = "--ensemble" if args.ensemble is not None else "--group-by"
         for flag, bad in (("--patience", args.patience is not None), ("--compare", args.compare),
-                          ("--backend reference", args.backend == "reference"), ("--engine ops", args.engine == "ops"),
+                          (f"--backend {args.backend}", args.backend != "native"), ("--engine ops", args.engine == "ops"),
                           (f"--device {args.device}", device.type != "cpu")):
             if bad:
                 raise UsageError(f"{what} trains on the compiled CPU engine; {flag} does not apply to it")
@@ -251,7 +258,8 @@ def cmd_train(args) -> int:
           f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr}")
     t0 = time.perf_counter()
     # The reference backend is plain PyTorch, op by op, unless the engine is asked for by name.
-    engine = "ops" if args.backend == "reference" and args.engine == "auto" else args.engine
+    # The Triton backend's kernels run op by op too: --backend triton means those kernels.
+    engine = "ops" if args.backend in ("reference", "triton") and args.engine == "auto" else args.engine
     try:
         history = aiaas_fast.fit(model, x_t, y_t, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                  val_split=args.val_split, seed=args.seed, patience=args.patience, engine=engine)

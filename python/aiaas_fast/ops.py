@@ -1,9 +1,11 @@
-"""Functional wrappers for the ``torch.ops.aiaas_fast`` operators, and their fake
-(shape-only) kernels for ``torch.compile``.
+"""Functional wrappers for the ops, and the fake (shape-only) kernels of the native
+``torch.ops.aiaas_fast`` operators for ``torch.compile``.
 
-The schemas, kernels and autograd formulas live in C++ (``csrc/ops/<op>.cpp``), the
-autograd once for every device; this file adds, once for every backend, what only the
-Python side of PyTorch needs.
+Each wrapper runs the op on the backend in effect for its tensors' device
+(``aiaas_fast.set_backend``, see ``backend.py``): the native operators, whose schemas,
+kernels and autograd formulas live in C++ (``csrc/ops/<op>.cpp``); the Triton kernels
+(``aiaas_fast/triton/<op>.py``, ``torch.ops.aiaas_fast.triton_<op>``); or the plain
+PyTorch reference (``reference.py``).
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from . import _checks, reference
+from . import backend as _backend
 
 __all__ = ["linear_relu", "mse_loss", "adam_"]
 
@@ -21,21 +26,16 @@ _ops = torch.ops.aiaas_fast
 def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``relu(x @ weight.T + bias)`` in one op. ``weight`` is ``(out_features, in_features)``
     as in ``nn.Linear``; ``x`` is ``(..., in_features)``."""
-    return _ops.linear_relu.default(x, weight, bias)
+    backend = _backend.resolve("linear_relu", x.device)
+    if backend == "native":
+        return _ops.linear_relu.default(x, weight, bias)
+    if backend == "triton":
+        return _ops.triton_linear_relu.default(x, weight, bias)
+    return reference.linear_relu(x, weight, bias)
 
 
-def _check_linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
-    # The same refusals as csrc/ops/checks.cpp, for tracing with fake tensors.
-    op = "aiaas_fast.linear_relu"
-    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D (out_features, in_features), got shape {list(weight.shape)}")
-    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dimension (..., in_features), got a 0-dim tensor")
-    torch._check(x.device == weight.device, lambda: f"{op}: x and weight must be on the same device, got x on {x.device} and weight on {weight.device}")
-    torch._check(x.dtype == weight.dtype, lambda: f"{op}: x and weight must have the same dtype, got x.dtype={x.dtype} and weight.dtype={weight.dtype}")
-    torch._check(x.shape[-1] == weight.shape[1], lambda: f"{op}: x has {x.shape[-1]} features (shape {list(x.shape)}) but weight expects {weight.shape[1]} (shape {list(weight.shape)})")
-    if bias is not None:
-        torch._check(bias.device == x.device, lambda: f"{op}: x and bias must be on the same device, got x on {x.device} and bias on {bias.device}")
-        torch._check(bias.dtype == x.dtype, lambda: f"{op}: x and bias must have the same dtype, got x.dtype={x.dtype} and bias.dtype={bias.dtype}")
-        torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0], lambda: f"{op}: bias must have shape [{weight.shape[0]}] (out_features), got shape {list(bias.shape)}")
+# The same refusals as csrc/ops/checks.cpp, for tracing with fake tensors.
+_check_linear_relu = _checks.linear_relu_args
 
 
 @torch.library.register_fake("aiaas_fast::linear_relu")
@@ -57,8 +57,12 @@ def _linear_relu_backward_fake(grad_out, x, weight, out, output_mask):
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Same values as ``torch.nn.functional.mse_loss``. When a gradient will be needed,
     the forward pass also writes it, so the backward pass only scales it."""
+    backend = _backend.resolve("mse_loss", input.device)
+    if backend == "reference":
+        return reference.mse_loss(input, target, reduction)
     compute_grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
-    loss, _ = _ops.mse_loss.default(input, target, reduction, compute_grad)
+    op = _ops.mse_loss if backend == "native" else _ops.triton_mse_loss
+    loss, _ = op.default(input, target, reduction, compute_grad)
     return loss
 
 
@@ -96,11 +100,17 @@ def adam_(
 ) -> None:
     """One Adam (AdamW with ``decoupled_weight_decay``) step on every tensor of a group,
     in place, including the step counters. Same math as ``torch.optim.Adam``."""
-    _ops.adam_.default(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps),
-        lr=float(lr), beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps),
-        amsgrad=bool(amsgrad), maximize=bool(maximize), decoupled_weight_decay=bool(decoupled_weight_decay),
-    )
+    params = list(params)
+    backend = _backend.resolve("adam_", params[0].device if params else torch.device("cpu"))
+    args = (params, list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps))
+    hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps),
+                 amsgrad=bool(amsgrad), maximize=bool(maximize), decoupled_weight_decay=bool(decoupled_weight_decay))
+    if backend == "native":
+        _ops.adam_.default(*args, **hyper)
+    elif backend == "triton":
+        _ops.triton_adam_.default(*args, **hyper)
+    else:
+        reference.adam_(*args, **hyper)
 
 
 @torch.library.register_fake("aiaas_fast::adam_")

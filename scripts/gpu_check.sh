@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# scripts/gpu_check.sh OUTDIR: on a Linux machine with an NVIDIA GPU and no network (torch,
+# triton, nvcc, cmake, ninja, pybind11, scikit-build-core preinstalled), build and install
+# aiaas_fast without downloading anything, run the test suite on the GPU for every backend,
+# run the GPU benchmarks, and write OUTDIR/log.txt and OUTDIR/results.json; a short table last.
+# Budget: 8 minutes. Every step's exit status is checked; a failed test run does not stop the
+# benchmarks, but the script then exits non-zero.
+set -euo pipefail
+OUT="${1:?usage: scripts/gpu_check.sh OUTDIR}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+PY="${PYTHON:-python3}"
+status=0
+step() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
+fail() { echo "FAILED: $*"; status=1; }
+
+step "environment"
+command -v nvidia-smi >/dev/null || { echo "nvidia-smi not found: not an NVIDIA GPU machine"; exit 2; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv | tee "$OUT/nvidia-smi.csv"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); assert torch.cuda.is_available(), 'torch sees no GPU'"
+CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')"
+
+step "build and install (no downloads; CUDA architecture ${CAP} only)"
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}" CMAKE_GENERATOR=Ninja
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! timeout 180 "$PY" -m pip install --no-build-isolation --no-deps --no-index \
+      -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=${CAP}" -v . > "$OUT/build.txt" 2>&1; then
+  tail -40 "$OUT/build.txt"; echo "FAILED: build"; exit 1
+fi
+tail -3 "$OUT/build.txt"
+"$PY" -c "import aiaas_fast, json; print(json.dumps(aiaas_fast.build_info()))" || { echo "FAILED: import"; exit 1; }
+
+step "tests on the GPU, every backend (one autotuning config: many shapes)"
+export AIAAS_FAST_TRITON_AUTOTUNE=0 TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache"
+if ! timeout 150 "$PY" -m pytest -q --junitxml="$OUT/tests.xml" -p no:cacheprovider \
+      tests/test_linear_relu.py tests/test_mse_loss.py tests/test_adam.py tests/test_backends.py tests/test_compile.py \
+      tests/test_nn.py tests/test_optim.py tests/test_cuda_ops.py tests/test_gpu_check.py; then
+  fail "tests (see log.txt; results still written)"
+fi
+unset AIAAS_FAST_TRITON_AUTOTUNE
+
+step "benchmarks (autotuned, do_bench medians)"
+mkdir -p "$OUT/bench"
+if ! timeout 90 "$PY" benchmarks/triton_ops.py --device cuda --out "$OUT/bench"; then
+  fail "benchmarks (Triton)"
+fi
+if ! timeout 60 "$PY" benchmarks/cuda_ops.py --out "$OUT/bench"; then
+  fail "benchmarks (native CUDA)"
+fi
+
+step "results.json"
+"$PY" scripts/gpu_check_report.py "$OUT" || fail "report"
+exit $status

@@ -1,0 +1,89 @@
+"""Writes OUTDIR/results.json for scripts/gpu_check.sh from what the run left in OUTDIR
+(nvidia-smi.csv, tests.xml, bench/*.json) and prints a short table. Runs on a CPU too (the
+tests call it on a synthetic folder), so it is not first run on the GPU machine."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import xml.etree.ElementTree as ET
+
+
+def gather(out: str) -> dict:
+    import torch
+
+    result = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        result["triton"] = triton.__version__
+    except ImportError:
+        result["triton"] = None
+    try:
+        import aiaas_fast
+
+        result["build_info"] = aiaas_fast.build_info()
+    except Exception as e:  # noqa: BLE001  (a broken install is itself a result)
+        result["build_info"] = f"import failed: {e}"
+    smi = os.path.join(out, "nvidia-smi.csv")
+    if os.path.exists(smi):
+        lines = [l.strip() for l in open(smi) if l.strip()]
+        if len(lines) > 1:
+            keys = [k.strip() for k in lines[0].split(",")]
+            result["gpu"] = dict(zip(keys, [v.strip() for v in lines[1].split(",")]))
+    xml = os.path.join(out, "tests.xml")
+    if os.path.exists(xml):
+        suite = ET.parse(xml).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        result["tests"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+        result["tests"]["time_s"] = float(suite.get("time", 0))
+    else:
+        result["tests"] = None
+    rows = []
+    for path in sorted(glob.glob(os.path.join(out, "bench", "*.json"))):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:  # a benchmark killed mid-write: report it, keep the rest
+            result.setdefault("unreadable_benchmark_files", []).append(f"{path}: {e}")
+            continue
+        result.setdefault("benchmark_environment", data.get("environment") or data.get("meta"))
+        for r in data.get("rows", []):
+            if "bench" in r:  # benchmarks/cuda_ops.py's rows
+                rows.append({"kernel": r.get("bench"), "x": r.get("shape"), "provider": r.get("provider"),
+                             "y50": r.get("seconds"), "ratio": r.get("ratio"), "ratio_vs": r.get("metric"),
+                             "value": r.get("value")})
+            else:
+                rows.append({k: r.get(k) for k in ("kernel", "x", "provider", "y50", "y20", "y80", "ratio", "ratio_vs",
+                                                   "tflops", "gbps", "fraction_of_copy")})
+    result["benchmarks"] = rows
+    return result
+
+
+def table(result: dict) -> str:
+    out = []
+    gpu = result.get("gpu") or {}
+    out.append(f"GPU {gpu.get('name', '?')}, driver {gpu.get('driver_version', '?')}, torch {result['torch']}, triton {result['triton']}")
+    t = result.get("tests")
+    out.append("tests: none run" if not t else
+               f"tests: {t['tests']} run, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped ({t['time_s']:.0f} s)")
+    out.append(f"{'kernel':<12} {'case':<40} {'provider':<18} {'median':>12} {'ratio':>24}")
+    for r in result["benchmarks"]:
+        median = f"{r['y50'] * 1e6:>10.1f}us" if isinstance(r.get("y50"), (int, float)) else f"{'-':>12}"
+        ratio = f"{r['ratio']:>8.2f}x vs {str(r.get('ratio_vs')):<12}" if isinstance(r.get("ratio"), (int, float)) else ""
+        out.append(f"{str(r['kernel']):<12} {str(r['x']):<40} {str(r['provider']):<18} {median} {ratio}")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    out = (argv or sys.argv[1:])[0]
+    result = gather(out)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

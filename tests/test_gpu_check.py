@@ -1,0 +1,48 @@
+"""scripts/gpu_check.sh is run rarely, on a machine that keeps nothing: its pieces are
+checked here on every change (syntax, and the report on a synthetic run)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_script_parses():
+    r = subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", "gpu_check.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_script_refuses_a_machine_without_nvidia_smi(tmp_path):
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi")
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "nvidia-smi not found" in r.stdout
+    assert (tmp_path / "log.txt").exists()
+
+
+@pytest.mark.slow
+def test_report_from_a_synthetic_run(tmp_path):
+    (tmp_path / "nvidia-smi.csv").write_text("name, driver_version, memory.total [MiB], compute_cap\nNVIDIA H200, 580.1, 143771 MiB, 9.0\n")
+    (tmp_path / "tests.xml").write_text('<testsuites><testsuite name="pytest" tests="10" failures="1" errors="0" skipped="2" time="12.5"/></testsuites>')
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "triton_ops.py"), "--quick", "--no-compile",
+                        "--device", "cpu", "--out", str(tmp_path / "bench")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # benchmarks/cuda_ops.py writes its own row format, and a run may leave a truncated file.
+    (tmp_path / "bench" / "cuda-ops-x.json").write_text(json.dumps({"meta": {"gpu": "H200"}, "rows": [
+        {"bench": "linear_relu fwd", "shape": "8192^3 bf16", "provider": "aiaas_fast native", "seconds": 0.0021,
+         "metric": "TFLOP/s", "value": 520.0, "ratio": 0.97}]}))
+    (tmp_path / "bench" / "cut.json").write_text('{"rows": [')
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check_report.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.load(open(tmp_path / "results.json"))
+    assert data["gpu"]["name"] == "NVIDIA H200" and data["tests"]["failures"] == 1
+    assert {row["kernel"] for row in data["benchmarks"]} == {"linear_relu", "mse_loss", "adam", "linear_relu fwd"}
+    assert len(data["unreadable_benchmark_files"]) == 1
+    assert any(row["provider"] == "triton" for row in data["benchmarks"])
+    assert data["build_info"]["version"]
+    assert "tests: 10 run, 1 failed" in r.stdout

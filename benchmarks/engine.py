@@ -194,8 +194,8 @@ def sweep(res, quick):
                     blas_s=t["blas"]["y50"], small_over_blas_speed=ratio, auto_path=auto)
             lines.append([str(batch), str(w), fmt_time(t["small"]["y50"]), fmt_time(t["blas"]["y50"]), f"{ratio:.2f}x",
                           "small" if ratio > 1 else "blas", auto])
-    res.table("Kernel paths: engine step of w->w->w->1, hand kernels against BLAS (per-layer switch: w*w*batch > 2M "
-              "multiply-adds goes to BLAS)", ["batch", "width", "small", "blas", "small speed / blas", "faster",
+    res.table("Kernel paths: engine step of w->w->w->1, hand kernels against BLAS (per-layer switch: a layer of more "
+              "than 96 x 128 weights goes to BLAS)", ["batch", "width", "small", "blas", "small speed / blas", "faster",
                                             "auto picks (middle layer)"], lines)
 
 

@@ -476,3 +476,8 @@ def test_fit_compiled_resumes_from_a_checkpoint_exactly(tmp_path):
     assert h["train_loss"] == h_whole["train_loss"]
     for p, q in zip(part.parameters(), whole.parameters()):
         assert torch.equal(p, q)
+
+
+def test_auto_path_picks_hand_kernels_for_narrow_layers_and_blas_for_wide_ones():
+    assert Engine(sequential([10, 20, 1])).layer_paths(64) == ["small", "small"]
+    assert Engine(sequential([64, 256, 256, 1])).layer_paths(512) == ["blas", "blas", "small"]

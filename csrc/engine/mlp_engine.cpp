@@ -28,10 +28,12 @@ namespace {
 constexpr const char* kWho = "aiaas_fast.MLPEngine";
 constexpr int64_t kAlign = cpu::kBatchAlign;
 
-// A layer whose product has more multiply-adds than this goes to the BLAS; below it the
-// hand kernels win, as they skip the BLAS call and its threading (benchmarks/engine.py
-// --sweep measures the crossover; see the README).
-constexpr int64_t kBlasMinMacs = int64_t(1) << 21;
+// A layer with more weights than this goes to the BLAS; up to it the hand kernels win, as
+// they skip the BLAS call and keep the tiles in registers. Measured with
+// benchmarks/engine.py --sweep (w->w->w->1, batch 64 to 4096, 2-core AVX-512): the hand
+// kernels lead up to w = 96 at every batch and lose from w = 128 at batch <= 256 (from
+// w = 192 at 1024 and more, by a few percent between); see the README.
+constexpr int64_t kSmallMaxWeights = 96 * 128;
 // Models per thread below which K models run on one thread: a parallel region costs tens of
 // microseconds on a busy VM, more than a few small steps.
 constexpr int64_t kParallelMinMacs = int64_t(1) << 18;
@@ -90,7 +92,7 @@ struct MLPEngine::Impl {
   bool blas(int64_t l, int64_t ld) const {
     if (path == "small") return false;
     if (path == "blas") return true;
-    return width[l] * width[l + 1] * ld > kBlasMinMacs;
+    return width[l] * width[l + 1] > kSmallMaxWeights;
   }
   int64_t macs_per_step(int64_t ld) const {
     int64_t m = 0;

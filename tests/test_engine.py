@@ -87,6 +87,18 @@ def test_wide_small_kernels_split_across_threads_match_pytorch():
     assert_same_weights(model, ref)
 
 
+@pytest.mark.parametrize("path", ["blas", "auto"])
+def test_wide_layers_with_elementwise_passes_and_adam_split_across_threads(path):
+    # 300 x 256 activations and a 300 x 256 weight: past the 64K elements at which the bias,
+    # ReLU-mask and bias-gradient passes and Adam split across threads.
+    model = sequential([256, 300, 1])
+    ref = copy.deepcopy(model)
+    engine = Engine(model, path=path)
+    data = batches(3, 250, 256, 1)
+    assert [engine.step(x, y) for x, y in data] == pytest.approx(torch_steps(ref, data, torch.optim.Adam(ref.parameters())), rel=1e-5)
+    assert_same_weights(model, ref)
+
+
 @pytest.mark.parametrize("path", ["small", "blas"])
 def test_final_relu_and_layers_without_bias(path):
     for kw in (dict(final_relu=True), dict(bias=False)):

@@ -41,6 +41,10 @@ constexpr int64_t kParallelMinMacs = int64_t(1) << 18;
 // A small-kernel layer with at least this many multiply-adds splits across the threads.
 constexpr int64_t kLayerParallelMinMacs = int64_t(1) << 20;
 
+// An elementwise pass over n elements counts as n * this many multiply-adds when deciding
+// whether to split it across the threads: one over 64K elements or more is split.
+constexpr int64_t kElementwiseWeight = 16;
+
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // splitmix64: a small, fast generator with a fixed sequence for a seed, so a run's batches
@@ -154,9 +158,14 @@ struct MLPEngine::Impl {
     for (int64_t l = 0; l < L; ++l) {
       const int64_t in = width[l], out = width[l + 1];
       if (blas(l, w.ld)) {
-        at::Tensor z = blob(w.act[l + 1], out, w.ld);
-        at::mm_out(z, blob(weight_ptr(l, k), out, in), blob(w.act[l], in, w.ld));
-        mk.bias_act(w.act[l + 1], bias_ptr(l, k), out, w.ld, layers[l].relu);
+        float* z = w.act[l + 1];
+        at::Tensor zt = blob(z, out, w.ld);
+        at::mm_out(zt, blob(weight_ptr(l, k), out, in), blob(w.act[l], in, w.ld));
+        const float* bp = bias_ptr(l, k);
+        const bool relu = layers[l].relu;
+        split(out, out * w.ld * kElementwiseWeight, [&](int64_t r0, int64_t r1) {
+          mk.bias_act(z + r0 * w.ld, bp ? bp + r0 : nullptr, r1 - r0, w.ld, relu);
+        });
       } else {
         const float *wp = weight_ptr(l, k), *bp = bias_ptr(l, k), *a = w.act[l];
         float* z = w.act[l + 1];
@@ -180,7 +189,12 @@ struct MLPEngine::Impl {
       if (use_blas) {
         at::Tensor dw = blob(w.dw[l], out, in);
         at::mm_out(dw, blob(g, out, w.ld), blob(w.act[l], in, w.ld).t());
-        if (layers[l].bias.defined()) mk.row_sums(g, w.db[l], out, w.ld);
+        if (layers[l].bias.defined()) {
+          float* db = w.db[l];
+          split(out, out * w.ld * kElementwiseWeight, [&](int64_t r0, int64_t r1) {
+            mk.row_sums(g + r0 * w.ld, db + r0, r1 - r0, w.ld);
+          });
+        }
       } else {
         const float* a = w.act[l];
         float *dw = w.dw[l], *db = layers[l].bias.defined() ? w.db[l] : nullptr;
@@ -194,7 +208,10 @@ struct MLPEngine::Impl {
       if (use_blas) {
         at::Tensor gat = blob(ga, in, w.ld);
         at::mm_out(gat, blob(weight_ptr(l, k), out, in).t(), blob(g, out, w.ld));
-        if (mask) mk.relu_mask(ga, mask, in, w.ld);
+        if (mask)
+          split(in, in * w.ld * kElementwiseWeight, [&](int64_t r0, int64_t r1) {
+            mk.relu_mask(ga + r0 * w.ld, mask + r0 * w.ld, r1 - r0, w.ld);
+          });
       } else {
         const float* wp = weight_ptr(l, k);
         split(w.ld / kAlign, in * out * w.ld, [&](int64_t c0, int64_t c1) {
@@ -216,7 +233,8 @@ struct MLPEngine::Impl {
                                         state.exp_avgs[p].data_ptr<float>() + off,
                                         state.exp_avg_sqs[p].data_ptr<float>() + off,
                                         opt.amsgrad ? state.max_exp_avg_sqs[p].data_ptr<float>() + off : nullptr};
-      kf.adam(view, adam_scalars<float>(opt, step), 0, n);
+      const auto scalars = adam_scalars<float>(opt, step);
+      split(n, n * kElementwiseWeight, [&](int64_t i0, int64_t i1) { kf.adam(view, scalars, i0, i1); });
     }
   }
 

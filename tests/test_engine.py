@@ -96,7 +96,9 @@ def test_wide_layers_with_elementwise_passes_and_adam_split_across_threads(path)
     engine = Engine(model, path=path)
     data = batches(3, 250, 256, 1)
     assert [engine.step(x, y) for x, y in data] == pytest.approx(torch_steps(ref, data, torch.optim.Adam(ref.parameters())), rel=1e-5)
-    assert_same_weights(model, ref)
+    # A few of the 77K weights have gradients near Adam's eps, where the step (about lr)
+    # amplifies float32 summation-order differences: allow 1% of lr there.
+    assert_same_weights(model, ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("path", ["small", "blas"])

@@ -2,6 +2,7 @@
 the median over runs of each run's median time, and the range of the ratio over runs.
 
     python benchmarks/summarize.py benchmarks/results/ops-cpu-2026-11-29T*.json [--out FILE.md]
+    python benchmarks/summarize.py benchmarks/results/engine-cpu-*.json   # rows with vs_* ratios
 
 On a shared machine one run is not to be trusted: this shows how far the runs agree.
 """
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
             if key not in times:
                 order.append(key)
             times[key].append(row["y50"])
+    if all(any(k.startswith("vs_") for k in row) for run in runs for row in run["rows"]):
+        return _summarize_own_ratios(runs, args.out)
     refs = {"linear_relu": "eager", "mse_loss": "eager", "adam": "fused"}
     lines = [f"Summary of {len(runs)} runs ({', '.join(r['environment']['date'] for r in runs)}) on "
              f"{runs[0]['environment']['device_name']}, {runs[0]['environment']['threads']} threads, "
@@ -53,6 +56,39 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+def _summarize_own_ratios(runs, out) -> int:
+    """Runs whose rows carry their own ratios (benchmarks/engine.py: vs_<reference> keys)."""
+    cells = defaultdict(lambda: defaultdict(list))
+    order = []
+    for run in runs:
+        for row in run["rows"]:
+            key = (str(row["x"]), row["provider"])
+            if key not in cells:
+                order.append(key)
+            cells[key]["time"].append(row["y50"])
+            for k, v in row.items():
+                if k.startswith("vs_"):
+                    cells[key][k].append(v)
+    refs = list(dict.fromkeys(k for key in order for k in cells[key] if k != "time"))
+    lines = [f"Summary of {len(runs)} runs ({', '.join(r['environment']['date'] for r in runs)}) on "
+             f"{runs[0]['environment']['device_name']}, {runs[0]['environment']['threads']} threads, "
+             f"torch {runs[0]['environment']['torch']}: median over runs (min - max).", "",
+             "| case | provider | median time | " + " | ".join(r[3:].replace("_", " ") for r in refs) + " |",
+             "|---|---|---|" + "---|" * len(refs)]
+    for x, provider in order:
+        c = cells[(x, provider)]
+        med = statistics.median(c["time"])
+        unit = f"{med * 1e3:.2f} ms" if med >= 1e-3 else f"{med * 1e6:.1f} us"
+        ratio = [f"{statistics.median(c[r]):.2f}x ({min(c[r]):.2f} - {max(c[r]):.2f})" if c.get(r) else "" for r in refs]
+        lines.append(f"| {x} | {provider} | {unit} | " + " | ".join(ratio) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        with open(out, "w") as f:
             f.write(text)
     return 0
 

@@ -74,7 +74,19 @@ def _triton_unavailable(device_type: str) -> Optional[str]:
     return f"the Triton kernels run on CUDA tensors, not on {device_type}"
 
 
+_DEFAULTS: dict = {}
+
+
 def _default(device_type: str) -> str:
+    # Cached: the kernels registered for a device and Triton's presence are fixed once the
+    # library is loaded, and the lookup (a dispatcher query) cost ~4 us on every op call.
+    choice = _DEFAULTS.get(device_type)
+    if choice is None:
+        choice = _DEFAULTS[device_type] = _default_uncached(device_type)
+    return choice
+
+
+def _default_uncached(device_type: str) -> str:
     if native_supports(device_type):
         return "native"
     if device_type == "cuda" and _triton_unavailable(device_type) is None:

@@ -495,3 +495,24 @@ def test_fit_compiled_resumes_from_a_checkpoint_exactly(tmp_path):
 def test_auto_path_picks_hand_kernels_for_narrow_layers_and_blas_for_wide_ones():
     assert Engine(sequential([10, 20, 1])).layer_paths(64) == ["small", "small"]
     assert Engine(sequential([64, 256, 256, 1])).layer_paths(512) == ["blas", "blas", "small"]
+
+
+def test_concurrent_calls_on_one_engine_are_serialised():
+    # Two threads step the same engine with the GIL released: the calls must not share the
+    # workspace at the same time, so the result equals 2 x 30 steps in some order.
+    model = sequential([6, 32, 1])
+    engine = Engine(model, lr=0.0)  # lr 0: the weights stay, so every step's loss is the same
+    x, y = torch.randn(40, 6), torch.randn(40, 1)
+    expected = engine.step(x, y)
+    losses = []
+
+    def work():
+        for _ in range(30):
+            losses.append(engine.step(x, y))
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(losses) == 60 and all(v == expected for v in losses)

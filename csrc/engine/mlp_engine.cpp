@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <numeric>
 
 #include <ATen/ATen.h>
@@ -90,6 +91,9 @@ struct MLPEngine::Impl {
   };
   std::vector<Param> params;
   std::vector<Workspace> ws;  // per thread
+  // One call at a time per engine (the binding drops the GIL); recursive so that a run's
+  // callback may call step() or predict() between segments.
+  mutable std::recursive_mutex busy;
   const cpu::MlpKernels& mk = cpu_mlp_kernels();
   const cpu::Kernels<float>& kf = cpu_kernel_set().f32;
 
@@ -377,6 +381,7 @@ std::vector<std::string> MLPEngine::layer_paths(int64_t batch_size) const {
 
 at::Tensor MLPEngine::step(const at::Tensor& x_in, const at::Tensor& y_in) {
   Impl& I = *impl_;
+  std::lock_guard<std::recursive_mutex> lock(I.busy);
   at::Tensor x = I.matrix(x_in, "x", I.width.front(), true);
   at::Tensor y = I.matrix(y_in, "y", I.width.back(), true);
   const int64_t batch = x.size(-2);
@@ -402,6 +407,7 @@ at::Tensor MLPEngine::step(const at::Tensor& x_in, const at::Tensor& y_in) {
 at::Tensor MLPEngine::run(const at::Tensor& x_in, const at::Tensor& y_in, const RunOptions& o,
                           const at::Tensor& sample_index, const at::Tensor& sample_offsets, const RunCallback& callback) {
   Impl& I = *impl_;
+  std::lock_guard<std::recursive_mutex> lock(I.busy);
   at::Tensor x = I.matrix(x_in, "x", I.width.front(), false);
   at::Tensor y = I.matrix(y_in, "y", I.width.back(), false);
   const int64_t n = x.size(0), in = I.width.front(), out = I.width.back();
@@ -495,6 +501,7 @@ at::Tensor MLPEngine::run(const at::Tensor& x_in, const at::Tensor& y_in, const 
 
 at::Tensor MLPEngine::predict(const at::Tensor& x_in) {
   Impl& I = *impl_;
+  std::lock_guard<std::recursive_mutex> lock(I.busy);
   at::Tensor x = I.matrix(x_in, "x", I.width.front(), false);
   const int64_t n = x.size(0), in = I.width.front(), out = I.width.back();
   at::Tensor result = at::empty({I.K, n, out}, at::kFloat);

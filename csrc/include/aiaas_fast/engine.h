@@ -7,6 +7,7 @@
 // torch.optim.Adam holding them stays in step). It owns only its scratch buffers: activations
 // and gradients, feature-major (features x batch), preallocated per thread.
 //
+// Calls on one engine are serialised (a mutex); a run's callback may call step()/predict().
 // CPU, float32. Narrow layers run on hand-vectorized kernels (kernels/cpu/mlp.h) that call no
 // BLAS; wide ones on ATen's matrix product (MKL/oneDNN). The switch is per layer.
 #pragma once

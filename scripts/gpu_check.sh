@@ -26,7 +26,7 @@ CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -
 step "build and install (no downloads; CUDA architecture ${CAP} only)"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}" CMAKE_GENERATOR=Ninja
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-if ! timeout 180 "$PY" -m pip install --no-build-isolation --no-deps --no-index \
+if ! timeout 170 "$PY" -m pip install --no-build-isolation --no-deps --no-index \
       -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=${CAP}" -v . > "$OUT/build.txt" 2>&1; then
   tail -40 "$OUT/build.txt"; echo "FAILED: build"; exit 1
 fi
@@ -35,20 +35,23 @@ tail -3 "$OUT/build.txt"
 
 step "tests on the GPU, every backend (one autotuning config: many shapes)"
 export AIAAS_FAST_TRITON_AUTOTUNE=0 TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache"
-if ! timeout 150 "$PY" -m pytest -q --junitxml="$OUT/tests.xml" -p no:cacheprovider \
+if ! timeout 130 "$PY" -m pytest -q --junitxml="$OUT/tests.xml" -p no:cacheprovider \
       tests/test_linear_relu.py tests/test_mse_loss.py tests/test_adam.py tests/test_backends.py tests/test_compile.py \
-      tests/test_nn.py tests/test_optim.py tests/test_cuda_ops.py tests/test_gpu_check.py; then
+      tests/test_nn.py tests/test_optim.py tests/test_cuda_ops.py tests/test_engine_cuda.py tests/test_gpu_check.py; then
   fail "tests (see log.txt; results still written)"
 fi
 unset AIAAS_FAST_TRITON_AUTOTUNE
 
 step "benchmarks (autotuned, do_bench medians)"
 mkdir -p "$OUT/bench"
-if ! timeout 90 "$PY" benchmarks/triton_ops.py --device cuda --out "$OUT/bench"; then
+if ! timeout 70 "$PY" benchmarks/triton_ops.py --device cuda --out "$OUT/bench"; then
   fail "benchmarks (Triton)"
 fi
-if ! timeout 60 "$PY" benchmarks/cuda_ops.py --out "$OUT/bench"; then
+if ! timeout 50 "$PY" benchmarks/cuda_ops.py --out "$OUT/bench"; then
   fail "benchmarks (native CUDA)"
+fi
+if ! timeout 50 "$PY" benchmarks/engine.py --device cuda --no-compile --out "$OUT/bench"; then
+  fail "benchmarks (training engine)"
 fi
 
 step "results.json"

@@ -55,8 +55,12 @@ def gather(out: str) -> dict:
                              "y50": r.get("seconds"), "ratio": r.get("ratio"), "ratio_vs": r.get("metric"),
                              "value": r.get("value")})
             else:
-                rows.append({k: r.get(k) for k in ("kernel", "x", "provider", "y50", "y20", "y80", "ratio", "ratio_vs",
-                                                   "tflops", "gbps", "fraction_of_copy")})
+                row = {k: r.get(k) for k in ("kernel", "x", "provider", "y50", "y20", "y80", "ratio", "ratio_vs",
+                                             "tflops", "gbps", "fraction_of_copy")}
+                own = [k for k in r if k.startswith("vs_")]  # benchmarks/engine.py: ratios named vs_<reference>
+                if row["ratio"] is None and own:
+                    row["ratio"], row["ratio_vs"] = r[own[0]], own[0][3:]
+                rows.append(row)
     result["benchmarks"] = rows
     return result
 

@@ -32,3 +32,19 @@ def test_train_benchmark_quick_run_writes_results(tmp_path):
     providers = {row["provider"] for row in data["rows"]}
     assert {"eager (Adam foreach)", "eager (Adam fused)", "aiaas_fast"} <= providers
     assert all(row["y50"] > 0 for row in data["rows"])
+
+
+@pytest.mark.slow
+def test_engine_benchmark_quick_run_writes_results(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "engine.py"), "--quick", "--no-compile",
+                        "--sweep", "--models", "4", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.load(open(os.path.join(tmp_path, next(f for f in os.listdir(tmp_path) if f.endswith(".json")))))
+    providers = {row["provider"] for row in data["rows"]}
+    assert {"eager (Adam fused)", "engine step()", "engine run()", "torch.func.vmap (stacked, Adam fused)",
+            "engine run() (K models, own rows)", "small/blas"} <= providers
+    assert all(row["y50"] > 0 for row in data["rows"] if "y50" in row)
+    if not __import__("torch").cuda.is_available():
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "engine.py"), "--device", "cuda"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "no CUDA GPU; nothing measured" in r.stderr

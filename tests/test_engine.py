@@ -261,6 +261,7 @@ def test_unsupported_models_are_named():
         (nn.Sequential(nn.ReLU(), nn.Linear(2, 1)), "0: a ReLU that does not follow"),
         (sequential([2, 3, 1]).double(), "float32; the model is torch.float64"),
     ]
+    cases.append((sequential([2, 3, 1]).to("meta"), "runs on the CPU or CUDA; the model is on meta"))
     frozen = sequential([2, 3, 1])
     frozen[0].weight.requires_grad_(False)
     cases.append((frozen, "frozen parameter"))
@@ -516,3 +517,37 @@ def test_concurrent_calls_on_one_engine_are_serialised():
     for t in threads:
         t.join()
     assert len(losses) == 60 and all(v == expected for v in losses)
+
+
+def test_cuda_graph_engine_logic_with_the_capture_replaced_by_eager_calls():
+    # The CUDA engine's buffers, warm-up restore, partial batches, loss accounting and step
+    # write-back, on the CPU: its capture swapped for a replay that runs the body eagerly
+    # (the capture itself only runs on a GPU: tests/test_engine_cuda.py).
+    from aiaas_fast.engine_cuda import CudaGraphEngine
+
+    class EagerReplay(CudaGraphEngine):
+        def _capture(self, body):
+            body()  # the warm-up that capture does, which must not train
+            out = torch.zeros(())
+            return (lambda: out.copy_(body())), out
+
+    model = sequential([7, 19, 2])
+    ref = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    engine = Engine(model, opt)  # on the CPU: the C++ core; build the CUDA one by hand
+    core = EagerReplay(mlp_layers(model), list(model.parameters()), engine.state, engine._hyper)
+    X, Y = torch.randn(103, 7), torch.randn(103, 2)
+    rows = torch.randperm(103)
+    losses = core.run(X, Y, epochs=2, batch_size=20, seed=0, shuffle=False, rows=rows)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    expected = []
+    for _ in range(2):
+        per_batch = [(X[rows[i:i + 20]], Y[rows[i:i + 20]]) for i in range(0, 103, 20)]
+        step_losses = torch_steps(ref, per_batch, ref_opt)
+        expected.append(sum(v * len(b[0]) for v, b in zip(step_losses, per_batch)) / 103)
+    assert losses.tolist() == pytest.approx(expected, rel=1e-5)
+    assert_same_weights(model, ref)
+    assert all(float(opt.state[p]["step"]) == 12 for p in model.parameters())
+    x, y = X[:9], Y[:9]
+    assert core.step(x, y) == pytest.approx(torch_steps(ref, [(x, y)], ref_opt)[0], rel=1e-5)
+    assert_same_weights(model, ref)

@@ -11,8 +11,10 @@ and trains its parameter tensors in place, with MSE loss and Adam/AdamW:
 Given an optimizer (``torch.optim.Adam``/``AdamW`` or aiaas_fast's), the engine updates that
 optimizer's own state tensors, so its ``state_dict`` stays valid and a checkpoint taken in
 between resumes either way; learning-rate changes in its ``param_groups`` are picked up at
-every call. CPU and float32; anything else is refused with the reason
-(:func:`unsupported_reason`), and ``aiaas_fast.fit`` then falls back to the op-by-op path.
+every call. float32, on the CPU (the C++ engine) or on CUDA (the step captured in a CUDA
+graph per batch size and replayed: :mod:`aiaas_fast.engine_cuda`); anything else is refused
+with the reason (:func:`unsupported_reason`), and ``aiaas_fast.fit`` then falls back to the
+op-by-op path.
 """
 from __future__ import annotations
 
@@ -72,8 +74,10 @@ def mlp_layers(model: nn.Module) -> List[Tuple[nn.Linear, bool]]:
             raise UnsupportedModel(f"parameter {pname} is not a Linear weight or bias")
     for lin, _ in layers:
         for pname, p in lin.named_parameters():
-            if p.device.type != "cpu":
-                raise UnsupportedModel(f"the compiled engine runs on the CPU; the model is on {p.device}")
+            if p.device.type not in ("cpu", "cuda"):
+                raise UnsupportedModel(f"the compiled engine runs on the CPU or CUDA; the model is on {p.device}")
+            if p.device != layers[0][0].weight.device:
+                raise UnsupportedModel("the model's parameters are on more than one device")
             if p.dtype != torch.float32:
                 raise UnsupportedModel(f"the compiled engine runs float32; the model is {p.dtype}")
             if not p.requires_grad:
@@ -118,6 +122,16 @@ def unsupported_reason(model: nn.Module, optimizer=None, loss_fn=None) -> Option
     return None
 
 
+def auto_reason(model: nn.Module, optimizer=None, loss_fn=None) -> Optional[str]:
+    """Why ``fit(engine="auto")`` does not pick the engine (None: it does). On CUDA the
+    engine (a captured CUDA graph) is used only when asked for by name until it has been
+    measured on a GPU."""
+    reason = unsupported_reason(model, optimizer, loss_fn)
+    if reason is None and next(model.parameters()).device.type == "cuda":
+        return "the CUDA graph engine is used only with engine='compiled' until it has been measured on a GPU"
+    return reason
+
+
 class Engine:
     """Trains ``model`` in place with MSE loss and Adam (see the module docstring).
 
@@ -146,6 +160,11 @@ class Engine:
                                decoupled_weight_decay=bool(decoupled_weight_decay))
             state = [self._fresh_state(p, amsgrad) for p in params]
         self.state = state
+        if params[0].device.type == "cuda":
+            from .engine_cuda import CudaGraphEngine
+
+            self._core = CudaGraphEngine(layers, params, state, self._hyper)
+            return
         with torch.no_grad():
             self._core = _C.MLPEngine(
                 [lin.weight for lin, _ in layers], [lin.bias for lin, _ in layers], [relu for _, relu in layers],
@@ -173,8 +192,8 @@ class Engine:
             state["step"] = torch.tensor(float(step), dtype=torch.float32)
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             if key in state and not (state[key].dtype == torch.float32 and state[key].is_contiguous()
-                                     and state[key].device.type == "cpu" and state[key].shape == p.shape):
-                state[key] = state[key].detach().to("cpu", torch.float32).contiguous().reshape(p.shape)
+                                     and state[key].device == p.device and state[key].shape == p.shape):
+                state[key] = state[key].detach().to(p.device, torch.float32).contiguous().reshape(p.shape)
         return state
 
     def _sync(self) -> None:
@@ -203,12 +222,21 @@ class Engine:
         self._core.set_hyperparameters(**self._hyper)
 
     def layer_paths(self, batch_size: int) -> List[str]:
-        """``"small"`` (hand kernels) or ``"blas"`` for each layer at this batch size."""
+        """``"small"`` (hand kernels) or ``"blas"`` for each layer at this batch size on the
+        CPU; ``"cuda-graph"`` on CUDA."""
+        if self._on_cuda:
+            return ["cuda-graph"] * len(mlp_layers(self.model))
         return self._core.layer_paths(batch_size)
+
+    @property
+    def _on_cuda(self) -> bool:
+        return not isinstance(self._core, _C.MLPEngine)
 
     def step(self, x: Tensor, y: Tensor) -> float:
         """Forward, MSE loss, backward and the Adam update on one mini-batch; returns the loss."""
         self._sync()
+        if self._on_cuda:
+            return self._core.step(x, y)
         return float(self._core.step(x, y)[0])
 
     def run(self, X: Tensor, Y: Tensor, *, epochs: int, batch_size: int = 64, seed: int = 0, shuffle: bool = True,
@@ -228,6 +256,9 @@ class Engine:
         if rows is not None:
             rows = torch.as_tensor(rows, dtype=torch.int64)
             offsets = torch.tensor([0, rows.numel()], dtype=torch.int64)
+        if self._on_cuda:
+            return self._core.run(X, Y, epochs=epochs, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                                  callback=callback, callback_every=callback_every, rows=rows)
         out = self._core.run(X, Y, epochs=epochs, batch_size=batch_size, seed=seed, shuffle=shuffle,
                              callback_every=callback_every, sample_index=rows, sample_offsets=offsets,
                              callback=None if callback is None else
@@ -236,7 +267,8 @@ class Engine:
 
     def predict(self, X: Tensor) -> Tensor:
         """The model's output for X, (rows, out), computed by the engine's kernels."""
-        return self._core.predict(X)[0]
+        out = self._core.predict(X)
+        return out if self._on_cuda else out[0]
 
     def last_gradients(self) -> List[Tensor]:
         """Gradients of the last step, in parameter order (weight, bias per layer): for tests."""

@@ -251,10 +251,11 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
     # The engine shares the optimizer's state tensors, so it is built after a resume has loaded them.
     compiled, engine_note = None, ""
     if engine != "ops":
-        from .engine import Engine, unsupported_reason
+        from .engine import Engine, auto_reason, unsupported_reason
 
+        why = unsupported_reason if engine == "compiled" else auto_reason
         engine_note = ("distributed training runs op by op under DDP" if world > 1
-                       else unsupported_reason(model, opt, loss_fn) or "")
+                       else why(model, opt, loss_fn) or "")
         if not engine_note:
             compiled = Engine(model, opt)
         elif engine == "compiled":

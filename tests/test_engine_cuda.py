@@ -1,0 +1,87 @@
+"""The engine on CUDA (a captured CUDA graph per batch size) against plain PyTorch on the GPU:
+same initial weights and batches give the same losses and weights. Skipped without a GPU."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import aiaas_fast
+from aiaas_fast.engine import Engine
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def sequential(widths, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).cuda()
+
+
+def torch_steps(model, batches, opt):
+    out = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    return out
+
+
+@pytest.fixture(autouse=True)
+def ieee_float32():
+    # The reference must not use TF32 where the fused ops do not.
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("widths,batch", [([10, 20, 1], 64), ([13, 37, 5, 3], 67), ([64, 64, 64, 64, 64, 1], 512)])
+def test_graph_steps_match_pytorch(widths, batch):
+    model = sequential(widths)
+    ref = copy.deepcopy(model)
+    engine = Engine(model, lr=1e-2)
+    assert engine.layer_paths(batch) == ["cuda-graph"] * (len(widths) - 1)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    data = [(torch.randn(batch, widths[0], device="cuda", generator=g), torch.randn(batch, widths[-1], device="cuda", generator=g))
+            for _ in range(5)]
+    losses = [engine.step(x, y) for x, y in data]
+    assert losses == pytest.approx(torch_steps(ref, data, torch.optim.Adam(ref.parameters(), lr=1e-2)), rel=1e-4, abs=1e-6)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_graph_run_with_a_partial_batch_and_a_shared_optimizer():
+    model = sequential([7, 19, 2])
+    ref = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    X, Y = torch.randn(103, 7, device="cuda"), torch.randn(103, 2, device="cuda")
+    rows = torch.randperm(103)
+    losses = Engine(model, opt).run(X, Y, epochs=2, batch_size=20, shuffle=False, rows=rows)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    expected = []
+    for _ in range(2):
+        batches = [(X[rows[i:i + 20].cuda()], Y[rows[i:i + 20].cuda()]) for i in range(0, 103, 20)]
+        step_losses = torch_steps(ref, batches, ref_opt)
+        expected.append(sum(v * len(b[0]) for v, b in zip(step_losses, batches)) / 103)
+    assert losses.tolist() == pytest.approx(expected, rel=1e-4)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert all(float(opt.state[p]["step"]) == 12 for p in model.parameters())
+
+
+def test_fit_on_cuda_uses_the_graph_engine_only_when_asked():
+    x, y = torch.randn(300, 4), torch.randn(300, 1)
+    torch.manual_seed(0)
+    m = aiaas_fast.nn.MLP(4, [16], 1).cuda()
+    assert aiaas_fast.fit(m, x, y, epochs=1, progress=False).engine == "ops"
+    a, b = copy.deepcopy(m), copy.deepcopy(m)
+    ha = aiaas_fast.fit(a, x, y, epochs=3, engine="compiled", progress=False)
+    hb = aiaas_fast.fit(b, x, y, epochs=3, engine="ops", progress=False)
+    assert ha.engine == "compiled" and ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-4)

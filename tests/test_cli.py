@@ -185,7 +185,7 @@ def test_group_by_trains_one_model_per_value_and_routes_predictions(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["train", "--ensemble", "3", "--group-by", "u", "--data", "x.csv", "--target", "y"], "use one"),
     (["train", "--group-by", "u"], "--group-by needs --data"),
-    (["train", "--ensemble", "3", "--patience", "2"], "--patience does not apply"),
+    (["train", "--ensemble", "3", "--compare"], "--compare does not apply"),
     (["train", "--ensemble", "3", "--backend", "reference"], "--backend reference does not apply"),
     (["train", "--engine", "fast"], "argument --engine: invalid choice"),
 ])

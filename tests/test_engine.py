@@ -441,6 +441,24 @@ def test_fit_many_with_groups_trains_one_model_per_group():
         aiaas_fast.fit_many(aiaas_fast.Ensemble(2, 3, [4], 1), x, y, groups=labels, progress=False)
 
 
+def test_fit_many_patience_keeps_each_models_best_weights_and_stops():
+    x, _, _ = fit_data(400)
+    y = (x[:, :1] * 2 + (x[:, 1:2] / 5).sin() * 3) * 10 + 50
+    torch.manual_seed(0)
+    ens = aiaas_fast.Ensemble(4, 3, [16], 1)
+    h = aiaas_fast.fit_many(ens, x, y, epochs=200, batch_size=16, lr=3e-2, val_split=0.25, patience=3, progress=False)
+    assert h.stopped_early and len(h) < 200 and len(h.best_epoch) == 4
+    assert all(len(h) - 1 - b >= 3 for b in h.best_epoch)  # every model had stalled for 3 epochs
+    best_val = torch.stack([h.val_loss[b, k] for k, b in enumerate(h.best_epoch)])
+    assert torch.equal(best_val, h.val_loss.min(0).values)
+    # The kept weights are the best epoch's: the final scoring (val_rmse, in y's units, with the
+    # weights left in the ensemble) is that epoch's validation loss, unstandardised.
+    y_std = ens.aiaas_fast_scalers["y"].std[:, 0].double()
+    torch.testing.assert_close(h.val_rmse, best_val.sqrt() * y_std, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="invalid patience=0"):
+        aiaas_fast.fit_many(ens, x, y, patience=0)
+
+
 def test_fit_many_is_deterministic_for_a_seed():
     x, y, _ = fit_data(300)
     runs = []

@@ -209,7 +209,7 @@ def cmd_train(args) -> int:
         raise UsageError("--group-by needs --data (a CSV with the column to group by)")
     if many:
         what = "--ensemble" if args.ensemble is not None else "--group-by"
-        for flag, bad in (("--patience", args.patience is not None), ("--compare", args.compare),
+        for flag, bad in (("--compare", args.compare),
                           (f"--backend {args.backend}", args.backend != "native"), ("--engine ops", args.engine == "ops"),
                           (f"--device {args.device}", device.type != "cpu")):
             if bad:
@@ -322,13 +322,14 @@ def _train_many(args, x_t, y_t, groups, widths, features, targets, source) -> in
           f"lr {args.lr}")
     try:
         history = aiaas_fast.fit_many(ens, x_t, y_t, groups=groups, epochs=args.epochs, batch_size=args.batch_size,
-                                      lr=args.lr, val_split=args.val_split, seed=args.seed)
+                                      lr=args.lr, val_split=args.val_split, seed=args.seed, patience=args.patience)
     except ValueError as e:
         raise UsageError(str(e).replace("aiaas_fast.fit_many: ", "")) from None
     seconds = sum(history.seconds)
     samples = len(history) * sum(history.rows)
     print("engine: compiled (the C++ training engine, all models in one call)")
-    print(f"trained {len(history)} epochs: {seconds:.2f} s of training ({samples / seconds:,.0f} samples/s over all models)")
+    print(f"trained {len(history)} epochs: {seconds:.2f} s of training ({samples / seconds:,.0f} samples/s over all models)"
+          + (", stopped early (each model keeps its best epoch's weights)" if history.stopped_early else ""))
     last = history.train_loss[-1]
     print(f"final train loss (standardised MSE): mean {last.mean():.5f}, range {last.min():.5f} - {last.max():.5f}")
     if history.val_rmse is not None:

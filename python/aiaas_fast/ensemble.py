@@ -121,6 +121,8 @@ class ManyHistory:
     rows: List[int]
     val_rmse: Optional[Tensor] = None
     group_values: Optional[list] = None
+    best_epoch: Optional[List[int]] = None  # per model, with patience: the epoch whose weights it kept
+    stopped_early: bool = False
     engine: str = "compiled"
     extra: dict = field(default_factory=dict)
 
@@ -153,14 +155,18 @@ def _group_ids(groups, n: int, values: Optional[list] = None):
 
 def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool] = None, epochs: int = 100,
              batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0, val_split: float = 0.0,
-             seed: int = 0, standardize: bool = True, progress: Optional[bool] = None) -> ManyHistory:
+             seed: int = 0, standardize: bool = True, progress: Optional[bool] = None, patience: Optional[int] = None,
+             min_delta: float = 0.0) -> ManyHistory:
     """Trains the K models of ``ensemble`` at once with MSE and Adam, in one engine call.
 
     ``groups``: one value per row; model k trains on the rows of the k-th distinct value
     (sorted), with its own scalers; K must equal the number of distinct values. Otherwise each
     model trains on all rows, or with ``bootstrap`` (the default without groups) on its own
     sample of them drawn with replacement. ``val_split``: a share of rows (per group) held out
-    and scored every epoch. The scalers are kept on the ensemble for :func:`predict_many`."""
+    and scored every epoch. ``patience``: each model keeps its best weights (by its validation
+    loss, or its training loss without a validation split), and the run stops once every model
+    has gone that many epochs without improving by more than ``min_delta``. The scalers are
+    kept on the ensemble for :func:`predict_many`."""
     if not isinstance(ensemble, Ensemble):
         raise TypeError(f"aiaas_fast.fit_many: expects an aiaas_fast.Ensemble, got {type(ensemble).__name__}")
     w0 = ensemble.weights[0]
@@ -170,7 +176,8 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
     for name, v, ok in (("epochs", epochs, isinstance(epochs, int) and epochs >= 1),
                         ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1),
                         ("lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0),
-                        ("val_split", val_split, isinstance(val_split, (int, float)) and 0 <= val_split < 1)):
+                        ("val_split", val_split, isinstance(val_split, (int, float)) and 0 <= val_split < 1),
+                        ("patience", patience, patience is None or (isinstance(patience, int) and patience >= 1))):
         if not ok:
             raise ValueError(f"aiaas_fast.fit_many: invalid {name}={v!r}")
     x_all, y_all = _as_tensor("X", X), _as_tensor("y", y)
@@ -253,8 +260,20 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
             bar.set_postfix(loss=f"{sum(losses) / K:.4g}")
             bar.update(1)
         clock[0] = time.perf_counter()
-        return False
+        if patience is None:
+            return False
+        monitored = val_losses[-1] if has_val else torch.tensor(losses, dtype=torch.float64)
+        improved = monitored < best["loss"] - min_delta
+        best["loss"] = torch.where(improved, monitored, best["loss"])
+        best["bad"] = torch.where(improved, torch.zeros_like(best["bad"]), best["bad"] + 1)
+        best["epoch"] = torch.where(improved, torch.full_like(best["epoch"], epoch), best["epoch"])
+        with torch.no_grad():
+            for kept, p in zip(best["params"], params):
+                kept[improved] = p[improved]
+        return bool((best["bad"] >= patience).all())
 
+    best = {"loss": torch.full((K,), math.inf, dtype=torch.float64), "bad": torch.zeros(K, dtype=torch.int64),
+            "epoch": torch.zeros(K, dtype=torch.int64), "params": [p.detach().clone() for p in params]}
     index = torch.cat(train_rows)
     offsets = torch.tensor([0] + [len(r) for r in train_rows], dtype=torch.int64).cumsum(0)
     try:
@@ -263,10 +282,16 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
     finally:
         if bar is not None:
             bar.close()
+    if patience is not None:  # each model's best weights
+        with torch.no_grad():
+            for kept, p in zip(best["params"], params):
+                p.copy_(kept)
     ensemble.aiaas_fast_scalers = scalers
     ensemble.group_values = values
     history = ManyHistory(train_loss=train_loss, val_loss=torch.stack(val_losses) if val_losses else None,
-                          seconds=seconds, rows=[len(r) for r in train_rows], group_values=values)
+                          seconds=seconds, rows=[len(r) for r in train_rows], group_values=values,
+                          best_epoch=best["epoch"].tolist() if patience is not None else None,
+                          stopped_early=patience is not None and len(seconds) < epochs)
     if has_val:
         pred = predict_many(ensemble, x_all[val_index], groups=None if groups is None else np.asarray(groups)[val_index.numpy()])
         target = y_all[val_index]

@@ -569,3 +569,13 @@ def test_cuda_graph_engine_logic_with_the_capture_replaced_by_eager_calls():
     x, y = X[:9], Y[:9]
     assert core.step(x, y) == pytest.approx(torch_steps(ref, [(x, y)], ref_opt)[0], rel=1e-5)
     assert_same_weights(model, ref)
+
+
+def test_replaced_parameters_are_refused_not_trained_silently():
+    model = sequential([3, 8, 1])
+    engine = Engine(model)
+    model.load_state_dict(sequential([3, 8, 1], seed=1).state_dict())  # in place: fine
+    engine.run(torch.randn(10, 3), torch.randn(10, 1), epochs=1)
+    model.load_state_dict(sequential([3, 8, 1], seed=2).state_dict(), assign=True)  # new tensors
+    with pytest.raises(RuntimeError, match="parameter tensors were replaced"):
+        engine.run(torch.randn(10, 3), torch.randn(10, 1), epochs=1)

@@ -160,6 +160,7 @@ class Engine:
                                decoupled_weight_decay=bool(decoupled_weight_decay))
             state = [self._fresh_state(p, amsgrad) for p in params]
         self.state = state
+        self._params = params
         if params[0].device.type == "cuda":
             from .engine_cuda import CudaGraphEngine
 
@@ -228,12 +229,22 @@ class Engine:
             return ["cuda-graph"] * len(mlp_layers(self.model))
         return self._core.layer_paths(batch_size)
 
+    def _check_params(self) -> None:
+        """The engine holds the tensors it was built with: a model whose parameters were
+        replaced since (``load_state_dict(assign=True)``, a new layer) would train stale copies."""
+        now = [p for lin, _ in mlp_layers(self.model) for p in (lin.weight, lin.bias) if p is not None]
+        if len(now) != len(self._params) or any(a is not b for a, b in zip(now, self._params)):
+            raise RuntimeError("aiaas_fast.Engine: the model's parameter tensors were replaced after the engine was "
+                               "built (e.g. load_state_dict(assign=True)); build a new Engine for the model")
+
     @property
     def _on_cuda(self) -> bool:
         return not isinstance(self._core, _C.MLPEngine)
 
     def step(self, x: Tensor, y: Tensor) -> float:
-        """Forward, MSE loss, backward and the Adam update on one mini-batch; returns the loss."""
+        """Forward, MSE loss, backward and the Adam update on one mini-batch; returns the loss.
+        (Not re-checked per step: after replacing the model's parameter tensors, build a new
+        Engine; run() and predict() check for it.)"""
         self._sync()
         if self._on_cuda:
             return self._core.step(x, y)
@@ -249,6 +260,7 @@ class Engine:
         this order when not shuffling. ``callback(epoch, step, steps_in_epoch, epoch_end,
         losses)`` runs every ``callback_every`` steps and at each epoch's end (``losses``: the
         epoch's mean loss so far); returning True stops the run there."""
+        self._check_params()
         self._sync()
         if not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"Engine.run: epochs must be an int >= 0, got {epochs!r}")
@@ -267,6 +279,7 @@ class Engine:
 
     def predict(self, X: Tensor) -> Tensor:
         """The model's output for X, (rows, out), computed by the engine's kernels."""
+        self._check_params()
         out = self._core.predict(X)
         return out if self._on_cuda else out[0]
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aiaas_fast  # noqa: E402
-from aiaas_fast.ops import adam_, linear_relu, mse_loss  # noqa: E402
+from aiaas_fast.ops import adam_, linear_relu  # noqa: E402
 from harness import copy_gbps, time_providers  # noqa: E402
 
 

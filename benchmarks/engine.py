@@ -32,54 +32,27 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aiaas_fast  # noqa: E402
 from aiaas_fast.engine import Engine  # noqa: E402
+from aiaas_fast.ensemble import ensemble_engine  # noqa: E402
 from harness import Results, fmt_time, mm_fn, time_providers  # noqa: E402
-
-
-def mlp(widths):
-    layers = []
-    for a, b in zip(widths[:-2], widths[1:-1]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    layers.append(nn.Linear(widths[-2], widths[-1]))
-    return nn.Sequential(*layers)
-
-
-def torch_step(model, opt, x, y, loss_fn=None):
-    loss_fn = loss_fn or nn.MSELoss()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        opt.step()
-    return step
+from train import compiled_step, make_step, mlp  # noqa: E402
 
 
 def single_providers(widths, batch, compile_ok, steps_per_run, device="cpu"):
     """name -> (fn, steps per call)."""
     torch.manual_seed(0)
-    base = mlp(widths).to(device)
+    base = mlp(widths, device)
     x, y = torch.randn(batch, widths[0], device=device), torch.randn(batch, widths[-1], device=device)
     fresh = lambda: copy.deepcopy(base)
     out = {}
     m = fresh()
-    out["eager (Adam fused)"] = (torch_step(m, torch.optim.Adam(m.parameters(), lr=1e-3, fused=True), x, y), 1)
+    out["eager (Adam fused)"] = (make_step(m, nn.MSELoss(), torch.optim.Adam(m.parameters(), lr=1e-3, fused=True), x, y), 1)
     m = fresh()
-    out["eager (Adam foreach)"] = (torch_step(m, torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True), x, y), 1)
+    out["eager (Adam foreach)"] = (make_step(m, nn.MSELoss(), torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True), x, y), 1)
     if compile_ok:
-        torch._dynamo.reset()
-        m = fresh()
-        loss = nn.MSELoss()
-        fwd = torch.compile(lambda x, y: loss(m(x), y), fullgraph=True)
-        opt = torch.optim.Adam(m.parameters(), lr=1e-3, fused=True)
-
-        def compiled_step():
-            opt.zero_grad(set_to_none=True)
-            fwd(x, y).backward()
-            opt.step()
-        compiled_step()
-        out["torch.compile (Adam fused)"] = (compiled_step, 1)
+        out["torch.compile (Adam fused)"] = (compiled_step(fresh(), x, y), 1)
     m = aiaas_fast.convert(fresh())
-    out["aiaas_fast op by op"] = (torch_step(m, aiaas_fast.optim.Adam(m.parameters(), lr=1e-3), x, y,
-                                             aiaas_fast.nn.MSELoss()), 1)
+    out["aiaas_fast op by op"] = (make_step(m, aiaas_fast.nn.MSELoss(), aiaas_fast.optim.Adam(m.parameters(), lr=1e-3),
+                                            x, y), 1)
     eng = Engine(fresh(), lr=1e-3)
     out["engine step()"] = (lambda: eng.step(x, y), 1)
     eng_run = Engine(fresh(), lr=1e-3)
@@ -90,7 +63,7 @@ def single_providers(widths, batch, compile_ok, steps_per_run, device="cpu"):
 
 def many_providers(K, widths, batch, steps_per_run):
     torch.manual_seed(0)
-    models = [mlp(widths) for _ in range(K)]
+    models = [mlp(widths, "cpu") for _ in range(K)]
     x, y = torch.randn(batch, widths[0]), torch.randn(batch, widths[-1])
     out = {}
 
@@ -132,26 +105,14 @@ def many_providers(K, widths, batch, steps_per_run):
     out["stacked bmm + autograd (Adam fused)"] = (bmm_step, 1)
 
     ens_e = aiaas_fast.Ensemble.from_models(copy.deepcopy(models))
-    core = _engine_for(ens_e)
+    core, _ = ensemble_engine(ens_e)
     out["engine step() (K models)"] = (lambda: core.step(x, y), 1)
     ens_r = aiaas_fast.Ensemble.from_models(copy.deepcopy(models))
-    core_r = _engine_for(ens_r)
+    core_r, _ = ensemble_engine(ens_r)
     X, Y = torch.randn(batch * steps_per_run, widths[0]), torch.randn(batch * steps_per_run, widths[-1])
     out["engine run() (K models, own rows)"] = (
         lambda: core_r.run(X, Y, epochs=1, batch_size=batch, shuffle=True), steps_per_run)
     return out
-
-
-def _engine_for(ens):
-    K = ens.num_models
-    params = [p for pair in zip(ens.weights, ens.biases) for p in pair]
-    state = [(torch.zeros_like(p), torch.zeros_like(p), torch.zeros(K)) for p in params]
-    ens._bench_state = state  # kept alive with the engine's parameters
-    with torch.no_grad():
-        return aiaas_fast._C.MLPEngine(
-            list(ens.weights), list(ens.biases), [True] * (len(ens.weights) - 1) + [False], [s[0] for s in state],
-            [s[1] for s in state], [], [s[2] for s in state], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-            weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False)
 
 
 COMPILED = "torch.compile (Adam fused)"
@@ -196,11 +157,11 @@ def sweep(res, quick):
             torch.manual_seed(0)
             net = [w, w, w, 1]
             x, y = torch.randn(batch, w), torch.randn(batch, 1)
-            engines = {p: Engine(mlp(net), path=p) for p in ("small", "blas")}
+            engines = {p: Engine(mlp(net, "cpu"), path=p) for p in ("small", "blas")}
             t = time_providers({p: (lambda e=e: e.step(x, y)) for p, e in engines.items()}, "cpu", reps=3 if quick else 5,
                                block_seconds=0.02 if quick else 0.05)
             ratio = t["blas"]["y50"] / t["small"]["y50"]
-            auto = Engine(mlp(net)).layer_paths(batch)[1]
+            auto = Engine(mlp(net, "cpu")).layer_paths(batch)[1]
             res.add(kernel="engine_sweep", provider="small/blas", mode="train_step", metric="time", unit="s",
                     x=f"{w}x{w}@{batch}", config={"width": w, "batch": batch}, small_s=t["small"]["y50"],
                     blas_s=t["blas"]["y50"], small_over_blas_speed=ratio, auto_path=auto)

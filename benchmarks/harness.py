@@ -13,6 +13,7 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -94,6 +95,20 @@ def time_providers(fns: Dict[str, Callable[[], object]], device: str = "cpu", re
             sync(device)
             samples[name].append((time.perf_counter() - t0) / n)
     return {name: _quantiles(v) for name, v in samples.items()}
+
+
+def select_device(name: str) -> Optional[str]:
+    """The device to time on: under torchrun, ``cuda`` means this rank's GPU (LOCAL_RANK),
+    made current. None (after saying why on stderr) when CUDA is asked for but absent."""
+    if not name.startswith("cuda"):
+        return name
+    if not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no GPU", file=sys.stderr)
+        return None
+    if "LOCAL_RANK" in os.environ:
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    torch.cuda.set_device(torch.device(name))
+    return name
 
 
 def mm_fn(m: int, k: int, n: int, dtype=torch.float32, device: str = "cpu") -> Callable[[], object]:

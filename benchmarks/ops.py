@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import aiaas_fast  # noqa: E402
-from aiaas_fast.ops import adam_, linear_relu, mse_loss  # noqa: E402
-from harness import Results, copy_gbps, fmt_time, mm_fn, time_providers, wait_until_quiet  # noqa: E402
+import aiaas_fast   # noqa: E402
+from aiaas_fast.ops import adam_, linear_relu, mse_loss   # noqa: E402
+from harness import Results, copy_gbps, fmt_time, mm_fn, select_device, time_providers, wait_until_quiet  # noqa: E402
 
 
 def _providers(eager_fn, ours_fn, step, compile_ok):
@@ -173,14 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="on a shared machine, first wait up to SECONDS for the CPUs to be idle")
     args = p.parse_args(argv)
-    device = args.device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            print("error: --device cuda but torch sees no GPU", file=sys.stderr)
-            return 2
-        if "LOCAL_RANK" in os.environ:
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(torch.device(device))
+    device = select_device(args.device)
+    if device is None:
+        return 2
     reps = args.reps or (3 if args.quick else 11)
     if args.wait_quiet > 0:
         busy = wait_until_quiet(timeout_s=args.wait_quiet)

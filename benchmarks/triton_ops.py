@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import aiaas_fast  # noqa: E402
-from aiaas_fast import backend as _backend  # noqa: E402
-from aiaas_fast.ops import adam_, linear_relu, mse_loss  # noqa: E402
-from harness import Results, copy_gbps, fmt_time, mm_fn, time_providers  # noqa: E402
+import aiaas_fast   # noqa: E402
+from aiaas_fast import backend as _backend   # noqa: E402
+from aiaas_fast.ops import adam_, linear_relu, mse_loss   # noqa: E402
+from harness import Results, copy_gbps, fmt_time, mm_fn, select_device, time_providers  # noqa: E402
 
 
 def _with(name, fn):
@@ -164,14 +164,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    device = args.device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            print("error: --device cuda but torch sees no GPU", file=sys.stderr)
-            return 2
-        if "LOCAL_RANK" in os.environ:
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(torch.device(device))
+    device = select_device(args.device)
+    if device is None:
+        return 2
     res = Results("triton_ops", device)
     bandwidth = copy_gbps(device, mbytes=8 if args.quick else 1024)
     print(f"aiaas_fast {aiaas_fast.__version__} on {res.env['device_name']} ({device}), torch {torch.__version__}; "

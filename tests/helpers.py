@@ -7,6 +7,7 @@ import os
 from typing import NamedTuple, Optional
 
 import torch
+from torch import nn
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -95,3 +96,26 @@ def _strided_on(t, device):
     view = big[tuple(slice(None, None, 2) for _ in t.shape)]
     view.copy_(t)
     return view
+
+
+# ---- the training engine's tests: a Linear/ReLU network and plain PyTorch training steps
+def sequential(widths, final_relu=False, bias=True, seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(widths) - 2 or final_relu:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).to(device)
+
+
+def torch_steps(model, batches, opt):
+    """Plain PyTorch steps (MSE, the optimizer given) over the batches; returns the losses."""
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

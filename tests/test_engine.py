@@ -14,29 +14,10 @@ from torch import nn
 
 import aiaas_fast
 from aiaas_fast.engine import Engine, UnsupportedModel, mlp_layers, unsupported_reason
+from aiaas_fast.ensemble import ensemble_engine
+from helpers import sequential, torch_steps
 
 PATHS = ["small", "blas", "auto"]
-
-
-def sequential(widths, final_relu=False, bias=True, seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b, bias=bias))
-        if i < len(widths) - 2 or final_relu:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def torch_steps(model, batches, opt):
-    losses = []
-    for x, y in batches:
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def batches(n, batch, in_f, out_f, seed=1):
@@ -322,10 +303,6 @@ print('ok')
 
 @pytest.mark.parametrize("isa", aiaas_fast.build_info()["cpu_isas"])
 def test_every_compiled_engine_kernel_set_is_correct(isa):
-    import ctypes  # noqa: F401
-
-    from aiaas_fast import _C  # noqa: F401
-
     env = {**os.environ, "AIAAS_FAST_CPU_ISA": isa}
     r = subprocess.run([sys.executable, "-c", CHECK_ENGINE.format(isa=isa)], capture_output=True, text=True, env=env)
     if r.returncode != 0 and "does not support it" in r.stderr:
@@ -354,13 +331,7 @@ def test_many_models_each_on_its_own_rows_match_a_loop_of_pytorch_models(path):
     g = torch.Generator().manual_seed(2)
     X, Y = torch.randn(90, 5, generator=g), torch.randn(90, 3, generator=g)
     rows = [torch.randint(90, (n,), generator=g) for n in (30, 31, 17, 45, 8, 30)]  # uneven, with repeats
-    params = [p for pair in zip(ens.weights, ens.biases) for p in pair]
-    state = [(torch.zeros_like(p), torch.zeros_like(p), torch.zeros(K)) for p in params]
-    with torch.no_grad():
-        core = aiaas_fast._C.MLPEngine(list(ens.weights), list(ens.biases), [True, False], [s[0] for s in state],
-                                       [s[1] for s in state], [], [s[2] for s in state], lr=1e-2, beta1=0.9,
-                                       beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-                                       decoupled_weight_decay=False, path=path)
+    core, state = ensemble_engine(ens, lr=1e-2, path=path)
     offsets = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)
     losses = core.run(X, Y, epochs=2, batch_size=8, shuffle=False, sample_index=torch.cat(rows), sample_offsets=offsets)
     assert losses.shape == (2, K)
@@ -380,13 +351,7 @@ def test_ensemble_step_with_shared_and_per_model_batches():
     K = 4
     ens = aiaas_fast.Ensemble(K, 3, [7], 1)
     refs = [ens.member(k) for k in range(K)]
-    params = [p for pair in zip(ens.weights, ens.biases) for p in pair]
-    state = [(torch.zeros_like(p), torch.zeros_like(p), torch.zeros(K)) for p in params]
-    with torch.no_grad():
-        core = aiaas_fast._C.MLPEngine(list(ens.weights), list(ens.biases), [True, False], [s[0] for s in state],
-                                       [s[1] for s in state], [], [s[2] for s in state], lr=1e-2, beta1=0.9,
-                                       beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-                                       decoupled_weight_decay=False)
+    core, _ = ensemble_engine(ens, lr=1e-2)
     x, y = torch.randn(12, 3), torch.randn(12, 1)
     xk, yk = torch.randn(K, 12, 3), torch.randn(K, 12, 1)
     l1, l2 = core.step(x, y), core.step(xk, yk)

@@ -4,33 +4,12 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import aiaas_fast
 from aiaas_fast.engine import Engine
+from helpers import sequential, torch_steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def sequential(widths, seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers).cuda()
-
-
-def torch_steps(model, batches, opt):
-    out = []
-    for x, y in batches:
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        out.append(loss.item())
-    return out
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +23,7 @@ def ieee_float32():
 
 @pytest.mark.parametrize("widths,batch", [([10, 20, 1], 64), ([13, 37, 5, 3], 67), ([64, 64, 64, 64, 64, 1], 512)])
 def test_graph_steps_match_pytorch(widths, batch):
-    model = sequential(widths)
+    model = sequential(widths, device="cuda")
     ref = copy.deepcopy(model)
     engine = Engine(model, lr=1e-2)
     assert engine.layer_paths(batch) == ["cuda-graph"] * (len(widths) - 1)
@@ -58,7 +37,7 @@ def test_graph_steps_match_pytorch(widths, batch):
 
 
 def test_graph_run_with_a_partial_batch_and_a_shared_optimizer():
-    model = sequential([7, 19, 2])
+    model = sequential([7, 19, 2], device="cuda")
     ref = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     X, Y = torch.randn(103, 7, device="cuda"), torch.randn(103, 2, device="cuda")

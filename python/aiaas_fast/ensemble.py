@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from . import _C
 from .nn import MLP
-from .training import Scaler, _as_tensor, _progress
+from .training import Scaler, _as_tensor, _check_hyperparameters, _progress
 
 __all__ = ["Ensemble", "fit_many", "predict_many", "ManyHistory", "EnsemblePrediction"]
 
@@ -153,6 +153,21 @@ def _group_ids(groups, n: int, values: Optional[list] = None):
     return values, torch.from_numpy(ids)
 
 
+def ensemble_engine(ensemble: Ensemble, *, lr: float = 1e-3, weight_decay: float = 0.0, path: str = "auto"):
+    """The C++ engine over the ensemble's stacked parameters, with fresh Adam state; returns
+    (engine, state), state holding (exp_avg, exp_avg_sq, steps (K,)) per parameter tensor
+    in the order weight0, bias0, weight1, ... ."""
+    K = ensemble.num_models
+    params = [p for pair in zip(ensemble.weights, ensemble.biases) for p in pair]
+    state = [(torch.zeros_like(p), torch.zeros_like(p), torch.zeros(K)) for p in params]
+    with torch.no_grad():
+        core = _C.MLPEngine(list(ensemble.weights), list(ensemble.biases), [True] * (len(ensemble.weights) - 1) + [False],
+                            [s[0] for s in state], [s[1] for s in state], [], [s[2] for s in state],
+                            lr=float(lr), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=float(weight_decay),
+                            amsgrad=False, maximize=False, decoupled_weight_decay=False, path=path)
+    return core, state
+
+
 def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool] = None, epochs: int = 100,
              batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0, val_split: float = 0.0,
              seed: int = 0, standardize: bool = True, progress: Optional[bool] = None, patience: Optional[int] = None,
@@ -173,13 +188,7 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
     if w0.device.type != "cpu" or w0.dtype != torch.float32:
         raise ValueError(f"aiaas_fast.fit_many: runs on the compiled engine (CPU, float32); the ensemble is "
                          f"{w0.dtype} on {w0.device}")
-    for name, v, ok in (("epochs", epochs, isinstance(epochs, int) and epochs >= 1),
-                        ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1),
-                        ("lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0),
-                        ("val_split", val_split, isinstance(val_split, (int, float)) and 0 <= val_split < 1),
-                        ("patience", patience, patience is None or (isinstance(patience, int) and patience >= 1))):
-        if not ok:
-            raise ValueError(f"aiaas_fast.fit_many: invalid {name}={v!r}")
+    _check_hyperparameters("aiaas_fast.fit_many", epochs, batch_size, lr, val_split, patience)
     x_all, y_all = _as_tensor("X", X), _as_tensor("y", y)
     n, K = len(x_all), ensemble.num_models
     if len(y_all) != n:
@@ -228,12 +237,7 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
     ys = ((y_all - scalers["y"].mean[row_model]) / scalers["y"].std[row_model]).contiguous()
 
     params = [p for pair in zip(ensemble.weights, ensemble.biases) for p in pair]
-    state = [(torch.zeros_like(p), torch.zeros_like(p), torch.zeros(K)) for p in params]
-    with torch.no_grad():
-        core = _C.MLPEngine(list(ensemble.weights), list(ensemble.biases), [True] * (len(ensemble.weights) - 1) + [False],
-                            [s[0] for s in state], [s[1] for s in state], [], [s[2] for s in state],
-                            lr=float(lr), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=float(weight_decay),
-                            amsgrad=False, maximize=False, decoupled_weight_decay=False)
+    core, _ = ensemble_engine(ensemble, lr=lr, weight_decay=weight_decay)
 
     has_val = any(len(r) for r in val_rows)
     val_index = torch.cat(val_rows) if has_val else None

@@ -125,6 +125,17 @@ def _progress(enabled: Optional[bool], total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="epoch", leave=False)
 
 
+def _check_hyperparameters(who: str, epochs, batch_size, lr, val_split, patience) -> None:
+    """fit's and fit_many's shared refusals, naming the argument and its value."""
+    for name, v, ok in (("epochs", epochs, isinstance(epochs, int) and epochs >= 1),
+                        ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1),
+                        ("lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0),
+                        ("val_split", val_split, isinstance(val_split, (int, float)) and 0 <= val_split < 1),
+                        ("patience", patience, patience is None or (isinstance(patience, int) and patience >= 1))):
+        if not ok:
+            raise ValueError(f"{who}: invalid {name}={v!r}")
+
+
 def predict(model: nn.Module, X, batch_size: int = 4096) -> Tensor:
     """The model's predictions in the targets' units, using the scalers ``fit`` kept."""
     x = _as_tensor("X", X)
@@ -184,13 +195,7 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
         raise ValueError(f"aiaas_fast.fit: X has {len(x_all)} rows but y has {len(y_all)}")
     if len(x_all) == 0:
         raise ValueError("aiaas_fast.fit: no rows to train on")
-    for name, v, ok in (("epochs", epochs, isinstance(epochs, int) and epochs >= 1),
-                        ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1),
-                        ("lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0),
-                        ("val_split", val_split, isinstance(val_split, (int, float)) and 0 <= val_split < 1),
-                        ("patience", patience, patience is None or (isinstance(patience, int) and patience >= 1))):
-        if not ok:
-            raise ValueError(f"aiaas_fast.fit: invalid {name}={v!r}")
+    _check_hyperparameters("aiaas_fast.fit", epochs, batch_size, lr, val_split, patience)
     params = list(model.parameters())
     if not params:
         raise ValueError("aiaas_fast.fit: the model has no parameters")
@@ -272,26 +277,27 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         perm = torch.randperm(len(xs_tr), generator=shuffle_gen).to(device)
-        total = 0.0
         if compiled is not None:  # the same batches, in C++: one call for the epoch
             total = float(compiled.run(xs_tr, ys_tr, epochs=1, batch_size=batch_size, shuffle=False, rows=perm)[0])
             total *= len(perm)
-        for i in range(0, len(perm) if compiled is None else 0, global_batch):
-            batch = perm[i:i + global_batch]
-            idx = torch.tensor_split(batch, world)[rank] if world > 1 else batch
-            opt.zero_grad(set_to_none=True)
-            pred = train_model(xs_tr[idx])
-            if world > 1:
-                # DDP averages gradients over processes; weighting each process's mean loss by
-                # its share of the global batch makes that average the global batch's mean, even
-                # for a last batch that does not split evenly (or leaves a process no rows).
-                share = len(idx) * world / len(batch)
-                loss = loss_fn(pred, ys_tr[idx]) * share if len(idx) else pred.sum() * 0.0
-            else:
-                loss = loss_fn(pred, ys_tr[idx])
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(batch) / world if world > 1 else loss.item() * len(idx)
+        else:
+            total = 0.0
+            for i in range(0, len(perm), global_batch):
+                batch = perm[i:i + global_batch]
+                idx = torch.tensor_split(batch, world)[rank] if world > 1 else batch
+                opt.zero_grad(set_to_none=True)
+                pred = train_model(xs_tr[idx])
+                if world > 1:
+                    # DDP averages gradients over processes; weighting each process's mean loss by
+                    # its share of the global batch makes that average the global batch's mean, even
+                    # for a last batch that does not split evenly (or leaves a process no rows).
+                    share = len(idx) * world / len(batch)
+                    loss = loss_fn(pred, ys_tr[idx]) * share if len(idx) else pred.sum() * 0.0
+                else:
+                    loss = loss_fn(pred, ys_tr[idx])
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(batch) / world if world > 1 else loss.item() * len(idx)
         if world > 1:
             summed = torch.tensor([total], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(summed)

@@ -6,6 +6,7 @@ import importlib.util
 import os
 from typing import NamedTuple, Optional
 
+import pytest
 import torch
 from torch import nn
 
@@ -58,6 +59,19 @@ def backend_skip_reason(b: Backend) -> Optional[str]:
         if not native_supports("cuda"):
             return "this build has no native CUDA kernels"
     return None
+
+
+def triton_interpreter_reason() -> Optional[str]:
+    """Why Triton kernels cannot run on CPU tensors here (None: they can, interpreted)."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton on the CPU needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)"
+    return None
+
+
+needs_triton_interpreter = pytest.mark.skipif(triton_interpreter_reason() is not None,
+                                              reason=str(triton_interpreter_reason()))
 
 
 def rand(*shape, dtype=torch.float32, contiguous=True, requires_grad=False, scale=1.0, generator=None, device="cpu"):

@@ -15,7 +15,7 @@ from torch import nn
 import aiaas_fast
 from aiaas_fast.engine import Engine, UnsupportedModel, mlp_layers, unsupported_reason
 from aiaas_fast.ensemble import ensemble_engine
-from helpers import sequential, torch_steps
+from helpers import needs_triton_interpreter, sequential, torch_steps
 
 PATHS = ["small", "blas", "auto"]
 
@@ -502,7 +502,8 @@ def test_concurrent_calls_on_one_engine_are_serialised():
     assert len(losses) == 60 and all(v == expected for v in losses)
 
 
-def test_cuda_graph_engine_logic_with_the_capture_replaced_by_eager_calls():
+@pytest.mark.parametrize("path", ["graph", pytest.param("fused", marks=needs_triton_interpreter)])
+def test_cuda_graph_engine_logic_with_the_capture_replaced_by_eager_calls(path):
     # The CUDA engine's buffers, warm-up restore, partial batches, loss accounting and step
     # write-back, on the CPU: its capture swapped for a replay that runs the body eagerly
     # (the capture itself only runs on a GPU: tests/test_engine_cuda.py).
@@ -518,7 +519,8 @@ def test_cuda_graph_engine_logic_with_the_capture_replaced_by_eager_calls():
     ref = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     engine = Engine(model, opt)  # on the CPU: the C++ core; build the CUDA one by hand
-    core = EagerReplay(mlp_layers(model), list(model.parameters()), engine.state, engine._hyper)
+    core = EagerReplay(mlp_layers(model), list(model.parameters()), engine.state, engine._hyper, path=path)
+    assert core.path == path
     X, Y = torch.randn(103, 7), torch.randn(103, 2)
     rows = torch.randperm(103)
     losses = core.run(X, Y, epochs=2, batch_size=20, seed=0, shuffle=False, rows=rows)

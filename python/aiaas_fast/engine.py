@@ -137,8 +137,10 @@ class Engine:
 
     Without ``optimizer``, the engine holds its own Adam state with ``lr``, ``betas``,
     ``eps``, ``weight_decay``, ``amsgrad`` and ``decoupled_weight_decay`` (AdamW).
-    ``path``: ``"auto"`` picks hand-vectorized kernels or the BLAS per layer by size;
-    ``"small"`` / ``"blas"`` force one (for tests and measurements)."""
+    ``path``: on the CPU, ``"auto"`` picks hand-vectorized kernels or the BLAS per layer by
+    size, ``"small"`` / ``"blas"`` force one (for tests and measurements); on CUDA,
+    ``"auto"`` takes the fused MLP kernel for widths up to 128 and the fused ops otherwise,
+    ``"fused"`` / ``"graph"`` force one."""
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *, lr: float = 1e-3,
                  betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -164,7 +166,7 @@ class Engine:
         if params[0].device.type == "cuda":
             from .engine_cuda import CudaGraphEngine
 
-            self._core = CudaGraphEngine(layers, params, state, self._hyper)
+            self._core = CudaGraphEngine(layers, params, state, self._hyper, path=path)
             return
         with torch.no_grad():
             self._core = _C.MLPEngine(
@@ -224,9 +226,10 @@ class Engine:
 
     def layer_paths(self, batch_size: int) -> List[str]:
         """``"small"`` (hand kernels) or ``"blas"`` for each layer at this batch size on the
-        CPU; ``"cuda-graph"`` on CUDA."""
+        CPU; on CUDA ``"cuda-fused-mlp"`` (the fused MLP kernel in a CUDA graph) or
+        ``"cuda-graph"`` (the fused ops in a CUDA graph)."""
         if self._on_cuda:
-            return ["cuda-graph"] * len(mlp_layers(self.model))
+            return ["cuda-fused-mlp" if self._core.path == "fused" else "cuda-graph"] * len(mlp_layers(self.model))
         return self._core.layer_paths(batch_size)
 
     def _check_params(self) -> None:

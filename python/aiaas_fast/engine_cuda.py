@@ -3,8 +3,15 @@ multi-tensor Adam with its step counters on the device) captured once in a CUDA 
 batch size and replayed, so a step costs one graph launch instead of dozens of kernel
 launches and the autograd engine's Python and C++ work.
 
-Used by :class:`aiaas_fast.engine.Engine` for a model on a CUDA device; same API. Not yet
-here: a fully fused MLP kernel (each layer's tile kept on chip) for widths up to 128.
+Two bodies for the graph (``path``):
+
+- ``"fused"``: for widths up to 128, forward, loss and backward in one Triton kernel that
+  keeps each row tile on chip (:mod:`aiaas_fast.triton.fused_mlp`), then one kernel that
+  sums the programs' partial gradients, then Adam: three or four kernels a step;
+- ``"graph"``: the fused ops (``linear_relu``, ``mse_loss``) with autograd's backward, any width.
+
+``"auto"`` takes the first that fits. Used by :class:`aiaas_fast.engine.Engine` for a model
+on a CUDA device; same API.
 """
 from __future__ import annotations
 
@@ -15,8 +22,20 @@ from torch import Tensor, nn
 
 from . import backend as _backend
 from . import ops
+from .engine import UnsupportedModel
 
-__all__ = ["CudaGraphEngine"]
+__all__ = ["CudaGraphEngine", "fused_reason"]
+
+PATHS = ("auto", "fused", "graph")
+
+
+def fused_reason(layers) -> Optional[str]:
+    """Why the fused MLP kernel cannot train these layers here (None: it can)."""
+    try:
+        from .triton import fused_mlp
+    except ImportError as e:
+        return f"the fused MLP kernel needs Triton ({e})"
+    return fused_mlp.unsupported_reason(layers)
 
 
 def _adam(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, hyper: dict) -> None:
@@ -41,8 +60,22 @@ class CudaGraphEngine:
     (max_exp_avg_sq) on the device and step (any device: kept in step on the device here and
     written back after every call)."""
 
-    def __init__(self, layers, params: List[Tensor], state: List[dict], hyper: dict):
+    def __init__(self, layers, params: List[Tensor], state: List[dict], hyper: dict, path: str = "auto"):
+        if path not in PATHS:
+            raise ValueError(f"aiaas_fast.Engine: path on CUDA is one of {', '.join(PATHS)}; got {path!r}")
         self.layers, self.params, self.state, self.hyper = layers, params, state, dict(hyper)
+        self.fused = None
+        if path != "graph":
+            why = fused_reason(layers)
+            if why is None:
+                from .triton.fused_mlp import FusedMLP
+
+                self.fused = FusedMLP(layers)
+                assert all(a is b for a, b in zip(self.fused.params, params)) and len(self.fused.params) == len(params)
+            elif path == "fused":
+                raise UnsupportedModel(f"aiaas_fast.Engine(path='fused'): {why}")
+        #: What the captured step runs: "fused" (the fused MLP kernel) or "graph" (the fused ops).
+        self.path = "fused" if self.fused is not None else "graph"
         self.device = params[0].device
         self.in_features, self.out_features = layers[0][0].in_features, layers[-1][0].out_features
         self.steps = [torch.tensor(float(s["step"]), dtype=torch.float32, device=self.device) for s in state]
@@ -56,9 +89,12 @@ class CudaGraphEngine:
         return h
 
     def _body(self, x: Tensor, y: Tensor) -> Tensor:
-        with torch.enable_grad():
-            loss = ops.mse_loss(self._forward(x), y)
-            grads = torch.autograd.grad(loss, self.params)
+        if self.fused is not None:
+            loss, grads = self.fused.loss_and_grads(x, y), self.fused.grads
+        else:
+            with torch.enable_grad():
+                loss = ops.mse_loss(self._forward(x), y)
+                grads = torch.autograd.grad(loss, self.params)
         with torch.no_grad():
             max_sqs = [s["max_exp_avg_sq"] for s in self.state] if self.hyper["amsgrad"] else []
             _adam(self.params, list(grads), [s["exp_avg"] for s in self.state], [s["exp_avg_sq"] for s in self.state],
@@ -179,4 +215,4 @@ class CudaGraphEngine:
     def predict(self, X: Tensor) -> Tensor:
         X = self._check(X, "x", self.in_features)
         with torch.no_grad():
-            return self._forward(X)
+            return self.fused.forward(X) if self.fused is not None else self._forward(X)

@@ -1,0 +1,286 @@
+"""A whole MLP training step (forward, mean-squared error, backward) in one Triton kernel,
+for widths up to 128: tiny-cuda-nn's "fully fused MLP", in float32.
+
+For narrow layers a step of op-by-op PyTorch is dozens of launches, each moving a
+(batch, width) activation through memory for a few FLOPs per byte. Here each program
+takes a tile of BLOCK_M rows through every layer and back, and nothing but the input,
+the target and the gradients touches DRAM:
+
+- forward: ``h = act(h @ W_l^T + b_l)`` layer after layer on a (BLOCK_M, D) tile, D the
+  widest layer rounded up to a power of two (zero padding keeps padded columns at 0).
+  Hidden outputs go to the program's own scratch tiles, reused for every row tile, so
+  they stay in L1/L2 (Triton has no explicit shared memory); the output stays in registers;
+- loss: ``d = out - y``, the tile's sum of squares, ``g = 2 d / (rows * outputs)``;
+- backward, from the last layer: the ReLU mask on g, ``db_l += colsum(g)``,
+  ``dW_l += g^T @ h_l`` into this program's row of a partial-gradient buffer, then
+  ``g = g @ W_l`` for the layer below.
+
+The products loop over K in chunks of BLOCK_K rather than unrolling a (rows, D) x (D, D)
+product: float32 IEEE products run on the FMA units, and unrolled they took ptxas minutes
+to compile per configuration.
+
+Programs are persistent (a fixed number, each looping over row tiles), so the partial
+buffer is (programs, parameters) whatever the batch; a second kernel adds its rows in
+program order into one flat gradient. No float atomics: the same bits on every run.
+
+The optimizer step is not here: the engine hands the flat gradient's views to the
+multi-tensor Adam. Used by :mod:`aiaas_fast.engine_cuda` (captured in its CUDA graph);
+not an operator of its own.
+
+Precision: float32 in and out, float32 accumulation; the products follow
+``torch.backends.cuda.matmul.allow_tf32`` as torch.mm does (IEEE float32 by default).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor, nn
+
+from ._common import INTERPRET, autotuning
+
+#: Widest layer (inputs and outputs included) the kernel takes: tiles of 128x128 float32
+#: weights are what registers and shared memory hold.
+MAX_WIDTH = 128
+#: Rows of the scratch tile reserved per program: the largest BLOCK_M of any configuration.
+_MAX_BLOCK_M = 128
+_ALIGN = 4  # gradient segments start on 16 bytes, for the vectorised Adam kernels
+
+
+def _configs():
+    if not autotuning():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=2)
+            for m, k, w in ((32, 16, 4), (64, 16, 4), (64, 32, 4), (128, 16, 8), (128, 32, 8))]
+
+
+def _prune(configs, named_args, **kwargs):
+    # 128-wide layers: a (128, 128) float32 activation tile is 64 KB; keep to 64 rows.
+    d = kwargs.get("D", named_args.get("D", 0))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * d <= 64 * 128]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _dot_chunks(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, n_rows, n_k, n_cols,
+                ROWS: tl.constexpr, D: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """A[ROWS, K] @ B[K, D] in chunks of BLOCK_K along K (a loop, not unrolled: the compiled
+    kernel stays small), zero outside (n_rows, n_k, n_cols)."""
+    r = tl.arange(0, ROWS)
+    c = tl.arange(0, D)
+    k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((ROWS, D), dtype=tl.float32)
+    for k0 in range(0, n_k, BLOCK_K):
+        kk = k0 + k
+        a = tl.load(a_ptr + r[:, None].to(tl.int64) * stride_am + kk[None, :] * stride_ak,
+                    mask=(r[:, None] < n_rows) & (kk[None, :] < n_k), other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + c[None, :] * stride_bn,
+                    mask=(kk[:, None] < n_k) & (c[None, :] < n_cols), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.autotune(configs=_configs(), key=["M_KEY", "D", "L", "TRAIN"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _mlp_kernel(
+    x_ptr, y_ptr, out_ptr, w_addr_ptr, b_addr_ptr, dims_ptr, goff_ptr, scratch_ptr, part_ptr,
+    M, M_KEY, S, scratch_stride, stride_xm, stride_xk, stride_ym, stride_yn, stride_om, stride_on, grad_scale,
+    L: tl.constexpr, D: tl.constexpr, RELU_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, TRAIN: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    cols = tl.arange(0, D)
+    tile_rows = tl.arange(0, BLOCK_M)
+    n_y = tl.load(dims_ptr + L)
+    part = part_ptr + pid.to(tl.int64) * S
+    # This program's scratch: slot l < L - 1 holds layer l's output, slot L - 1 the gradient
+    # being propagated, each (BLOCK_M, D) row-major.
+    scratch = scratch_ptr + pid.to(tl.int64) * scratch_stride
+    tile_offs = tile_rows[:, None] * D + cols[None, :]
+    g_slot = scratch + (L - 1) * BLOCK_M * D
+    if TRAIN:  # this program's partial gradients start at zero
+        for s0 in range(0, S, 1024):
+            offs = s0 + tl.arange(0, 1024)
+            tl.store(part + offs, tl.zeros((1024,), dtype=tl.float32), mask=offs < S)
+    loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+
+    for tile in range(pid, tl.cdiv(M, BLOCK_M), programs):
+        # Scratch and partial rows are shared by the program's threads, which map them
+        # differently from one use to the next: a barrier between writing and reading.
+        tl.debug_barrier()
+        row0 = tile * BLOCK_M
+        rows = row0 + tile_rows
+        row_ok = rows < M
+        n_rows = tl.minimum(M - row0, BLOCK_M)
+        x_tile = x_ptr + row0.to(tl.int64) * stride_xm
+        for l in tl.static_range(L):
+            n_in = tl.load(dims_ptr + l)
+            n_out = tl.load(dims_ptr + l + 1)
+            w = tl.load(w_addr_ptr + l).to(tl.pointer_type(tl.float32))
+            if l == 0:
+                h = _dot_chunks(x_tile, stride_xm, stride_xk, w, 1, n_in, n_rows, n_in, n_out,
+                                BLOCK_M, D, BLOCK_K, PRECISION)
+            else:  # W_l^T: element (k, n) at w + n * n_in + k
+                h = _dot_chunks(scratch + (l - 1) * BLOCK_M * D, D, 1, w, 1, n_in, BLOCK_M, n_in, n_out,
+                                BLOCK_M, D, BLOCK_K, PRECISION)
+            if HAS_BIAS:
+                b = tl.load(b_addr_ptr + l).to(tl.pointer_type(tl.float32))
+                h += tl.load(b + cols, mask=cols < n_out, other=0.0)[None, :]
+            if (RELU_MASK >> l) & 1:
+                h = tl.where(h < 0, 0.0, h)  # NaN stays NaN, as torch.relu
+            if l < L - 1:
+                tl.store(scratch + l * BLOCK_M * D + tile_offs, h)
+                tl.debug_barrier()
+
+        y_ok = row_ok[:, None] & (cols[None, :] < n_y)
+        if not TRAIN:
+            tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on, h, mask=y_ok)
+        else:
+            y = tl.load(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :] * stride_yn, mask=y_ok, other=0.0)
+            d = tl.where(y_ok, h - y, 0.0)
+            loss += tl.sum(d * d, axis=1)
+            g = d * grad_scale
+            for i in tl.static_range(L):
+                l = L - 1 - i
+                n_in = tl.load(dims_ptr + l)
+                n_out = tl.load(dims_ptr + l + 1)
+                if (RELU_MASK >> l) & 1:  # the mask of this layer's own output
+                    if l == L - 1:
+                        g = tl.where(h > 0, g, 0.0)
+                    else:
+                        g = tl.where(tl.load(scratch + l * BLOCK_M * D + tile_offs) > 0, g, 0.0)
+                if HAS_BIAS:
+                    gb_ptrs = part + tl.load(goff_ptr + 2 * l + 1) + cols
+                    tl.store(gb_ptrs, tl.load(gb_ptrs, mask=cols < n_out, other=0.0) + tl.sum(g, axis=0),
+                             mask=cols < n_out)
+                tl.debug_barrier()  # the previous layer's reads of the gradient slot are done
+                tl.store(g_slot + tile_offs, g)
+                tl.debug_barrier()
+                # dW_l (n_out, n_in) += g^T @ a, a this layer's input, summed over the tile's rows
+                if l == 0:
+                    gw = _dot_chunks(g_slot, 1, D, x_tile, stride_xm, stride_xk, n_out, n_rows, n_in,
+                                     D, D, BLOCK_K, PRECISION)
+                else:
+                    gw = _dot_chunks(g_slot, 1, D, scratch + (l - 1) * BLOCK_M * D, D, 1, n_out, BLOCK_M, n_in,
+                                     D, D, BLOCK_K, PRECISION)
+                gw_ptrs = part + tl.load(goff_ptr + 2 * l) + cols[:, None] * n_in + cols[None, :]
+                gw_ok = (cols[:, None] < n_out) & (cols[None, :] < n_in)
+                tl.store(gw_ptrs, tl.load(gw_ptrs, mask=gw_ok, other=0.0) + gw, mask=gw_ok)
+                if l > 0:  # the gradient for the layer below: g @ W_l, W_l (n_out, n_in) as stored
+                    w = tl.load(w_addr_ptr + l).to(tl.pointer_type(tl.float32))
+                    g = _dot_chunks(g_slot, D, 1, w, n_in, 1, BLOCK_M, n_out, n_in, BLOCK_M, D, BLOCK_K, PRECISION)
+    if TRAIN:
+        tl.store(part + S - 1, tl.sum(loss, axis=0))
+
+
+@triton.jit
+def _sum_rows_kernel(part_ptr, out_ptr, programs, S, BLOCK: tl.constexpr):
+    """out[s] = sum over p of part[p, s], p in order."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < S
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = part_ptr + offs
+    for _ in range(0, programs):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += S  # pointer arithmetic is 64-bit: no overflow on large buffers
+    tl.store(out_ptr + offs, acc, mask=ok)
+
+
+def unsupported_reason(layers: Sequence[Tuple[nn.Linear, bool]]) -> Optional[str]:
+    """Why the fused kernel cannot train these layers (None: it can)."""
+    widths = [layers[0][0].in_features] + [lin.out_features for lin, _ in layers]
+    if max(widths) > MAX_WIDTH:
+        return f"the fused MLP kernel takes widths up to {MAX_WIDTH}; this model has {max(widths)}"
+    if min(widths) < 1:
+        return "the fused MLP kernel needs layers of width >= 1"
+    biases = {lin.bias is not None for lin, _ in layers}
+    if len(biases) > 1:
+        return "the fused MLP kernel needs a bias on every layer or on none"
+    for lin, _ in layers:
+        for p in (lin.weight, lin.bias):
+            if p is not None and (p.dtype != torch.float32 or not p.is_contiguous()):
+                return "the fused MLP kernel takes contiguous float32 parameters"
+    device = layers[0][0].weight.device.type
+    if device != ("cpu" if INTERPRET else "cuda"):
+        return f"the fused MLP kernel runs on {'cpu (TRITON_INTERPRET=1)' if INTERPRET else 'cuda'}, not {device}"
+    return None
+
+
+def _precision() -> str:
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+class FusedMLP:
+    """The tables and buffers the kernels need for one model's layers (built once; the
+    kernels read the parameters through their addresses, so the tensors must stay put)."""
+
+    def __init__(self, layers: Sequence[Tuple[nn.Linear, bool]], programs: Optional[int] = None):
+        why = unsupported_reason(layers)
+        if why:
+            raise ValueError(why)
+        self.layers = list(layers)
+        device = layers[0][0].weight.device
+        self.widths = [layers[0][0].in_features] + [lin.out_features for lin, _ in layers]
+        self.L = len(layers)
+        self.D = max(16, triton.next_power_of_2(max(self.widths)))  # tl.dot needs 16
+        self.has_bias = layers[0][0].bias is not None
+        self.relu_mask = sum(1 << i for i, (_, relu) in enumerate(layers) if relu)
+        self.params: List[Tensor] = [p for lin, _ in layers for p in (lin.weight, lin.bias) if p is not None]
+        offsets, goff, at = [], [], 0
+        for p in self.params:
+            offsets.append(at)
+            at += -(-p.numel() // _ALIGN) * _ALIGN
+        self.S = at + 1  # the last slot: the sum of squared errors
+        per_layer = 2 if self.has_bias else 1
+        for i in range(self.L):
+            goff += [offsets[per_layer * i], offsets[per_layer * i + 1] if self.has_bias else 0]
+        as_table = lambda values, dtype: torch.tensor(values, dtype=dtype).to(device)
+        self._w = as_table([lin.weight.data_ptr() for lin, _ in layers], torch.int64)
+        self._b = as_table([lin.bias.data_ptr() if self.has_bias else 0 for lin, _ in layers], torch.int64)
+        self._dims = as_table(self.widths, torch.int32)
+        self._goff = as_table(goff, torch.int64)
+        if programs is None:
+            programs = 4 if INTERPRET else 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        self.programs = programs
+        scratch_stride = self.L * _MAX_BLOCK_M * self.D  # L - 1 hidden outputs and the gradient
+        self._scratch = torch.empty(programs * scratch_stride, dtype=torch.float32, device=device)
+        self._part = torch.empty((programs, self.S), dtype=torch.float32, device=device)
+        self.flat = torch.empty(self.S, dtype=torch.float32, device=device)
+        #: Each parameter's gradient: a view of the flat buffer the step writes.
+        self.grads = [self.flat[o:o + p.numel()].view(p.shape) for o, p in zip(offsets, self.params)]
+
+    def _check_addresses(self) -> None:
+        now = [lin.weight.data_ptr() for lin, _ in self.layers]
+        if now != self._w.tolist():  # .tolist() syncs: only called outside captured graphs
+            raise RuntimeError("aiaas_fast fused MLP: the model's parameters moved since the kernels' tables were built")
+
+    def _launch(self, x: Tensor, y: Optional[Tensor], out: Optional[Tensor], train: bool) -> None:
+        M = x.shape[0]
+        y_ = y if y is not None else x
+        out_ = out if out is not None else x
+        # Training: every program zeroes its partial row, so all of them run. Inference: no
+        # more programs than tiles, and no more than the scratch has room for.
+        grid = (self.programs,) if train else (lambda meta: (min(self.programs, triton.cdiv(M, meta["BLOCK_M"])),))
+        _mlp_kernel[grid](
+            x, y_, out_, self._w, self._b, self._dims, self._goff, self._scratch, self._part,
+            M, 1 << max(0, M - 1).bit_length(), self.S, self._scratch.numel() // self.programs,
+            x.stride(0), x.stride(1), y_.stride(0), y_.stride(1), out_.stride(0), out_.stride(1),
+            2.0 / (M * self.widths[-1]),
+            L=self.L, D=self.D, RELU_MASK=self.relu_mask, HAS_BIAS=self.has_bias, TRAIN=train, PRECISION=_precision())
+
+    def loss_and_grads(self, x: Tensor, y: Tensor) -> Tensor:
+        """One pass: the mean squared error of the model on (x, y), as a 0-dim tensor, and its
+        gradients written into :attr:`grads`. No host synchronisation (capturable)."""
+        self._launch(x, y, None, True)
+        block = 1024
+        _sum_rows_kernel[(triton.cdiv(self.S, block),)](self._part, self.flat, self.programs, self.S, BLOCK=block)
+        return self.flat[self.S - 1] / (x.shape[0] * self.widths[-1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.empty((x.shape[0], self.widths[-1]), dtype=torch.float32, device=x.device)
+        if x.shape[0]:
+            self._launch(x, None, out, False)
+        return out

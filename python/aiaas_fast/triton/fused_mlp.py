@@ -53,7 +53,7 @@ def _configs():
     if not autotuning():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=2)
-            for m, k, w in ((32, 16, 4), (64, 16, 4), (64, 32, 4), (128, 16, 8), (128, 32, 8))]
+            for m, k, w in ((32, 16, 4), (64, 16, 4), (128, 32, 8))]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -82,25 +82,32 @@ def _dot_chunks(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, n_rows
     return acc
 
 
-@triton.autotune(configs=_configs(), key=["M_KEY", "D", "L", "TRAIN"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _relu_keep(relu_ptr, l, out):
+    """Where layer l's gradient passes: everywhere without ReLU, else where its output > 0."""
+    return (tl.load(relu_ptr + l) == 0) | (out > 0)
+
+
+@triton.autotune(configs=_configs(), key=["M_KEY", "D", "TRAIN"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _mlp_kernel(
-    x_ptr, y_ptr, out_ptr, w_addr_ptr, b_addr_ptr, dims_ptr, goff_ptr, scratch_ptr, part_ptr,
-    M, M_KEY, S, scratch_stride, stride_xm, stride_xk, stride_ym, stride_yn, stride_om, stride_on, grad_scale,
-    L: tl.constexpr, D: tl.constexpr, RELU_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, TRAIN: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, y_ptr, out_ptr, w_addr_ptr, b_addr_ptr, dims_ptr, relu_ptr, goff_ptr, scratch_ptr, part_ptr,
+    L, M, M_KEY, S, scratch_stride, stride_xm, stride_xk, stride_ym, stride_yn, stride_om, stride_on, grad_scale,
+    D: tl.constexpr, HAS_BIAS: tl.constexpr, TRAIN: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, D)
     tile_rows = tl.arange(0, BLOCK_M)
+    tile_offs = tile_rows[:, None] * D + cols[None, :]
     n_y = tl.load(dims_ptr + L)
     part = part_ptr + pid.to(tl.int64) * S
-    # This program's scratch: slot l < L - 1 holds layer l's output, slot L - 1 the gradient
-    # being propagated, each (BLOCK_M, D) row-major.
+    # This program's scratch, (BLOCK_M, D) row-major slots: slot l holds layer l's output,
+    # slot L the gradient being propagated. Layers run in a loop, not unrolled: the
+    # kernel is compiled once per padded width D whatever the depth.
     scratch = scratch_ptr + pid.to(tl.int64) * scratch_stride
-    tile_offs = tile_rows[:, None] * D + cols[None, :]
-    g_slot = scratch + (L - 1) * BLOCK_M * D
+    g_slot = scratch + L * BLOCK_M * D
     if TRAIN:  # this program's partial gradients start at zero
         for s0 in range(0, S, 1024):
             offs = s0 + tl.arange(0, 1024)
@@ -116,24 +123,28 @@ def _mlp_kernel(
         row_ok = rows < M
         n_rows = tl.minimum(M - row0, BLOCK_M)
         x_tile = x_ptr + row0.to(tl.int64) * stride_xm
-        for l in tl.static_range(L):
-            n_in = tl.load(dims_ptr + l)
-            n_out = tl.load(dims_ptr + l + 1)
-            w = tl.load(w_addr_ptr + l).to(tl.pointer_type(tl.float32))
-            if l == 0:
-                h = _dot_chunks(x_tile, stride_xm, stride_xk, w, 1, n_in, n_rows, n_in, n_out,
-                                BLOCK_M, D, BLOCK_K, PRECISION)
-            else:  # W_l^T: element (k, n) at w + n * n_in + k
+
+        # Forward. W_l (n_out, n_in) row-major, so W_l^T's element (k, n) is at n * n_in + k.
+        n_in = tl.load(dims_ptr)
+        n_out = tl.load(dims_ptr + 1)
+        h = _dot_chunks(x_tile, stride_xm, stride_xk, tl.load(w_addr_ptr).to(tl.pointer_type(tl.float32)), 1, n_in,
+                        n_rows, n_in, n_out, BLOCK_M, D, BLOCK_K, PRECISION)
+        for l in range(0, L):
+            if l > 0:
+                n_in = tl.load(dims_ptr + l)
+                n_out = tl.load(dims_ptr + l + 1)
+                w = tl.load(w_addr_ptr + l).to(tl.pointer_type(tl.float32))
                 h = _dot_chunks(scratch + (l - 1) * BLOCK_M * D, D, 1, w, 1, n_in, BLOCK_M, n_in, n_out,
                                 BLOCK_M, D, BLOCK_K, PRECISION)
             if HAS_BIAS:
                 b = tl.load(b_addr_ptr + l).to(tl.pointer_type(tl.float32))
                 h += tl.load(b + cols, mask=cols < n_out, other=0.0)[None, :]
-            if (RELU_MASK >> l) & 1:
-                h = tl.where(h < 0, 0.0, h)  # NaN stays NaN, as torch.relu
-            if l < L - 1:
+            h = tl.where((tl.load(relu_ptr + l) != 0) & (h < 0), 0.0, h)  # NaN stays NaN, as torch.relu
+            if TRAIN:
                 tl.store(scratch + l * BLOCK_M * D + tile_offs, h)
-                tl.debug_barrier()
+            elif l < L - 1:
+                tl.store(scratch + l * BLOCK_M * D + tile_offs, h)
+            tl.debug_barrier()
 
         y_ok = row_ok[:, None] & (cols[None, :] < n_y)
         if not TRAIN:
@@ -143,20 +154,17 @@ def _mlp_kernel(
             d = tl.where(y_ok, h - y, 0.0)
             loss += tl.sum(d * d, axis=1)
             g = d * grad_scale
-            for i in tl.static_range(L):
+            # Backward, from the last layer down to layer 1; layer 0 (input x) after the loop.
+            for i in range(0, L):
                 l = L - 1 - i
                 n_in = tl.load(dims_ptr + l)
                 n_out = tl.load(dims_ptr + l + 1)
-                if (RELU_MASK >> l) & 1:  # the mask of this layer's own output
-                    if l == L - 1:
-                        g = tl.where(h > 0, g, 0.0)
-                    else:
-                        g = tl.where(tl.load(scratch + l * BLOCK_M * D + tile_offs) > 0, g, 0.0)
+                g = tl.where(_relu_keep(relu_ptr, l, tl.load(scratch + l * BLOCK_M * D + tile_offs)), g, 0.0)
                 if HAS_BIAS:
                     gb_ptrs = part + tl.load(goff_ptr + 2 * l + 1) + cols
                     tl.store(gb_ptrs, tl.load(gb_ptrs, mask=cols < n_out, other=0.0) + tl.sum(g, axis=0),
                              mask=cols < n_out)
-                tl.debug_barrier()  # the previous layer's reads of the gradient slot are done
+                tl.debug_barrier()  # the reads of the gradient slot by the layer above are done
                 tl.store(g_slot + tile_offs, g)
                 tl.debug_barrier()
                 # dW_l (n_out, n_in) += g^T @ a, a this layer's input, summed over the tile's rows
@@ -227,7 +235,6 @@ class FusedMLP:
         self.L = len(layers)
         self.D = max(16, triton.next_power_of_2(max(self.widths)))  # tl.dot needs 16
         self.has_bias = layers[0][0].bias is not None
-        self.relu_mask = sum(1 << i for i, (_, relu) in enumerate(layers) if relu)
         self.params: List[Tensor] = [p for lin, _ in layers for p in (lin.weight, lin.bias) if p is not None]
         offsets, goff, at = [], [], 0
         for p in self.params:
@@ -241,11 +248,12 @@ class FusedMLP:
         self._w = as_table([lin.weight.data_ptr() for lin, _ in layers], torch.int64)
         self._b = as_table([lin.bias.data_ptr() if self.has_bias else 0 for lin, _ in layers], torch.int64)
         self._dims = as_table(self.widths, torch.int32)
+        self._relu = as_table([int(relu) for _, relu in layers], torch.int32)
         self._goff = as_table(goff, torch.int64)
         if programs is None:
             programs = 4 if INTERPRET else 2 * torch.cuda.get_device_properties(device).multi_processor_count
         self.programs = programs
-        scratch_stride = self.L * _MAX_BLOCK_M * self.D  # L - 1 hidden outputs and the gradient
+        scratch_stride = (self.L + 1) * _MAX_BLOCK_M * self.D  # each layer's output and the gradient
         self._scratch = torch.empty(programs * scratch_stride, dtype=torch.float32, device=device)
         self._part = torch.empty((programs, self.S), dtype=torch.float32, device=device)
         self.flat = torch.empty(self.S, dtype=torch.float32, device=device)
@@ -265,11 +273,11 @@ class FusedMLP:
         # more programs than tiles, and no more than the scratch has room for.
         grid = (self.programs,) if train else (lambda meta: (min(self.programs, triton.cdiv(M, meta["BLOCK_M"])),))
         _mlp_kernel[grid](
-            x, y_, out_, self._w, self._b, self._dims, self._goff, self._scratch, self._part,
-            M, 1 << max(0, M - 1).bit_length(), self.S, self._scratch.numel() // self.programs,
+            x, y_, out_, self._w, self._b, self._dims, self._relu, self._goff, self._scratch, self._part,
+            self.L, M, 1 << max(0, M - 1).bit_length(), self.S, self._scratch.numel() // self.programs,
             x.stride(0), x.stride(1), y_.stride(0), y_.stride(1), out_.stride(0), out_.stride(1),
             2.0 / (M * self.widths[-1]),
-            L=self.L, D=self.D, RELU_MASK=self.relu_mask, HAS_BIAS=self.has_bias, TRAIN=train, PRECISION=_precision())
+            D=self.D, HAS_BIAS=self.has_bias, TRAIN=train, PRECISION=_precision())
 
     def loss_and_grads(self, x: Tensor, y: Tensor) -> Tensor:
         """One pass: the mean squared error of the model on (x, y), as a 0-dim tensor, and its

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Compiles every Triton kernel of aiaas_fast for the GPUs we target (Hopper sm_90, Ampere
+sm_80) down to a cubin, on a machine without a GPU: the build check for the Triton backend.
+
+CI runs the kernels under TRITON_INTERPRET=1, which checks their numerics but not that
+Triton's compiler accepts them: the interpreter runs constructs the compiler refuses, and
+compile time or register use can explode in ways the interpreter never shows. This runs
+Triton's real pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas) for the kernels' autotuning
+configurations and constexpr variants, in parallel, and fails on the first kernel that does
+not compile.
+
+    python scripts/check_triton_kernels.py [--quick] [--jobs N]
+
+``--quick``: one configuration per variant (what the test suite runs). Compiled kernels
+land in Triton's cache, so a second run of unchanged kernels takes seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, NamedTuple
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real (read when aiaas_fast.triton is imported)
+
+
+class Case(NamedTuple):
+    module: str      # aiaas_fast.triton.<module>
+    kernel: str      # its attribute name
+    types: Dict[str, str]  # non-int arguments: Triton signature types ("*fp32", "fp32", ...)
+    consts: Dict[str, object]
+    warps: int
+    stages: int
+    arch: int
+
+    def label(self) -> str:
+        shown = ",".join(f"{k}={v}" for k, v in self.consts.items())
+        return f"sm_{self.arch} {self.module}.{self.kernel}[{shown}] warps={self.warps} stages={self.stages}"
+
+
+def _configs(module: str, kernel: str):
+    import importlib
+
+    k = getattr(importlib.import_module(f"aiaas_fast.triton.{module}"), kernel)
+    return [(c.kwargs, c.num_warps, c.num_stages) for c in getattr(k, "configs", [])]
+
+
+def cases(quick: bool) -> List[Case]:
+    out: List[Case] = []
+    # linear_relu: one matrix-product kernel in four modes, four input types.
+    mm_configs = _configs("linear_relu", "_matmul_kernel")
+    modes = {
+        "forward": dict(MASK_A=False, HAS_BIAS=True, RELU=True, ROWSUM=False, WRITE_C=True),
+        "grad_x": dict(MASK_A=True, HAS_BIAS=False, RELU=False, ROWSUM=False, WRITE_C=True),
+        "grad_w": dict(MASK_A=True, HAS_BIAS=False, RELU=False, ROWSUM=True, WRITE_C=True),
+        "grad_b": dict(MASK_A=True, HAS_BIAS=False, RELU=False, ROWSUM=True, WRITE_C=False),
+    }
+    inputs = {"bf16": "tf32", "fp16": "tf32", "fp32": "ieee", "fp32-tf32": "tf32"}
+    for arch in (90, 80):
+        for mode, flags in modes.items():
+            for dtype, precision in inputs.items():
+                ty = dtype.split("-")[0]
+                types = {"a_ptr": f"*{ty}", "b_ptr": f"*{ty}", "c_ptr": f"*{ty}", "mask_ptr": f"*{ty}",
+                         "bias_ptr": f"*{ty}", "rowsum_ptr": "*fp32"}
+                # Every configuration for the modes the benchmarks time, on Hopper; one otherwise.
+                every = not quick and arch == 90 and dtype in ("bf16", "fp32") and mode in ("forward", "grad_w")
+                for kw, warps, stages in (mm_configs if every else mm_configs[-1:]):
+                    consts = dict(flags, PRECISION=precision, UPCAST=False, **kw)
+                    out.append(Case("linear_relu", "_matmul_kernel", types, consts, warps, stages, arch))
+    # mse_loss: the one-pass kernel per dtype and output, the block-sum kernel.
+    for arch in (90, 80):
+        for ty in ("fp32", "bf16", "fp16"):
+            for grad, elems in ((True, False), (False, True)):
+                types = {"x_ptr": f"*{ty}", "t_ptr": f"*{ty}", "grad_ptr": f"*{ty}", "elems_ptr": f"*{ty}",
+                         "partial_ptr": "*fp32", "grad_scale": "fp32"}
+                out.append(Case("mse_loss", "_mse_kernel", types, dict(WRITE_GRAD=grad, WRITE_ELEMS=elems, BLOCK=4096),
+                                8, 3, arch))
+            out.append(Case("mse_loss", "_sum_kernel", {"partial_ptr": "*fp32", "loss_ptr": f"*{ty}", "scale": "fp32"},
+                            dict(BLOCK=1024), 4, 3, arch))
+    # adam: parameter/state types, weight decay modes, amsgrad.
+    adam_types = {"addr_ptr": "*i64", "numel_ptr": "*i64", "scalar_ptr": "*fp32", "blk_tensor_ptr": "*i32",
+                  "blk_index_ptr": "*i32", **{k: "fp32" for k in ("beta2", "one_minus_beta2", "lerp_weight", "eps",
+                                                                    "weight_decay", "decay", "sign")}}
+    for arch in (90, 80):
+        for p, s, wd, ams in ((0, 0, 0, False), (0, 0, 1, True), (1, 0, 2, False), (2, 0, 0, True), (1, 1, 2, False)):
+            out.append(Case("adam", "_adam_kernel", adam_types,
+                            dict(P_CODE=p, S_CODE=s, WD_MODE=wd, AMSGRAD=ams, LERP_LOW=True, BLOCK=2048), 4, 3, arch))
+    # fused_mlp: each padded width, training and inference, IEEE and TF32 products.
+    from aiaas_fast.triton import fused_mlp
+
+    mlp_types = {"x_ptr": "*fp32", "y_ptr": "*fp32", "out_ptr": "*fp32", "w_addr_ptr": "*i64", "b_addr_ptr": "*i64",
+                 "dims_ptr": "*i32", "relu_ptr": "*i32", "goff_ptr": "*i64", "scratch_ptr": "*fp32", "part_ptr": "*fp32",
+                 "grad_scale": "fp32"}
+    mlp_configs = _configs("fused_mlp", "_mlp_kernel")
+    for arch in (90, 80):
+        for d in (16, 32, 64, 128):
+            fits = [(kw, w, s) for kw, w, s in mlp_configs if kw["BLOCK_M"] * d <= 64 * 128]
+            for train in (True, False):
+                for precision in ("ieee", "tf32"):
+                    every = not quick and arch == 90 and train and precision == "ieee"
+                    for kw, warps, stages in (fits if every else fits[:1]):
+                        consts = dict(D=d, HAS_BIAS=True, TRAIN=train, PRECISION=precision, **kw)
+                        out.append(Case("fused_mlp", "_mlp_kernel", mlp_types, consts, warps, stages, arch))
+        out.append(Case("fused_mlp", "_sum_rows_kernel", {"part_ptr": "*fp32", "out_ptr": "*fp32"}, dict(BLOCK=1024),
+                        4, 3, arch))
+    assert fused_mlp.MAX_WIDTH == 128  # the widths above cover every D the kernel is launched with
+    return out
+
+
+def compile_case(case: Case) -> tuple:
+    """(label, seconds, error or None)."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    start = time.perf_counter()
+    try:
+        jit = getattr(importlib.import_module(f"aiaas_fast.triton.{case.module}"), case.kernel)
+        fn = jit
+        while not hasattr(fn, "params"):  # an autotuned kernel wraps the JIT function
+            fn = fn.fn
+        wanted = {p.name for p in fn.params if p.is_constexpr}
+        if wanted != set(case.consts):
+            raise ValueError(f"the case's constexprs {sorted(case.consts)} are not the kernel's {sorted(wanted)}")
+        signature = {name: "constexpr" if name in case.consts else case.types.get(name, "i32") for name in fn.arg_names}
+        src = ASTSource(fn=fn, signature=signature, constexprs=dict(case.consts))
+        compiled = triton.compile(src, target=GPUTarget("cuda", case.arch, 32),
+                                  options={"num_warps": case.warps, "num_stages": case.stages})
+        if not compiled.asm.get("cubin"):
+            raise RuntimeError("no cubin produced")
+        return case.label(), time.perf_counter() - start, None
+    except Exception as e:  # report every failure, with its message
+        return case.label(), time.perf_counter() - start, f"{type(e).__name__}: {str(e).strip()[:2000]}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one configuration per kernel variant")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations (default: CPUs)")
+    args = parser.parse_args(argv)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("check_triton_kernels: Triton is not installed (pip install triton)", file=sys.stderr)
+        return 2
+    todo = cases(args.quick)
+    start = time.perf_counter()
+    failed = 0
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for label, seconds, error in pool.map(compile_case, todo):
+            print(f"{'ok  ' if error is None else 'FAIL'} {seconds:6.1f}s  {label}", flush=True)
+            if error:
+                failed += 1
+                print(f"      {error}", flush=True)
+    print(f"check_triton_kernels: {len(todo) - failed}/{len(todo)} compiled for sm_90/sm_80 "
+          f"in {time.perf_counter() - start:.0f}s (triton {__import__('triton').__version__})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

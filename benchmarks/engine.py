@@ -16,8 +16,9 @@ Every table has the achieved GFLOP/s (6 x batch x weights per step) beside torch
 layer's shape and at 1024^3 (the machine's product ceiling), timed in the same run.
 ``--sweep`` times the engine's two kernel paths (hand kernels, BLAS) over widths and batches:
 the measurement behind the engine's switch point. ``--device cuda`` times the single-model
-table on the GPU (the engine there: a captured CUDA graph), for the seed network and a
-64-wide, 4-hidden-layer MLP at batch 65536.
+table on the GPU, for the seed network and a 64-wide, 4-hidden-layer MLP at batch 65536:
+the engine there is a captured CUDA graph of the fused MLP kernel, and, for comparison,
+a graph of the fused ops (``path="graph"``).
 """
 from __future__ import annotations
 
@@ -58,6 +59,10 @@ def single_providers(widths, batch, compile_ok, steps_per_run, device="cpu"):
     eng_run = Engine(fresh(), lr=1e-3)
     X, Y = x.repeat(steps_per_run, 1), y.repeat(steps_per_run, 1)
     out["engine run()"] = (lambda: eng_run.run(X, Y, epochs=1, batch_size=batch, shuffle=False), steps_per_run)
+    if device.startswith("cuda") and eng.layer_paths(batch)[0] == "cuda-fused-mlp":
+        # The other CUDA path, for comparison: the fused ops and autograd in the same graph.
+        eng_graph = Engine(fresh(), lr=1e-3, path="graph")
+        out["engine step(), graph of ops"] = (lambda: eng_graph.step(x, y), 1)
     return out, eng.layer_paths(batch)
 
 

@@ -536,6 +536,22 @@ def test_cuda_graph_engine_logic_with_the_capture_replaced_by_eager_calls(path):
     x, y = X[:9], Y[:9]
     assert core.step(x, y) == pytest.approx(torch_steps(ref, [(x, y)], ref_opt)[0], rel=1e-5)
     assert_same_weights(model, ref)
+    with torch.no_grad():
+        torch.testing.assert_close(core.predict(X), model(X), rtol=1e-5, atol=1e-6)
+
+
+@needs_triton_interpreter
+def test_cuda_engine_paths_are_checked():
+    from aiaas_fast.engine_cuda import CudaGraphEngine
+
+    for widths, path, error, match in (([3, 4, 1], "small", ValueError, "path on CUDA"),
+                                       ([3, 200, 1], "fused", UnsupportedModel, "widths up to 128")):
+        model = sequential(widths)
+        engine = Engine(model)
+        with pytest.raises(error, match=match):
+            CudaGraphEngine(mlp_layers(model), list(model.parameters()), engine.state, engine._hyper, path=path)
+    wide = sequential([3, 200, 1])
+    assert CudaGraphEngine(mlp_layers(wide), list(wide.parameters()), Engine(wide).state, {}, path="auto").path == "graph"
 
 
 def test_replaced_parameters_are_refused_not_trained_silently():

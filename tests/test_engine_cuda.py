@@ -21,12 +21,17 @@ def ieee_float32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-@pytest.mark.parametrize("widths,batch", [([10, 20, 1], 64), ([13, 37, 5, 3], 67), ([64, 64, 64, 64, 64, 1], 512)])
-def test_graph_steps_match_pytorch(widths, batch):
+PATHS = {"fused": "cuda-fused-mlp", "graph": "cuda-graph"}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("widths,batch", [([10, 20, 1], 64), ([13, 37, 5, 3], 67), ([64, 64, 64, 64, 64, 1], 512),
+                                          ([20, 128, 128, 1], 1000)])
+def test_graph_steps_match_pytorch(widths, batch, path):
     model = sequential(widths, device="cuda")
     ref = copy.deepcopy(model)
-    engine = Engine(model, lr=1e-2)
-    assert engine.layer_paths(batch) == ["cuda-graph"] * (len(widths) - 1)
+    engine = Engine(model, lr=1e-2, path=path)
+    assert engine.layer_paths(batch) == [PATHS[path]] * (len(widths) - 1)
     g = torch.Generator(device="cuda").manual_seed(1)
     data = [(torch.randn(batch, widths[0], device="cuda", generator=g), torch.randn(batch, widths[-1], device="cuda", generator=g))
             for _ in range(5)]
@@ -36,13 +41,14 @@ def test_graph_steps_match_pytorch(widths, batch):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
-def test_graph_run_with_a_partial_batch_and_a_shared_optimizer():
+@pytest.mark.parametrize("path", list(PATHS))
+def test_graph_run_with_a_partial_batch_and_a_shared_optimizer(path):
     model = sequential([7, 19, 2], device="cuda")
     ref = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     X, Y = torch.randn(103, 7, device="cuda"), torch.randn(103, 2, device="cuda")
     rows = torch.randperm(103)
-    losses = Engine(model, opt).run(X, Y, epochs=2, batch_size=20, shuffle=False, rows=rows)
+    losses = Engine(model, opt, path=path).run(X, Y, epochs=2, batch_size=20, shuffle=False, rows=rows)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
     expected = []
     for _ in range(2):
@@ -64,3 +70,20 @@ def test_fit_on_cuda_uses_the_graph_engine_only_when_asked():
     ha = aiaas_fast.fit(a, x, y, epochs=3, engine="compiled", progress=False)
     hb = aiaas_fast.fit(b, x, y, epochs=3, engine="ops", progress=False)
     assert ha.engine == "compiled" and ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-4)
+
+
+def test_auto_takes_the_fused_kernel_where_it_fits_and_the_graph_of_ops_beyond():
+    assert Engine(sequential([10, 20, 1], device="cuda")).layer_paths(64) == ["cuda-fused-mlp"] * 2
+    assert Engine(sequential([10, 200, 1], device="cuda")).layer_paths(64) == ["cuda-graph"] * 2
+    with pytest.raises(aiaas_fast.engine.UnsupportedModel, match="up to 128"):
+        Engine(sequential([10, 200, 1], device="cuda"), path="fused")
+    with pytest.raises(ValueError, match="path on CUDA"):
+        Engine(sequential([10, 20, 1], device="cuda"), path="small")
+
+
+def test_fused_engine_predict_matches_the_model():
+    model = sequential([9, 33, 3], final_relu=True, device="cuda")
+    engine = Engine(model)
+    x = torch.randn(1000, 9, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(engine.predict(x), model(x), rtol=1e-5, atol=1e-6)

@@ -46,3 +46,15 @@ def test_report_from_a_synthetic_run(tmp_path):
     assert any(row["provider"] == "triton" for row in data["benchmarks"])
     assert data["build_info"]["version"]
     assert "tests: 10 run, 1 failed" in r.stdout
+
+
+def test_every_gpu_test_file_is_in_the_script():
+    # A GPU test file left out of the script's pytest list would never run anywhere.
+    import re
+
+    script = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
+    listed = set(re.findall(r"tests/(test_\w+\.py)", script))
+    for name in listed:
+        assert os.path.exists(os.path.join(ROOT, "tests", name)), f"gpu_check.sh runs tests/{name}, which does not exist"
+    for name in ("test_cuda_ops.py", "test_engine_cuda.py", "test_fused_mlp.py", "test_backends.py"):
+        assert name in listed, f"tests/{name} has GPU cases but gpu_check.sh does not run it"

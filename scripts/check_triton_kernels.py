@@ -9,21 +9,31 @@ Triton's real pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas) for the kernels' 
 configurations and constexpr variants, in parallel, and fails on the first kernel that does
 not compile.
 
-    python scripts/check_triton_kernels.py [--quick] [--jobs N]
+    python scripts/check_triton_kernels.py [--quick] [--registers] [--jobs N]
 
-``--quick``: one configuration per variant (what the test suite runs). Compiled kernels
-land in Triton's cache, so a second run of unchanged kernels takes seconds.
+``--quick``: one configuration per variant (what the test suite runs). ``--registers``:
+also each kernel's registers and spills, from ptxas -v (Triton's own ptxas). Every line
+gives the kernel's shared memory; a kernel that needs more than the architecture has
+fails, unless it is one configuration of an autotuned kernel (autotuning skips those).
+Compiled kernels land in Triton's cache, so a second run of unchanged kernels takes seconds.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, NamedTuple
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real (read when aiaas_fast.triton is imported)
+
+
+#: Shared memory a block may use (bytes): H100/H200 227 KB, A100 163 KB.
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 
 class Case(NamedTuple):
@@ -34,6 +44,7 @@ class Case(NamedTuple):
     warps: int
     stages: int
     arch: int
+    autotuned: bool = False
 
     def label(self) -> str:
         shown = ",".join(f"{k}={v}" for k, v in self.consts.items())
@@ -68,7 +79,7 @@ def cases(quick: bool) -> List[Case]:
                 every = not quick and arch == 90 and dtype in ("bf16", "fp32") and mode in ("forward", "grad_w")
                 for kw, warps, stages in (mm_configs if every else mm_configs[-1:]):
                     consts = dict(flags, PRECISION=precision, UPCAST=False, **kw)
-                    out.append(Case("linear_relu", "_matmul_kernel", types, consts, warps, stages, arch))
+                    out.append(Case("linear_relu", "_matmul_kernel", types, consts, warps, stages, arch, True))
     # mse_loss: the one-pass kernel per dtype and output, the block-sum kernel.
     for arch in (90, 80):
         for ty in ("fp32", "bf16", "fp16"):
@@ -93,24 +104,39 @@ def cases(quick: bool) -> List[Case]:
     mlp_types = {"x_ptr": "*fp32", "y_ptr": "*fp32", "out_ptr": "*fp32", "w_addr_ptr": "*i64", "b_addr_ptr": "*i64",
                  "dims_ptr": "*i32", "relu_ptr": "*i32", "goff_ptr": "*i64", "scratch_ptr": "*fp32", "part_ptr": "*fp32",
                  "grad_scale": "fp32"}
-    mlp_configs = _configs("fused_mlp", "_mlp_kernel")
     for arch in (90, 80):
-        for d in (16, 32, 64, 128):
-            fits = [(kw, w, s) for kw, w, s in mlp_configs if kw["BLOCK_M"] * d <= 64 * 128]
+        for d in (16, 32, 64, 128):  # the configurations autotuning tries at this width
+            fits = [(c.kwargs, c.num_warps, c.num_stages) for c in fused_mlp._prune(fused_mlp._mlp_kernel.configs, {}, D=d)]
             for train in (True, False):
                 for precision in ("ieee", "tf32"):
                     every = not quick and arch == 90 and train and precision == "ieee"
                     for kw, warps, stages in (fits if every else fits[:1]):
                         consts = dict(D=d, HAS_BIAS=True, TRAIN=train, PRECISION=precision, **kw)
-                        out.append(Case("fused_mlp", "_mlp_kernel", mlp_types, consts, warps, stages, arch))
+                        out.append(Case("fused_mlp", "_mlp_kernel", mlp_types, consts, warps, stages, arch, True))
         out.append(Case("fused_mlp", "_sum_rows_kernel", {"part_ptr": "*fp32", "out_ptr": "*fp32"}, dict(BLOCK=1024),
                         4, 3, arch))
     assert fused_mlp.MAX_WIDTH == 128  # the widths above cover every D the kernel is launched with
     return out
 
 
-def compile_case(case: Case) -> tuple:
-    """(label, seconds, error or None)."""
+def _ptxas_info(ptx: str, arch: int) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    found = get_ptxas(arch)
+    ptxas = getattr(found, "path", None) or found[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", src, "-o", os.devnull],
+                           capture_output=True, text=True, check=False)
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+    return f" regs={regs.group(1) if regs else '?'} spills={spill.group(1) if spill else '?'}B"
+
+
+def compile_case(case: Case, registers: bool = False) -> tuple:
+    """(label, seconds, error or None, details)."""
     import importlib
 
     import triton
@@ -132,14 +158,21 @@ def compile_case(case: Case) -> tuple:
                                   options={"num_warps": case.warps, "num_stages": case.stages})
         if not compiled.asm.get("cubin"):
             raise RuntimeError("no cubin produced")
-        return case.label(), time.perf_counter() - start, None
+        shared = compiled.metadata.shared
+        details = f"smem={shared / 1024:.0f}KB"
+        if registers:
+            details += _ptxas_info(compiled.asm["ptx"], case.arch)
+        if shared > SHARED_LIMIT[case.arch] and not case.autotuned:
+            raise RuntimeError(f"needs {shared} bytes of shared memory; sm_{case.arch} has {SHARED_LIMIT[case.arch]}")
+        return case.label(), time.perf_counter() - start, None, details
     except Exception as e:  # report every failure, with its message
-        return case.label(), time.perf_counter() - start, f"{type(e).__name__}: {str(e).strip()[:2000]}"
+        return case.label(), time.perf_counter() - start, f"{type(e).__name__}: {str(e).strip()[:2000]}", ""
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one configuration per kernel variant")
+    parser.add_argument("--registers", action="store_true", help="also registers and spills (ptxas -v)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations (default: CPUs)")
     args = parser.parse_args(argv)
     try:
@@ -151,8 +184,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     failed = 0
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for label, seconds, error in pool.map(compile_case, todo):
-            print(f"{'ok  ' if error is None else 'FAIL'} {seconds:6.1f}s  {label}", flush=True)
+        for label, seconds, error, details in pool.map(compile_case, todo, [args.registers] * len(todo)):
+            print(f"{'ok  ' if error is None else 'FAIL'} {seconds:6.1f}s  {label}  {details}", flush=True)
             if error:
                 failed += 1
                 print(f"      {error}", flush=True)

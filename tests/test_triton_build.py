@@ -43,7 +43,7 @@ def bad(a_ptr, B: tl.constexpr):
     tl.store(a_ptr + r[:, None] * B + r[None, :], tl.dot(x, x))
 mod = types.ModuleType("aiaas_fast.triton.bad"); mod.bad = bad
 sys.modules["aiaas_fast.triton.bad"] = mod
-label, _, err = c.compile_case(c.Case("bad", "bad", {{"a_ptr": "*fp32"}}, {{"B": 12}}, 4, 2, 90))
+label, _, err, _ = c.compile_case(c.Case("bad", "bad", {{"a_ptr": "*fp32"}}, {{"B": 12}}, 4, 2, 90))
 print("ERROR:", err)
 """
     script = tmp_path / "bad_kernel.py"  # triton.jit reads the kernel's source from its file

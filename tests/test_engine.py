@@ -562,3 +562,7 @@ def test_replaced_parameters_are_refused_not_trained_silently():
     model.load_state_dict(sequential([3, 8, 1], seed=2).state_dict(), assign=True)  # new tensors
     with pytest.raises(RuntimeError, match="parameter tensors were replaced"):
         engine.run(torch.randn(10, 3), torch.randn(10, 1), epochs=1)
+    engine = Engine(model)
+    model[0].weight.data = torch.randn(8, 3)  # same Parameter, new storage
+    with pytest.raises(RuntimeError, match="storage was replaced"):
+        engine.predict(torch.randn(10, 3))

@@ -87,3 +87,13 @@ def test_fused_engine_predict_matches_the_model():
     x = torch.randn(1000, 9, device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(engine.predict(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_parameter_whose_storage_moved_is_refused_before_a_replay():
+    model = sequential([4, 16, 1], device="cuda")
+    engine = Engine(model)
+    x, y = torch.randn(8, 4, device="cuda"), torch.randn(8, 1, device="cuda")
+    engine.step(x, y)
+    model[0].weight.data = torch.randn(16, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="storage was replaced"):
+        engine.step(x, y)

@@ -35,6 +35,7 @@ def reference(model, x, y):
 
 def assert_matches(model, x, y, f=None):
     f = f or fused(model)
+    f.flat.fill_(float("nan"))  # poisoned: every gradient element must be written
     loss = f.loss_and_grads(x, y)
     ref_loss, ref_grads = reference(model, x, y)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
@@ -77,8 +78,9 @@ def test_forward_matches_the_model():
     f = fused(model)
     for rows in (1, 17, 300):
         x = rand(rows, 11, device=DEVICE)
+        out = torch.full((rows, 2), float("nan"), device=DEVICE)  # poisoned: every element must be written
         with torch.no_grad():
-            torch.testing.assert_close(f.forward(x), model(x), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(f.forward(x, out), model(x), rtol=1e-5, atol=1e-6)
     assert f.forward(rand(0, 11, device=DEVICE)).shape == (0, 2)
 
 
@@ -121,3 +123,5 @@ def test_what_the_kernel_refuses():
     assert "float32" in unsupported_reason([(double[0], True), (double[2], False)])
     with pytest.raises(ValueError, match="up to 128"):
         fused(sequential([200, 1], device=DEVICE))
+    with pytest.raises(ValueError, match="at least one row"):
+        fused(sequential([3, 1], device=DEVICE)).loss_and_grads(rand(0, 3, device=DEVICE), rand(0, 1, device=DEVICE))

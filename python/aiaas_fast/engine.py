@@ -163,6 +163,7 @@ class Engine:
             state = [self._fresh_state(p, amsgrad) for p in params]
         self.state = state
         self._params = params
+        self._addresses = [p.data_ptr() for p in params]  # what the kernels (and captured graphs) write
         if params[0].device.type == "cuda":
             from .engine_cuda import CudaGraphEngine
 
@@ -239,6 +240,9 @@ class Engine:
         if len(now) != len(self._params) or any(a is not b for a, b in zip(now, self._params)):
             raise RuntimeError("aiaas_fast.Engine: the model's parameter tensors were replaced after the engine was "
                                "built (e.g. load_state_dict(assign=True)); build a new Engine for the model")
+        if [p.data_ptr() for p in now] != self._addresses:
+            raise RuntimeError("aiaas_fast.Engine: a parameter's storage was replaced after the engine was built "
+                               "(e.g. param.data = ...); build a new Engine for the model")
 
     @property
     def _on_cuda(self) -> bool:
@@ -250,6 +254,10 @@ class Engine:
         Engine; run() and predict() check for it.)"""
         self._sync()
         if self._on_cuda:
+            # The captured graph writes the addresses it was captured with: a parameter whose
+            # storage moved (param.data = ...) would leave the module untrained. ~1 us to check.
+            if [p.data_ptr() for p in self._params] != self._addresses:
+                self._check_params()
             return self._core.step(x, y)
         return float(self._core.step(x, y)[0])
 

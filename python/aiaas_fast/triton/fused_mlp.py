@@ -263,35 +263,37 @@ class FusedMLP:
         #: Each parameter's gradient: a view of the flat buffer the step writes.
         self.grads = [self.flat[o:o + p.numel()].view(p.shape) for o, p in zip(offsets, self.params)]
 
-    def _check_addresses(self) -> None:
-        now = [lin.weight.data_ptr() for lin, _ in self.layers]
-        if now != self._w.tolist():  # .tolist() syncs: only called outside captured graphs
-            raise RuntimeError("aiaas_fast fused MLP: the model's parameters moved since the kernels' tables were built")
-
-    def _launch(self, x: Tensor, y: Optional[Tensor], out: Optional[Tensor], train: bool) -> None:
+    def _launch(self, x: Tensor, y: Optional[Tensor], out: Optional[Tensor], train: bool) -> int:
+        """Launches the kernel; returns the number of programs (rows of the partial buffer)."""
         M = x.shape[0]
         y_ = y if y is not None else x
         out_ = out if out is not None else x
-        # Training: every program zeroes its partial row, so all of them run. Inference: no
-        # more programs than tiles, and no more than the scratch has room for.
-        grid = (self.programs,) if train else (lambda meta: (min(self.programs, triton.cdiv(M, meta["BLOCK_M"])),))
+        # No more programs than tiles of the smallest BLOCK_M, nor than the buffers hold.
+        # Training: each program zeroes its partial row, so all of the grid's rows are valid.
+        programs = min(self.programs, triton.cdiv(M, 16))
+        grid = (programs,) if train else (lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"])),))
         _mlp_kernel[grid](
             x, y_, out_, self._w, self._b, self._dims, self._relu, self._goff, self._scratch, self._part,
             self.L, M, 1 << max(0, M - 1).bit_length(), self.S, self._scratch.numel() // self.programs,
             x.stride(0), x.stride(1), y_.stride(0), y_.stride(1), out_.stride(0), out_.stride(1),
             2.0 / (M * self.widths[-1]),
             D=self.D, HAS_BIAS=self.has_bias, TRAIN=train, PRECISION=_precision())
+        return programs
 
     def loss_and_grads(self, x: Tensor, y: Tensor) -> Tensor:
         """One pass: the mean squared error of the model on (x, y), as a 0-dim tensor, and its
         gradients written into :attr:`grads`. No host synchronisation (capturable)."""
-        self._launch(x, y, None, True)
+        if x.shape[0] == 0:
+            raise ValueError("aiaas_fast fused MLP: a training step needs at least one row")
+        programs = self._launch(x, y, None, True)
         block = 1024
-        _sum_rows_kernel[(triton.cdiv(self.S, block),)](self._part, self.flat, self.programs, self.S, BLOCK=block)
+        _sum_rows_kernel[(triton.cdiv(self.S, block),)](self._part, self.flat, programs, self.S, BLOCK=block)
         return self.flat[self.S - 1] / (x.shape[0] * self.widths[-1])
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = torch.empty((x.shape[0], self.widths[-1]), dtype=torch.float32, device=x.device)
+    def forward(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """The model's output for x (rows, in), written into ``out`` (rows, out) if given."""
+        if out is None:
+            out = torch.empty((x.shape[0], self.widths[-1]), dtype=torch.float32, device=x.device)
         if x.shape[0]:
             self._launch(x, None, out, False)
         return out

@@ -129,10 +129,10 @@ def timed(provs, reps, block, reference="eager (Adam fused)", device="cpu"):
     Inductor's OpenMP code slowed every provider by about 20% on the 2-core machine."""
     fns = {name: fn for name, (fn, _) in provs.items() if name != COMPILED}
     fns["torch.mm ceiling 1024^3"] = mm_fn(1024, 1024, 1024, device=device)
-    times = time_providers(fns, device, reps=reps, block_seconds=block)
+    times = time_providers(fns, device, reps=reps, block_seconds=block, wall_clock=True)
     if COMPILED in provs:
         own = time_providers({reference: provs[reference][0], COMPILED: provs[COMPILED][0]}, device, reps=reps,
-                             block_seconds=block)
+                             block_seconds=block, wall_clock=True)
         scale = times[reference]["y50"] / own[reference]["y50"]
         times[COMPILED] = {k: v * scale for k, v in own[COMPILED].items()}
     per_step = {name: {k: v / provs[name][1] for k, v in times[name].items()} for name in provs}

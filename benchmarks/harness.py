@@ -54,14 +54,17 @@ def _do_bench():
 
 
 def time_providers(fns: Dict[str, Callable[[], object]], device: str = "cpu", reps: int = 9,
-                   block_seconds: float = 0.05, warmup: int = 3) -> Dict[str, Dict[str, float]]:
+                   block_seconds: float = 0.05, warmup: int = 3, wall_clock: bool = False) -> Dict[str, Dict[str, float]]:
     """Seconds per call of each function: ``reps`` blocks per provider, interleaved, each
     block long enough (``block_seconds``) that timer and loop overhead vanish.
 
     On CUDA with Triton installed, ``triton.testing.do_bench`` times each provider instead
     (CUDA events per call, the L2 cache flushed between calls), as the GPU kernel
-    libraries we compare with report it; its quantiles are over single calls."""
-    do_bench = _do_bench() if device.startswith("cuda") else None
+    libraries we compare with report it; its quantiles are over single calls. Not with
+    ``wall_clock``: whole training steps are timed as a loop of them runs, blocks of calls
+    with a sync at the end, so the CPU's launch work counts (do_bench's cache flush before
+    each call would hide it: the CPU queues the next step while the GPU flushes)."""
+    do_bench = _do_bench() if device.startswith("cuda") and not wall_clock else None
     if do_bench is not None:
         out = {}
         for name, fn in fns.items():

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     for label, widths, batch in nets:
         provs, why = providers_for(widths, batch, args.device, not args.no_compile)
         reps = args.reps or (3 if args.quick else (5 if batch >= 2048 else 9))
-        times = time_providers(provs, args.device, reps=reps, block_seconds=0.02 if args.quick else 0.2)
+        times = time_providers(provs, args.device, reps=reps, block_seconds=0.02 if args.quick else 0.2, wall_clock=True)
         flops = 6.0 * batch * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
         ceiling = mm_gflops(batch, widths[1], widths[1], device=args.device, reps=3)
         ref = times["eager (Adam foreach)"]["y50"]

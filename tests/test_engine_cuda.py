@@ -37,8 +37,11 @@ def test_graph_steps_match_pytorch(widths, batch, path):
             for _ in range(5)]
     losses = [engine.step(x, y) for x, y in data]
     assert losses == pytest.approx(torch_steps(ref, data, torch.optim.Adam(ref.parameters(), lr=1e-2)), rel=1e-4, abs=1e-6)
+    # Adam divides by sqrt(v): where a gradient is near zero, float32 rounding differences
+    # between summation orders grow towards lr per step. The fused kernel on the CPU
+    # (interpreted) against torch: 2e-5 at 64x4 hidden, batch 512, after 5 steps of lr=1e-2.
     for p, q in zip(model.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("path", list(PATHS))

@@ -44,8 +44,6 @@ from ._common import INTERPRET, autotuning
 #: Widest layer (inputs and outputs included) the kernel takes: tiles of 128x128 float32
 #: weights are what registers and shared memory hold.
 MAX_WIDTH = 128
-#: Rows of the scratch tile reserved per program: the largest BLOCK_M of any configuration.
-_MAX_BLOCK_M = 128
 _ALIGN = 4  # gradient segments start on 16 bytes, for the vectorised Adam kernels
 
 
@@ -57,6 +55,10 @@ def _configs():
     # spills at D = 128 that 16 warps (128 registers each) roughly halve.
     return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=2)
             for m, k, w in ((32, 16, 4), (32, 16, 8), (64, 16, 8), (32, 16, 16))]
+
+
+#: Rows of the scratch tiles reserved per program: the largest BLOCK_M of any configuration.
+_MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _configs())
 
 
 def _prune(configs, named_args, **kwargs):

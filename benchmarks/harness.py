@@ -309,8 +309,10 @@ class Results:
                   f"at end {env['loadavg_end']}; other processes used {env['other_processes_cpu_fraction']} "
                   f"of the CPUs during the run, hypervisor steal {env['steal_cpu_fraction']}.\n\n" + (warning + "\n\n" if warning else "")
                   + f"{timing}; ratio = reference time / provider time (> 1: faster than the reference).\n\n")
+        failed = env.get("failed_providers") or []
+        failures = "".join(f"- {f['network']}, {f['provider']}: {f['error']}\n" for f in failed)
         with open(base + ".md", "w") as f:
-            f.write(header + "\n".join(self.tables))
+            f.write(header + "\n".join(self.tables) + (f"\n### Failed, left out of the tables\n\n{failures}" if failed else ""))
         return base
 
 

@@ -49,6 +49,10 @@ def gather(out: str) -> dict:
             result.setdefault("unreadable_benchmark_files", []).append(f"{path}: {e}")
             continue
         result.setdefault("benchmark_environment", data.get("environment") or data.get("meta"))
+        for f in (data.get("environment") or {}).get("failed_providers", []):  # providers left out of a run
+            result.setdefault("failed_providers", []).append(f)
+            rows.append({"kernel": os.path.basename(path).split("-")[0], "x": f.get("network"),
+                         "provider": f.get("provider"), "error": f.get("error")})
         for r in data.get("rows", []):
             if "bench" in r:  # benchmarks/cuda_ops.py's rows
                 rows.append({"kernel": r.get("bench"), "x": r.get("shape"), "provider": r.get("provider"),
@@ -76,6 +80,8 @@ def table(result: dict) -> str:
     for r in result["benchmarks"]:
         median = f"{r['y50'] * 1e6:>10.1f}us" if isinstance(r.get("y50"), (int, float)) else f"{'-':>12}"
         ratio = f"{r['ratio']:>8.2f}x vs {str(r.get('ratio_vs')):<12}" if isinstance(r.get("ratio"), (int, float)) else ""
+        if r.get("error"):
+            median, ratio = f"{'FAILED':>12}", f" {r['error'][:120]}"
         out.append(f"{str(r['kernel']):<12} {str(r['x']):<40} {str(r['provider']):<18} {median} {ratio}")
     return "\n".join(out)
 

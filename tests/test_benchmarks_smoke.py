@@ -48,3 +48,20 @@ def test_engine_benchmark_quick_run_writes_results(tmp_path):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "engine.py"), "--device", "cuda"],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and "no CUDA GPU; nothing measured" in r.stderr
+
+
+def test_a_failing_engine_provider_is_left_out_and_recorded():
+    # On a rare GPU run one provider that fails must not cost the others' numbers.
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import engine as bench
+    finally:
+        sys.path.pop(0)
+
+    def broken():
+        raise RuntimeError("no kernel image\nsecond line")
+
+    failed = []
+    kept = bench.working({"good": (lambda: None, 1), "bad": (broken, 1)}, failed, "seed")
+    assert list(kept) == ["good"]
+    assert failed == [{"network": "seed", "provider": "bad", "error": "RuntimeError: no kernel image"}]

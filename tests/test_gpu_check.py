@@ -36,16 +36,20 @@ def test_report_from_a_synthetic_run(tmp_path):
         {"bench": "linear_relu fwd", "shape": "8192^3 bf16", "provider": "aiaas_fast native", "seconds": 0.0021,
          "metric": "TFLOP/s", "value": 520.0, "ratio": 0.97}]}))
     (tmp_path / "bench" / "cut.json").write_text('{"rows": [')
+    (tmp_path / "bench" / "engine-cuda-x.json").write_text(json.dumps({"environment": {"failed_providers": [
+        {"network": "seed 10->20->1", "provider": "engine step()", "error": "CompilationError: boom"}]}, "rows": []}))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check_report.py"), str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.load(open(tmp_path / "results.json"))
     assert data["gpu"]["name"] == "NVIDIA H200" and data["tests"]["failures"] == 1
-    assert {row["kernel"] for row in data["benchmarks"]} == {"linear_relu", "mse_loss", "adam", "linear_relu fwd"}
+    assert {row["kernel"] for row in data["benchmarks"]} == {"linear_relu", "mse_loss", "adam", "linear_relu fwd", "engine"}
     assert len(data["unreadable_benchmark_files"]) == 1
     assert any(row["provider"] == "triton" for row in data["benchmarks"])
     assert data["build_info"]["version"]
     assert "tests: 10 run, 1 failed" in r.stdout
+    assert data["failed_providers"][0]["provider"] == "engine step()"
+    assert "FAILED" in r.stdout and "CompilationError: boom" in r.stdout
 
 
 def test_every_gpu_test_file_is_in_the_script():

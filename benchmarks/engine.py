@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aiaas_fast  # noqa: E402
 from aiaas_fast.engine import Engine  # noqa: E402
 from aiaas_fast.ensemble import ensemble_engine  # noqa: E402
-from harness import Results, fmt_time, mm_fn, time_providers  # noqa: E402
+from harness import Results, drop_failing, fmt_time, mm_fn, time_providers  # noqa: E402
 from train import compiled_step, make_step, mlp  # noqa: E402
 
 
@@ -67,18 +67,9 @@ def single_providers(widths, batch, compile_ok, steps_per_run, device="cpu"):
 
 
 def working(provs, failed, label):
-    """The providers whose first call succeeds; the others go to ``failed`` with their error
-    (a GPU run is rare: one provider that fails must not cost the others' numbers)."""
-    ok = {}
-    for name, (fn, steps) in provs.items():
-        try:
-            fn()
-            ok[name] = (fn, steps)
-        except Exception as e:  # noqa: BLE001 - reported in the results and on stderr
-            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-            failed.append({"network": label, "provider": name, "error": msg})
-            print(f"benchmarks/engine.py: {label}, {name} failed, left out: {msg}", file=sys.stderr, flush=True)
-    return ok
+    """The providers whose first call succeeds (harness.drop_failing); the others are in ``failed``."""
+    ok = drop_failing({name: fn for name, (fn, _) in provs.items()}, failed, label, "benchmarks/engine.py")
+    return {name: provs[name] for name in ok}
 
 
 def many_providers(K, widths, batch, steps_per_run):

@@ -100,6 +100,23 @@ def time_providers(fns: Dict[str, Callable[[], object]], device: str = "cpu", re
     return {name: _quantiles(v) for name, v in samples.items()}
 
 
+def drop_failing(fns: Dict[str, Callable[[], object]], failed: list, case: str, who: str) -> Dict[str, Callable[[], object]]:
+    """The functions whose first call succeeds; each other one goes to ``failed`` (a list the
+    caller keeps in ``Results.env["failed_providers"]``) with its error, and to stderr. A GPU
+    run is rare: one provider that fails must not cost the others' numbers."""
+    ok = {}
+    for name, fn in fns.items():
+        try:
+            fn()
+            ok[name] = fn
+        except Exception as e:  # noqa: BLE001 - recorded and reported, not raised
+            text = str(e).strip()
+            msg = f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+            failed.append({"case": case, "provider": name, "error": msg})
+            print(f"{who}: {case}, {name} failed, left out: {msg}", file=sys.stderr, flush=True)
+    return ok
+
+
 def select_device(name: str) -> Optional[str]:
     """The device to time on: under torchrun, ``cuda`` means this rank's GPU (LOCAL_RANK),
     made current. None (after saying why on stderr) when CUDA is asked for but absent."""
@@ -310,7 +327,7 @@ class Results:
                   f"of the CPUs during the run, hypervisor steal {env['steal_cpu_fraction']}.\n\n" + (warning + "\n\n" if warning else "")
                   + f"{timing}; ratio = reference time / provider time (> 1: faster than the reference).\n\n")
         failed = env.get("failed_providers") or []
-        failures = "".join(f"- {f['network']}, {f['provider']}: {f['error']}\n" for f in failed)
+        failures = "".join(f"- {f['case']}, {f['provider']}: {f['error']}\n" for f in failed)
         with open(base + ".md", "w") as f:
             f.write(header + "\n".join(self.tables) + (f"\n### Failed, left out of the tables\n\n{failures}" if failed else ""))
         return base

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aiaas_fast   # noqa: E402
 from aiaas_fast import backend as _backend   # noqa: E402
 from aiaas_fast.ops import adam_, linear_relu, mse_loss   # noqa: E402
-from harness import Results, copy_gbps, fmt_time, mm_fn, select_device, time_providers  # noqa: E402
+from harness import Results, copy_gbps, drop_failing, fmt_time, mm_fn, select_device, time_providers  # noqa: E402
 
 
 def _with(name, fn):
@@ -58,7 +58,15 @@ def _compiled(fn, enabled, step=lambda f: f):
         return None, f"{type(e).__name__}"
 
 
+def _timed(res, providers, device, case):
+    """time_providers over the providers that run (harness.drop_failing); failures recorded in res."""
+    ok = drop_failing(providers, res.env.setdefault("failed_providers", []), case, "benchmarks/triton_ops.py")
+    return time_providers(ok, device) if ok else {}
+
+
 def _record(res, lines, kernel, x, times, ref_name, extra):
+    if ref_name not in times:  # the reference failed (recorded): no ratios to give
+        return
     for name, t in times.items():
         ratio = times[ref_name]["y50"] / t["y50"]
         row = extra(name, t)
@@ -78,10 +86,10 @@ def bench_linear_relu_forward(res, lines, device, m, k, n, dtype, compile_ok):
     for name in _ours(device):
         providers[name] = _with(name, lambda: linear_relu(x, w, b))
     providers["ceiling: torch.mm"] = mm_fn(m, k, n, dtype=dtype, device=device)
-    with torch.no_grad():
-        times = time_providers(providers, device)
-    flops = 2.0 * m * k * n
     shape = f"fwd {m}x{k}->{n} {str(dtype).replace('torch.', '')}"
+    with torch.no_grad():
+        times = _timed(res, providers, device, shape)
+    flops = 2.0 * m * k * n
     _record(res, lines, "linear_relu", shape, times, "ceiling: torch.mm", lambda name, t: {"tflops": flops / t["y50"] / 1e12})
 
 
@@ -104,9 +112,9 @@ def bench_linear_relu_fwd_bwd(res, lines, device, m, k, n, dtype, compile_ok):
         providers["torch.compile"] = c
     for name in _ours(device):
         providers[name] = _with(name, step(lambda: linear_relu(x, w, b)))
-    times = time_providers(providers, device)
-    flops = 6.0 * m * k * n
     shape = f"fwd+bwd {m}x{k}->{n} {str(dtype).replace('torch.', '')}"
+    times = _timed(res, providers, device, shape)
+    flops = 6.0 * m * k * n
     _record(res, lines, "linear_relu", shape, times, "eager", lambda name, t: {"tflops": flops / t["y50"] / 1e12})
 
 
@@ -127,7 +135,7 @@ def bench_mse_loss(res, lines, device, numel, compile_ok, bandwidth):
         providers["torch.compile"] = c
     for name in _ours(device):
         providers[name] = _with(name, step(lambda: mse_loss(x, t)))
-    times = time_providers(providers, device)
+    times = _timed(res, providers, device, f"mse_loss fwd+bwd {numel:,}")
     min_bytes = 12.0 * numel  # read input and target, write the gradient
     _record(res, lines, "mse_loss", f"fwd+bwd {numel:,} float32", times, "eager",
             lambda name, tm: {"gbps": min_bytes / tm["y50"] / 1e9, "fraction_of_copy": min_bytes / tm["y50"] / 1e9 / bandwidth})
@@ -150,7 +158,7 @@ def bench_adam(res, lines, device, shapes, bandwidth):
         providers[name] = _with(name, lambda ps=ps, m=m, v=v, steps=steps: adam_(ps, grads, m, v, [], steps, lr=1e-3, beta1=0.9, beta2=0.999))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        times = time_providers(providers, device)
+        times = _timed(res, providers, device, f"adam {len(shapes)} tensors")
     numel = sum(torch.Size(s).numel() for s in shapes)
     min_bytes = 28.0 * numel  # read param, grad, exp_avg, exp_avg_sq; write three of them
     _record(res, lines, "adam", f"{numel:,} float32 params in {len(shapes)} tensors", times, "fused",

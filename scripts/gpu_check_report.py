@@ -51,7 +51,7 @@ def gather(out: str) -> dict:
         result.setdefault("benchmark_environment", data.get("environment") or data.get("meta"))
         for f in (data.get("environment") or {}).get("failed_providers", []):  # providers left out of a run
             result.setdefault("failed_providers", []).append(f)
-            rows.append({"kernel": os.path.basename(path).split("-")[0], "x": f.get("network"),
+            rows.append({"kernel": os.path.basename(path).split("-")[0], "x": f.get("case"),
                          "provider": f.get("provider"), "error": f.get("error")})
         for r in data.get("rows", []):
             if "bench" in r:  # benchmarks/cuda_ops.py's rows

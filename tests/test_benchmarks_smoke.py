@@ -64,4 +64,4 @@ def test_a_failing_engine_provider_is_left_out_and_recorded():
     failed = []
     kept = bench.working({"good": (lambda: None, 1), "bad": (broken, 1)}, failed, "seed")
     assert list(kept) == ["good"]
-    assert failed == [{"network": "seed", "provider": "bad", "error": "RuntimeError: no kernel image"}]
+    assert failed == [{"case": "seed", "provider": "bad", "error": "RuntimeError: no kernel image"}]

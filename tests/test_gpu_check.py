@@ -37,7 +37,7 @@ def test_report_from_a_synthetic_run(tmp_path):
          "metric": "TFLOP/s", "value": 520.0, "ratio": 0.97}]}))
     (tmp_path / "bench" / "cut.json").write_text('{"rows": [')
     (tmp_path / "bench" / "engine-cuda-x.json").write_text(json.dumps({"environment": {"failed_providers": [
-        {"network": "seed 10->20->1", "provider": "engine step()", "error": "CompilationError: boom"}]}, "rows": []}))
+        {"case": "seed 10->20->1", "provider": "engine step()", "error": "CompilationError: boom"}]}, "rows": []}))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check_report.py"), str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -49,7 +49,7 @@ def gather(out: str) -> dict:
             result.setdefault("unreadable_benchmark_files", []).append(f"{path}: {e}")
             continue
         result.setdefault("benchmark_environment", data.get("environment") or data.get("meta"))
-        for f in (data.get("environment") or {}).get("failed_providers", []):  # providers left out of a run
+        for f in (data.get("environment") or data.get("meta") or {}).get("failed_providers", []):  # left out of a run
             result.setdefault("failed_providers", []).append(f)
             rows.append({"kernel": os.path.basename(path).split("-")[0], "x": f.get("case"),
                          "provider": f.get("provider"), "error": f.get("error")})

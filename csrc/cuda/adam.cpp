@@ -12,17 +12,11 @@
 #include <torch/library.h>
 
 #include "cuda/glue.h"
+#include "ops/adam_group.h"
 #include "ops/checks.h"
 
 namespace aiaas_fast {
 namespace {
-
-double increment_host_step(const at::Tensor& step) {
-  if (step.scalar_type() == at::kFloat) return *step.data_ptr<float>() += 1.0f;
-  if (step.scalar_type() == at::kDouble) return *step.data_ptr<double>() += 1.0;
-  step.add_(1);
-  return step.item<double>();
-}
 
 void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
@@ -46,30 +40,19 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   }
 
   // Non-contiguous tensors are updated through contiguous copies written back at the end.
-  struct Slot {
-    at::Tensor p, g, m, v, vmax;
-    bool copied;
-  };
-  std::vector<Slot> slots(n);
+  const std::vector<AdamSlot> slots = adam_slots(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
   std::vector<cuda::AdamTensor> table(n);
   for (size_t i = 0; i < n; ++i) {
-    const bool contiguous = params[i].is_contiguous() && grads[i].is_contiguous() && exp_avgs[i].is_contiguous() &&
-                            exp_avg_sqs[i].is_contiguous() && (!amsgrad || max_exp_avg_sqs[i].is_contiguous());
-    auto c = [&](const at::Tensor& t) { return contiguous ? t : t.contiguous(); };
-    Slot& s = slots[i];
-    s = {c(params[i]), c(grads[i]), c(exp_avgs[i]), c(exp_avg_sqs[i]), amsgrad ? c(max_exp_avg_sqs[i]) : at::Tensor(),
-         !contiguous};
+    const AdamSlot& s = slots[i];
     const at::Tensor& step = state_steps[i];
     cuda::AdamTensor& e = table[i];
     e = {s.p.data_ptr(), s.g.data_ptr(), s.m.data_ptr(), s.v.data_ptr(), amsgrad ? s.vmax.data_ptr() : nullptr,
          s.p.numel(), nullptr, nullptr, 0.0};
-    if (step.is_cpu()) e.host_step = increment_host_step(step);
+    if (step.is_cpu()) e.host_step = increment_step(step);
     else if (step.scalar_type() == at::kFloat) e.step_f32 = step.data_ptr<float>();
     else e.step_f64 = step.data_ptr<double>();
   }
-  const auto wd_mode = weight_decay == 0 ? cuda::WeightDecay::none
-                       : decoupled_weight_decay ? cuda::WeightDecay::decoupled
-                                                : cuda::WeightDecay::l2;
+  const auto wd_mode = kernels::weight_decay_mode(weight_decay, decoupled_weight_decay);
   const cuda::AdamOptions options{lr, beta1, beta2, weight_decay, eps, wd_mode, amsgrad, maximize};
   const cudaError_t err = cuda::adam(param_dtype, state_dtype, table.data(), static_cast<int64_t>(n), options,
                                      c10::cuda::getCurrentCUDAStream());
@@ -77,13 +60,7 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
               exp_avgs[0].scalar_type(), " state");
   C10_CUDA_CHECK(err);
 
-  for (size_t i = 0; i < n; ++i) {
-    if (!slots[i].copied) continue;
-    params[i].copy_(slots[i].p);
-    exp_avgs[i].copy_(slots[i].m);
-    exp_avg_sqs[i].copy_(slots[i].v);
-    if (amsgrad) max_exp_avg_sqs[i].copy_(slots[i].vmax);
-  }
+  adam_write_back(slots, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
 }
 
 }  // namespace

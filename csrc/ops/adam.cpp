@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "aiaas_fast/aiaas_fast.h"
+#include "ops/adam_group.h"
 #include "ops/adam_scalars.h"
 #include "ops/checks.h"
 #include "ops/cpu_dispatch.h"
@@ -25,16 +26,6 @@ constexpr int64_t kChunk = 16384;
 // step made small-model training 10x slower (measured with aiaas-fast train --compare).
 constexpr int64_t kChunksPerThread = 4;
 
-// Increments a step counter in place and returns its new value.
-double increment_step(const at::Tensor& step) {
-  if (step.is_cpu() && (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble)) {
-    if (step.scalar_type() == at::kFloat) return *step.data_ptr<float>() += 1.0f;
-    return *step.data_ptr<double>() += 1.0;
-  }
-  step.add_(1);
-  return step.item<double>();
-}
-
 void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
               at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
               double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay) {
@@ -45,18 +36,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   if (n == 0) return;
 
   // Non-contiguous tensors are updated through contiguous copies written back at the end.
-  struct Slot {
-    at::Tensor p, g, m, v, vmax;
-    bool copied;
-  };
-  std::vector<Slot> slots(n);
-  for (size_t i = 0; i < n; ++i) {
-    const bool contiguous = params[i].is_contiguous() && grads[i].is_contiguous() && exp_avgs[i].is_contiguous() &&
-                            exp_avg_sqs[i].is_contiguous() && (!amsgrad || max_exp_avg_sqs[i].is_contiguous());
-    auto c = [&](const at::Tensor& t) { return contiguous ? t : t.contiguous(); };
-    slots[i] = {c(params[i]), c(grads[i]), c(exp_avgs[i]), c(exp_avg_sqs[i]),
-                amsgrad ? c(max_exp_avg_sqs[i]) : at::Tensor(), !contiguous};
-  }
+  const std::vector<AdamSlot> slots = adam_slots(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
 
   // Work list: (tensor, begin, end) chunks over the whole group, so small tensors share threads.
   struct Chunk {
@@ -75,7 +55,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
     std::vector<cpu::AdamTensor<K>> views(n);
     std::vector<cpu::AdamScalars<A>> scalars(n);
     for (size_t i = 0; i < n; ++i) {
-      const Slot& s = slots[i];
+      const AdamSlot& s = slots[i];
       views[i] = {kernel_ptr<scalar_t>(s.p), kernel_ptr<scalar_t>(s.g), kernel_ptr<scalar_t>(s.m),
                   kernel_ptr<scalar_t>(s.v), amsgrad ? kernel_ptr<scalar_t>(s.vmax) : nullptr};
       scalars[i] = adam_scalars<A>(options, increment_step(state_steps[i]));
@@ -89,13 +69,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
     });
   });
 
-  for (size_t i = 0; i < n; ++i) {
-    if (!slots[i].copied) continue;
-    params[i].copy_(slots[i].p);
-    exp_avgs[i].copy_(slots[i].m);
-    exp_avg_sqs[i].copy_(slots[i].v);
-    if (amsgrad) max_exp_avg_sqs[i].copy_(slots[i].vmax);
-  }
+  adam_write_back(slots, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
 }
 
 // An optimizer step is not differentiable: run it below autograd (as torch.optim does

@@ -4,6 +4,8 @@
 #pragma once
 #include <cstdint>
 
+#include "kernels/adam_modes.h"
+
 namespace aiaas_fast::cpu {
 
 // 16-bit float storage, layout-compatible with c10::BFloat16 and c10::Half.
@@ -25,7 +27,7 @@ struct AdamTensor {
   T* max_exp_avg_sq;  // null unless amsgrad
 };
 
-enum class WeightDecay : int { none = 0, l2 = 1, decoupled = 2 };
+using WeightDecay = kernels::WeightDecay;  // shared with the CUDA kernels
 
 // Scalars for one Adam step, already folded on the host (the kernel does no pow).
 template <typename A>

@@ -11,6 +11,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/adam_modes.h"
+
 namespace aiaas_fast::cuda {
 
 // The element types, as the glue maps them from at::ScalarType.
@@ -61,7 +63,7 @@ cudaError_t mse_loss(DType dtype, const void* x, const void* t, void* grad, void
 
 // ---- Adam (multi-tensor apply)
 
-enum class WeightDecay : int { none = 0, l2 = 1, decoupled = 2 };
+using WeightDecay = kernels::WeightDecay;  // shared with the CPU kernels
 
 // One parameter tensor: every pointer covers the same n contiguous elements. param and grad
 // have the parameter dtype; the state (exp_avg, exp_avg_sq, max_exp_avg_sq) has the state

@@ -453,7 +453,8 @@ def test_fit_compiled_equals_op_by_op():
 
 def test_fit_auto_uses_the_engine_and_falls_back_with_the_reason():
     x, y, _ = fit_data(200)
-    assert aiaas_fast.fit(fit_model(), x, y, epochs=1, progress=False).engine == "compiled"
+    h = aiaas_fast.fit(fit_model(), x, y, epochs=1, progress=False)
+    assert h.engine == "compiled" and h.engine_note == "the C++ training engine"
     h = aiaas_fast.fit(fit_model(), x, y, epochs=1, progress=False, loss_fn=nn.L1Loss())
     assert h.engine == "ops" and "L1Loss" in h.engine_note
     with pytest.raises(ValueError, match="engine='compiled' cannot train this model: .*SGD"):

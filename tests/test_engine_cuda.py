@@ -73,6 +73,7 @@ def test_fit_on_cuda_uses_the_graph_engine_only_when_asked():
     ha = aiaas_fast.fit(a, x, y, epochs=3, engine="compiled", progress=False)
     hb = aiaas_fast.fit(b, x, y, epochs=3, engine="ops", progress=False)
     assert ha.engine == "compiled" and ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-4)
+    assert ha.engine_note == "a CUDA graph of the fused MLP kernel"
 
 
 def test_auto_takes_the_fused_kernel_where_it_fits_and_the_graph_of_ops_beyond():

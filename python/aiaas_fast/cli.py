@@ -267,7 +267,7 @@ def cmd_train(args) -> int:
         if "engine='compiled'" in str(e):
             raise UsageError(f"--engine compiled: {str(e).split(': ', 2)[-1]}") from None
         raise
-    print("engine: compiled (the C++ training engine)" if history.engine == "compiled"
+    print(f"engine: compiled ({history.engine_note})" if history.engine == "compiled"
           else f"engine: op by op{f' ({history.engine_note})' if history.engine_note else ''}")
     wall = time.perf_counter() - t0
     # Training time: the epochs' own clocks (no validation, no one-time start-up costs).

@@ -233,6 +233,14 @@ class Engine:
             return ["cuda-fused-mlp" if self._core.path == "fused" else "cuda-graph"] * len(mlp_layers(self.model))
         return self._core.layer_paths(batch_size)
 
+    @property
+    def description(self) -> str:
+        """What runs the steps, in words (the command and ``History.engine_note`` show it)."""
+        if not self._on_cuda:
+            return "the C++ training engine"
+        return ("a CUDA graph of the fused MLP kernel" if self._core.path == "fused"
+                else "a CUDA graph of the fused ops")
+
     def _check_params(self) -> None:
         """The engine holds the tensors it was built with: a model whose parameters were
         replaced since (``load_state_dict(assign=True)``, a new layer) would train stale copies."""

@@ -65,7 +65,7 @@ class History:
     best_epoch: Optional[int] = None
     stopped_early: bool = False
     engine: str = "ops"     # "compiled" (the C++ engine ran the epochs) or "ops" (op by op)
-    engine_note: str = ""   # why the op-by-op path ran, when the engine was not used
+    engine_note: str = ""   # what ran the engine's steps; or why the op-by-op path ran
 
     def __getitem__(self, key: str) -> List[float]:
         return [e[key] for e in self.epochs]
@@ -265,7 +265,7 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
             compiled = Engine(model, opt)
         elif engine == "compiled":
             raise ValueError(f"aiaas_fast.fit: engine='compiled' cannot train this model: {engine_note}")
-    history.engine, history.engine_note = ("compiled", "") if compiled is not None else ("ops", engine_note)
+    history.engine, history.engine_note = ("compiled", compiled.description) if compiled is not None else ("ops", engine_note)
     logging.getLogger("aiaas_fast").info("aiaas_fast.fit: %s engine%s", history.engine,
                                          f" ({engine_note})" if engine_note else "")
 

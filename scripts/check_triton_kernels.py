@@ -58,6 +58,23 @@ def _configs(module: str, kernel: str):
     return [(c.kwargs, c.num_warps, c.num_stages) for c in getattr(k, "configs", [])]
 
 
+def _untuned(module: str):
+    """The one configuration a module's kernel runs with AIAAS_FAST_TRITON_AUTOTUNE=0 (what
+    the GPU test run uses)."""
+    import importlib
+
+    old = os.environ.get("AIAAS_FAST_TRITON_AUTOTUNE")
+    os.environ["AIAAS_FAST_TRITON_AUTOTUNE"] = "0"
+    try:
+        c = importlib.import_module(f"aiaas_fast.triton.{module}")._configs()[0]
+    finally:
+        if old is None:
+            os.environ.pop("AIAAS_FAST_TRITON_AUTOTUNE")
+        else:
+            os.environ["AIAAS_FAST_TRITON_AUTOTUNE"] = old
+    return c.kwargs, c.num_warps, c.num_stages
+
+
 def cases(quick: bool) -> List[Case]:
     out: List[Case] = []
     # linear_relu: one matrix-product kernel in four modes, four input types.
@@ -77,7 +94,7 @@ def cases(quick: bool) -> List[Case]:
                          "bias_ptr": f"*{ty}", "rowsum_ptr": "*fp32"}
                 # Every configuration for the modes the benchmarks time, on Hopper; one otherwise.
                 every = not quick and arch == 90 and dtype in ("bf16", "fp32") and mode in ("forward", "grad_w")
-                for kw, warps, stages in (mm_configs if every else mm_configs[-1:]):
+                for kw, warps, stages in (mm_configs if every else mm_configs[-1:]) + [_untuned("linear_relu")]:
                     consts = dict(flags, PRECISION=precision, UPCAST=False, **kw)
                     out.append(Case("linear_relu", "_matmul_kernel", types, consts, warps, stages, arch, True))
     # mse_loss: the one-pass kernel per dtype and output, the block-sum kernel.
@@ -107,12 +124,16 @@ def cases(quick: bool) -> List[Case]:
     for arch in (90, 80):
         for d in (16, 32, 64, 128):  # the configurations autotuning tries at this width
             fits = [(c.kwargs, c.num_warps, c.num_stages) for c in fused_mlp._prune(fused_mlp._mlp_kernel.configs, {}, D=d)]
+            fits.append(_untuned("fused_mlp"))  # last, so the quick check's fits[:1] stays the tuned one
             for train in (True, False):
                 for precision in ("ieee", "tf32"):
                     every = not quick and arch == 90 and train and precision == "ieee"
-                    for kw, warps, stages in (fits if every else fits[:1]):
+                    for kw, warps, stages in (fits if every else fits[:1] + fits[-1:]):
                         consts = dict(D=d, HAS_BIAS=True, TRAIN=train, PRECISION=precision, **kw)
                         out.append(Case("fused_mlp", "_mlp_kernel", mlp_types, consts, warps, stages, arch, True))
+        kw, warps, stages = _configs("fused_mlp", "_mlp_kernel")[0]  # a network without biases
+        out.append(Case("fused_mlp", "_mlp_kernel", mlp_types,
+                        dict(D=32, HAS_BIAS=False, TRAIN=True, PRECISION="ieee", **kw), warps, stages, arch, True))
         out.append(Case("fused_mlp", "_sum_rows_kernel", {"part_ptr": "*fp32", "out_ptr": "*fp32"}, dict(BLOCK=1024),
                         4, 3, arch))
     assert fused_mlp.MAX_WIDTH == 128  # the widths above cover every D the kernel is launched with

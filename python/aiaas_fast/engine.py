@@ -12,7 +12,8 @@ Given an optimizer (``torch.optim.Adam``/``AdamW`` or aiaas_fast's), the engine 
 optimizer's own state tensors, so its ``state_dict`` stays valid and a checkpoint taken in
 between resumes either way; learning-rate changes in its ``param_groups`` are picked up at
 every call. float32, on the CPU (the C++ engine) or on CUDA (the step captured in a CUDA
-graph per batch size and replayed: :mod:`aiaas_fast.engine_cuda`); anything else is refused
+graph per batch size and replayed, with the fused MLP kernel for widths up to 128:
+:mod:`aiaas_fast.engine_cuda`); anything else is refused
 with the reason (:func:`unsupported_reason`), and ``aiaas_fast.fit`` then falls back to the
 op-by-op path.
 """

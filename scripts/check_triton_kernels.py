@@ -120,7 +120,7 @@ def cases(quick: bool) -> List[Case]:
 
     mlp_types = {"x_ptr": "*fp32", "y_ptr": "*fp32", "out_ptr": "*fp32", "w_addr_ptr": "*i64", "b_addr_ptr": "*i64",
                  "dims_ptr": "*i32", "relu_ptr": "*i32", "goff_ptr": "*i64", "scratch_ptr": "*fp32", "part_ptr": "*fp32",
-                 "grad_scale": "fp32"}
+                 "grad_scale": "fp32", "loss_scale": "fp32"}
     for arch in (90, 80):
         for d in (16, 32, 64, 128):  # the configurations autotuning tries at this width
             fits = [(c.kwargs, c.num_warps, c.num_stages) for c in fused_mlp._prune(fused_mlp._mlp_kernel.configs, {}, D=d)]
@@ -134,7 +134,7 @@ def cases(quick: bool) -> List[Case]:
         kw, warps, stages = _configs("fused_mlp", "_mlp_kernel")[0]  # a network without biases
         out.append(Case("fused_mlp", "_mlp_kernel", mlp_types,
                         dict(D=32, HAS_BIAS=False, TRAIN=True, PRECISION="ieee", **kw), warps, stages, arch, True))
-        out.append(Case("fused_mlp", "_sum_rows_kernel", {"part_ptr": "*fp32", "out_ptr": "*fp32"}, dict(BLOCK=1024),
+        out.append(Case("fused_mlp", "_sum_rows_kernel", {"part_ptr": "*fp32"}, dict(BLOCK=1024),
                         4, 3, arch))
     assert fused_mlp.MAX_WIDTH == 128  # the widths above cover every D the kernel is launched with
     return out

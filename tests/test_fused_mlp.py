@@ -99,14 +99,16 @@ def test_writes_stay_inside_the_buffers():
     # kernel's scratch and partial buffers with a tail of NaNs that must survive.
     model = sequential([13, 37, 5, 3], device=DEVICE)
     f = fused(model, programs=3)
-    guards = {}
-    for name in ("_scratch", "_part"):
+    guards, views = {}, {}
+    for name in ("_part", "_scratch"):
         buf = getattr(f, name)
         big = torch.full((buf.numel() + 4096,), float("nan"), device=DEVICE)
-        setattr(f, name, big[:buf.numel()].view(buf.shape))
+        views[name] = big[:buf.numel()].view(buf.shape)
         guards[name] = big[buf.numel():]
+    f._bind(views["_part"], views["_scratch"])
     x, y = rand(250, 13, device=DEVICE), rand(250, 3, device=DEVICE)
     assert_matches(model, x, y, f)
+    assert_matches(model, x[:40], y[:40], f)  # one program alone
     f.forward(x)
     for name, tail in guards.items():
         assert tail.isnan().all(), f"{name} was written past its end"

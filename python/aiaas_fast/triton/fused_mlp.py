@@ -21,7 +21,9 @@ to compile per configuration.
 
 Programs are persistent (a fixed number, each looping over row tiles), so the partial
 buffer is (programs, parameters) whatever the batch; a second kernel adds its rows in
-program order into one flat gradient. No float atomics: the same bits on every run.
+program order, in place into row 0, which holds the gradients and the loss. No float
+atomics: the same bits on every run. A batch of up to 64 rows is one program's alone, and
+needs no second kernel.
 
 The optimizer step is not here: the engine hands the flat gradient's views to the
 multi-tensor Adam. Used by :mod:`aiaas_fast.engine_cuda` (captured in its CUDA graph);
@@ -45,6 +47,7 @@ from ._common import INTERPRET, autotuning
 #: weights are what registers and shared memory hold.
 MAX_WIDTH = 128
 _ALIGN = 4  # gradient segments start on 16 bytes, for the vectorised Adam kernels
+_ONE_PROGRAM_ROWS = 64  # up to this batch, one program takes every tile (see FusedMLP._launch)
 
 
 def _configs():
@@ -98,7 +101,7 @@ def _relu_keep(relu_ptr, l, out):
 def _mlp_kernel(
     x_ptr, y_ptr, out_ptr, w_addr_ptr, b_addr_ptr, dims_ptr, relu_ptr, goff_ptr, scratch_ptr, part_ptr,
     L, M, M_KEY, S, scratch_stride, stride_xm, stride_xk, stride_ym, stride_yn, stride_om, stride_on, grad_scale,
-    D: tl.constexpr, HAS_BIAS: tl.constexpr, TRAIN: tl.constexpr, PRECISION: tl.constexpr,
+    loss_scale, D: tl.constexpr, HAS_BIAS: tl.constexpr, TRAIN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -186,12 +189,13 @@ def _mlp_kernel(
                     w = tl.load(w_addr_ptr + l).to(tl.pointer_type(tl.float32))
                     g = _dot_chunks(g_slot, D, 1, w, n_in, 1, BLOCK_M, n_out, n_in, BLOCK_M, D, BLOCK_K, PRECISION)
     if TRAIN:
-        tl.store(part + S - 1, tl.sum(loss, axis=0))
+        tl.store(part + S - 1, tl.sum(loss, axis=0) * loss_scale)  # the mean's share: summed, it is the mean
 
 
 @triton.jit
-def _sum_rows_kernel(part_ptr, out_ptr, programs, S, BLOCK: tl.constexpr):
-    """out[s] = sum over p of part[p, s], p in order."""
+def _sum_rows_kernel(part_ptr, programs, S, BLOCK: tl.constexpr):
+    """part[0, s] = sum over p of part[p, s], p in order (in place: each element is read,
+    then written, by one thread)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < S
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -199,7 +203,7 @@ def _sum_rows_kernel(part_ptr, out_ptr, programs, S, BLOCK: tl.constexpr):
     for _ in range(0, programs):
         acc += tl.load(ptrs, mask=ok, other=0.0)
         ptrs += S  # pointer arithmetic is 64-bit: no overflow on large buffers
-    tl.store(out_ptr + offs, acc, mask=ok)
+    tl.store(part_ptr + offs, acc, mask=ok)
 
 
 def unsupported_reason(layers: Sequence[Tuple[nn.Linear, bool]]) -> Optional[str]:
@@ -258,39 +262,50 @@ class FusedMLP:
         if programs is None:
             programs = 4 if INTERPRET else 2 * torch.cuda.get_device_properties(device).multi_processor_count
         self.programs = programs
+        self._offsets = offsets
         scratch_stride = (self.L + 1) * _MAX_BLOCK_M * self.D  # each layer's output and the gradient
-        self._scratch = torch.empty(programs * scratch_stride, dtype=torch.float32, device=device)
-        self._part = torch.empty((programs, self.S), dtype=torch.float32, device=device)
-        self.flat = torch.empty(self.S, dtype=torch.float32, device=device)
-        #: Each parameter's gradient: a view of the flat buffer the step writes.
-        self.grads = [self.flat[o:o + p.numel()].view(p.shape) for o, p in zip(offsets, self.params)]
+        self._bind(torch.empty((programs, self.S), dtype=torch.float32, device=device),
+                   torch.empty(programs * scratch_stride, dtype=torch.float32, device=device))
+
+    def _bind(self, part: Tensor, scratch: Tensor) -> None:
+        """Uses these buffers (tests pass views into larger, guarded ones)."""
+        self._part, self._scratch = part, scratch
+        #: The step's output: row 0 of the partial buffer, where the programs' rows are summed
+        #: (or the only row, for a batch one program takes alone): gradients, then the loss.
+        self.flat = part[0]
+        #: Each parameter's gradient: a view of :attr:`flat`.
+        self.grads = [self.flat[o:o + p.numel()].view(p.shape) for o, p in zip(self._offsets, self.params)]
 
     def _launch(self, x: Tensor, y: Optional[Tensor], out: Optional[Tensor], train: bool) -> int:
         """Launches the kernel; returns the number of programs (rows of the partial buffer)."""
         M = x.shape[0]
         y_ = y if y is not None else x
         out_ = out if out is not None else x
-        # No more programs than tiles of the smallest BLOCK_M, nor than the buffers hold.
-        # Training: each program zeroes its partial row, so all of the grid's rows are valid.
-        programs = min(self.programs, triton.cdiv(M, 16))
+        # No more programs than tiles of the smallest BLOCK_M, nor than the buffers hold; one
+        # alone for a small batch, which then needs no second kernel to sum the programs' rows
+        # (a step of the seed network is latency: every kernel counts). Training: each program
+        # zeroes its partial row, so all of the grid's rows are valid.
+        programs = 1 if M <= _ONE_PROGRAM_ROWS else min(self.programs, triton.cdiv(M, 16))
         grid = (programs,) if train else (lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"])),))
         _mlp_kernel[grid](
             x, y_, out_, self._w, self._b, self._dims, self._relu, self._goff, self._scratch, self._part,
             self.L, M, 1 << max(0, M - 1).bit_length(), self.S, self._scratch.numel() // self.programs,
             x.stride(0), x.stride(1), y_.stride(0), y_.stride(1), out_.stride(0), out_.stride(1),
-            2.0 / (M * self.widths[-1]),
+            2.0 / (M * self.widths[-1]), 1.0 / (M * self.widths[-1]),
             D=self.D, HAS_BIAS=self.has_bias, TRAIN=train, PRECISION=_precision())
         return programs
 
     def loss_and_grads(self, x: Tensor, y: Tensor) -> Tensor:
-        """One pass: the mean squared error of the model on (x, y), as a 0-dim tensor, and its
-        gradients written into :attr:`grads`. No host synchronisation (capturable)."""
+        """One pass: the mean squared error of the model on (x, y) and its gradients, written
+        into :attr:`flat` (:attr:`grads` are views of it); returns the loss as a 0-dim view of
+        it, valid until the next call. No host synchronisation (capturable)."""
         if x.shape[0] == 0:
             raise ValueError("aiaas_fast fused MLP: a training step needs at least one row")
         programs = self._launch(x, y, None, True)
-        block = 1024
-        _sum_rows_kernel[(triton.cdiv(self.S, block),)](self._part, self.flat, programs, self.S, BLOCK=block)
-        return self.flat[self.S - 1] / (x.shape[0] * self.widths[-1])
+        if programs > 1:
+            block = 1024
+            _sum_rows_kernel[(triton.cdiv(self.S, block),)](self._part, programs, self.S, BLOCK=block)
+        return self.flat[self.S - 1]
 
     def forward(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """The model's output for x (rows, in), written into ``out`` (rows, out) if given."""

@@ -6,8 +6,8 @@ launches and the autograd engine's Python and C++ work.
 Two bodies for the graph (``path``):
 
 - ``"fused"``: for widths up to 128, forward, loss and backward in one Triton kernel that
-  keeps each row tile on chip (:mod:`aiaas_fast.triton.fused_mlp`), then one kernel that
-  sums the programs' partial gradients, then Adam: three or four kernels a step;
+  keeps each row tile on chip (:mod:`aiaas_fast.triton.fused_mlp`), above 64 rows one
+  kernel that sums the programs' partial gradients, then Adam: three or four kernels a step;
 - ``"graph"``: the fused ops (``linear_relu``, ``mse_loss``) with autograd's backward, any width.
 
 ``"auto"`` takes the first that fits. Used by :class:`aiaas_fast.engine.Engine` for a model

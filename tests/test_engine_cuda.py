@@ -101,3 +101,17 @@ def test_a_parameter_whose_storage_moved_is_refused_before_a_replay():
     model[0].weight.data = torch.randn(16, 4, device="cuda")
     with pytest.raises(RuntimeError, match="storage was replaced"):
         engine.step(x, y)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_model_on_the_second_gpu_trains_there(path):
+    torch.cuda.set_device(0)
+    model = sequential([6, 24, 1], device="cuda:1")
+    ref = copy.deepcopy(model)
+    engine = Engine(model, lr=1e-2, path=path)
+    x, y = torch.randn(40, 6, device="cuda:1"), torch.randn(40, 1, device="cuda:1")
+    loss = engine.step(x, y)
+    assert loss == pytest.approx(torch_steps(ref, [(x, y)], torch.optim.Adam(ref.parameters(), lr=1e-2))[0], rel=1e-4)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4)

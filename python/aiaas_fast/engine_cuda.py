@@ -120,15 +120,16 @@ class CudaGraphEngine:
     def _capture(self, body: Callable[[], Tensor]):
         """Warms ``body`` up on a side stream, captures it in a CUDA graph; returns (replay,
         the graph's output tensor)."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                body()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = body()
+        with torch.cuda.device(self.device):  # the capture (and Triton's launches) on the model's GPU
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    body()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = body()
         self._keep = getattr(self, "_keep", []) + [graph]
         return graph.replay, out
 

@@ -2,6 +2,7 @@
 in compiled mode (GPU) and under Triton's interpreter (CPU, tests)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -59,3 +60,9 @@ def check_device(op: str, t: torch.Tensor) -> None:
         f"{op} (triton backend): expects {want} tensors "
         + ("(TRITON_INTERPRET=1 runs the kernels on the CPU)" if INTERPRET else "(Triton kernels run on the GPU)")
         + f", got a tensor on {t.device}"))
+
+
+def on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it t's (a tensor on cuda:1 while
+    cuda:0 is current would otherwise get a launch on the wrong GPU)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks
-from ._common import DTYPES, check_device
+from ._common import DTYPES, check_device, on_device
 
 OP = "aiaas_fast.adam_"
 BLOCK = 2048
@@ -148,11 +148,12 @@ def triton_adam_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tenso
         scal = torch.tensor([[row[i] for i in keep] for row in scalars], dtype=torch.float32).to(device, non_blocking=True)
         blk_tensor, blk_index = _block_table(tuple(lists[0][i].numel() for i in keep), device)
         wd_mode = 0 if weight_decay == 0 else (2 if decoupled_weight_decay else 1)
-        _adam_kernel[(blk_tensor.numel(),)](
-            addr, numel, scal, blk_tensor, blk_index, T,
-            beta2, 1 - beta2, 1 - beta1, eps, weight_decay, 1 - lr * weight_decay, -1.0 if maximize else 1.0,
-            P_CODE=_CODES[params[0].dtype], S_CODE=_CODES[state_dtype], WD_MODE=wd_mode, AMSGRAD=amsgrad,
-            LERP_LOW=(1 - beta1) < 0.5, BLOCK=BLOCK, num_warps=4)
+        with on_device(params[0]):
+            _adam_kernel[(blk_tensor.numel(),)](
+                addr, numel, scal, blk_tensor, blk_index, T,
+                beta2, 1 - beta2, 1 - beta1, eps, weight_decay, 1 - lr * weight_decay, -1.0 if maximize else 1.0,
+                P_CODE=_CODES[params[0].dtype], S_CODE=_CODES[state_dtype], WD_MODE=wd_mode, AMSGRAD=amsgrad,
+                LERP_LOW=(1 - beta1) < 0.5, BLOCK=BLOCK, num_warps=4)
     for i in copied:
         for src, dst in zip(lists, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)):
             if src and dst is not grads:

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from ._common import INTERPRET, autotuning
+from ._common import INTERPRET, autotuning, on_device
 
 #: Widest layer (inputs and outputs included) the kernel takes: tiles of 128x128 float32
 #: weights are what registers and shared memory hold.
@@ -287,12 +287,13 @@ class FusedMLP:
         # zeroes its partial row, so all of the grid's rows are valid.
         programs = 1 if M <= _ONE_PROGRAM_ROWS else min(self.programs, triton.cdiv(M, 16))
         grid = (programs,) if train else (lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"])),))
-        _mlp_kernel[grid](
-            x, y_, out_, self._w, self._b, self._dims, self._relu, self._goff, self._scratch, self._part,
-            self.L, M, 1 << max(0, M - 1).bit_length(), self.S, self._scratch.numel() // self.programs,
-            x.stride(0), x.stride(1), y_.stride(0), y_.stride(1), out_.stride(0), out_.stride(1),
-            2.0 / (M * self.widths[-1]), 1.0 / (M * self.widths[-1]),
-            D=self.D, HAS_BIAS=self.has_bias, TRAIN=train, PRECISION=_precision())
+        with on_device(x):
+            _mlp_kernel[grid](
+                x, y_, out_, self._w, self._b, self._dims, self._relu, self._goff, self._scratch, self._part,
+                self.L, M, 1 << max(0, M - 1).bit_length(), self.S, self._scratch.numel() // self.programs,
+                x.stride(0), x.stride(1), y_.stride(0), y_.stride(1), out_.stride(0), out_.stride(1),
+                2.0 / (M * self.widths[-1]), 1.0 / (M * self.widths[-1]),
+                D=self.D, HAS_BIAS=self.has_bias, TRAIN=train, PRECISION=_precision())
         return programs
 
     def loss_and_grads(self, x: Tensor, y: Tensor) -> Tensor:
@@ -304,7 +305,8 @@ class FusedMLP:
         programs = self._launch(x, y, None, True)
         if programs > 1:
             block = 1024
-            _sum_rows_kernel[(triton.cdiv(self.S, block),)](self._part, programs, self.S, BLOCK=block)
+            with on_device(x):
+                _sum_rows_kernel[(triton.cdiv(self.S, block),)](self._part, programs, self.S, BLOCK=block)
         return self.flat[self.S - 1]
 
     def forward(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:

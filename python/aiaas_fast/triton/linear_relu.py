@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks
-from ._common import DTYPES, INTERPRET, autotuning, check_device, is_fake, launcher, register
+from ._common import DTYPES, INTERPRET, autotuning, check_device, is_fake, launcher, on_device, register
 
 OP = "aiaas_fast.linear_relu"
 
@@ -132,14 +132,15 @@ def _mm(a: Tensor, b: Tensor, c: Optional[Tensor], mode: int, *, mask: Optional[
     c_ = c if c is not None else dummy
     mask_ = mask if mask is not None else a
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(max(N, 1), meta["BLOCK_N"]),)
-    launcher(_matmul_kernel)[grid](
-        a, b, c_, mask_, bias if bias is not None else dummy, rowsum if rowsum is not None else dummy,
-        M, max(N, 1), K, _bucket(M), _bucket(N), _bucket(K), mode,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_.stride(0) if c is not None else 0,
-        c_.stride(1) if c is not None else 0, mask_.stride(0), mask_.stride(1),
-        MASK_A=mask is not None, HAS_BIAS=bias is not None, RELU=relu, ROWSUM=rowsum is not None, WRITE_C=c is not None,
-        PRECISION=_precision(a.dtype), UPCAST=INTERPRET and a.dtype == torch.bfloat16,
-    )
+    with on_device(a):
+        launcher(_matmul_kernel)[grid](
+            a, b, c_, mask_, bias if bias is not None else dummy, rowsum if rowsum is not None else dummy,
+            M, max(N, 1), K, _bucket(M), _bucket(N), _bucket(K), mode,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_.stride(0) if c is not None else 0,
+            c_.stride(1) if c is not None else 0, mask_.stride(0), mask_.stride(1),
+            MASK_A=mask is not None, HAS_BIAS=bias is not None, RELU=relu, ROWSUM=rowsum is not None,
+            WRITE_C=c is not None, PRECISION=_precision(a.dtype), UPCAST=INTERPRET and a.dtype == torch.bfloat16,
+        )
 
 
 @register("aiaas_fast::triton_linear_relu")

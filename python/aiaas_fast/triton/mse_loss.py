@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks
-from ._common import DTYPES, check_device, is_fake, launcher, register
+from ._common import DTYPES, check_device, is_fake, launcher, on_device, register
 
 OP = "aiaas_fast.mse_loss"
 BLOCK = 4096  # elements per program: enough bytes in flight per SM to stream at full bandwidth
@@ -75,12 +75,13 @@ def triton_mse_loss(input: Tensor, target: Tensor, reduction: str, compute_grad:
     blocks = triton.cdiv(n, BLOCK)
     partial = torch.empty((blocks,), dtype=torch.float32, device=x.device)
     grad_scale = 2.0 / n if reduction == "mean" else 2.0
-    launcher(_mse_kernel)[(blocks,)](x, t, grad if compute_grad else x, elems if elems is not None else x, partial, n,
-                                     grad_scale, WRITE_GRAD=compute_grad, WRITE_ELEMS=elems is not None, BLOCK=BLOCK,
-                                     num_warps=8)
-    if elems is None:
-        launcher(_sum_kernel)[(1,)](partial, loss, blocks, 1.0 / n if reduction == "mean" else 1.0, BLOCK=SUM_BLOCK,
-                                    num_warps=4)
+    with on_device(x):
+        launcher(_mse_kernel)[(blocks,)](x, t, grad if compute_grad else x, elems if elems is not None else x, partial,
+                                         n, grad_scale, WRITE_GRAD=compute_grad, WRITE_ELEMS=elems is not None,
+                                         BLOCK=BLOCK, num_warps=8)
+        if elems is None:
+            launcher(_sum_kernel)[(1,)](partial, loss, blocks, 1.0 / n if reduction == "mean" else 1.0,
+                                        BLOCK=SUM_BLOCK, num_warps=4)
     return loss, grad
 
 

@@ -26,7 +26,7 @@ CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -
 step "build and install (no downloads; CUDA architecture ${CAP} only)"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}" CMAKE_GENERATOR=Ninja
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-if ! timeout 170 "$PY" -m pip install --no-build-isolation --no-deps --no-index \
+if ! timeout 150 "$PY" -m pip install --no-build-isolation --no-deps --no-index \
       -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=${CAP}" -v . > "$OUT/build.txt" 2>&1; then
   tail -40 "$OUT/build.txt"; echo "FAILED: build"; exit 1
 fi
@@ -45,13 +45,13 @@ unset AIAAS_FAST_TRITON_AUTOTUNE
 
 step "benchmarks (autotuned, do_bench medians)"
 mkdir -p "$OUT/bench"
-if ! timeout 70 "$PY" benchmarks/triton_ops.py --device cuda --out "$OUT/bench"; then
+if ! timeout 60 "$PY" benchmarks/triton_ops.py --device cuda --out "$OUT/bench"; then
   fail "benchmarks (Triton)"
 fi
-if ! timeout 50 "$PY" benchmarks/cuda_ops.py --out "$OUT/bench"; then
+if ! timeout 45 "$PY" benchmarks/cuda_ops.py --out "$OUT/bench"; then
   fail "benchmarks (native CUDA)"
 fi
-if ! timeout 80 "$PY" benchmarks/engine.py --device cuda --no-compile --out "$OUT/bench"; then
+if ! timeout 70 "$PY" benchmarks/engine.py --device cuda --no-compile --out "$OUT/bench"; then
   fail "benchmarks (training engine)"
 fi
 

@@ -62,3 +62,12 @@ def test_every_gpu_test_file_is_in_the_script():
         assert os.path.exists(os.path.join(ROOT, "tests", name)), f"gpu_check.sh runs tests/{name}, which does not exist"
     for name in ("test_cuda_ops.py", "test_engine_cuda.py", "test_fused_mlp.py", "test_backends.py"):
         assert name in listed, f"tests/{name} has GPU cases but gpu_check.sh does not run it"
+
+
+def test_step_time_limits_fit_the_eight_minutes():
+    # The issue's budget for the whole check: the steps' time limits must add up to at most 8 minutes.
+    import re
+
+    script = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
+    limits = [int(v) for v in re.findall(r"\btimeout (\d+) ", script)]
+    assert len(limits) >= 5 and sum(limits) <= 480, limits

@@ -503,11 +503,8 @@ def test_concurrent_calls_on_one_engine_are_serialised():
     assert len(losses) == 60 and all(v == expected for v in losses)
 
 
-@pytest.mark.parametrize("path", ["graph", pytest.param("fused", marks=needs_triton_interpreter)])
-def test_cuda_graph_engine_logic_with_the_capture_replaced_by_eager_calls(path):
-    # The CUDA engine's buffers, warm-up restore, partial batches, loss accounting and step
-    # write-back, on the CPU: its capture swapped for a replay that runs the body eagerly
-    # (the capture itself only runs on a GPU: tests/test_engine_cuda.py).
+def eager_replay_engine():
+    """The CUDA engine with its capture swapped for a replay that runs the body eagerly."""
     from aiaas_fast.engine_cuda import CudaGraphEngine
 
     class EagerReplay(CudaGraphEngine):
@@ -516,6 +513,45 @@ def test_cuda_graph_engine_logic_with_the_capture_replaced_by_eager_calls(path):
             out = torch.zeros(())
             return (lambda: out.copy_(body())), out
 
+    return EagerReplay
+
+
+@pytest.mark.parametrize("path", ["graph", pytest.param("fused", marks=needs_triton_interpreter)])
+def test_cuda_engine_run_shuffles_stops_and_reuses_its_graphs(path):
+    # run()'s graphs gather each batch by the epoch's order at a position counter and add up
+    # the loss inside the graph; checked against torch steps over the same shuffled batches.
+    model = sequential([5, 12, 1])
+    ref = copy.deepcopy(model)
+    engine = Engine(model, lr=1e-2)
+    core = eager_replay_engine()(mlp_layers(model), list(model.parameters()), engine.state, engine._hyper, path=path)
+    X, Y = torch.randn(50, 5), torch.randn(50, 1)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(7)
+    expected = []
+    for _ in range(2):
+        order = torch.randperm(50, generator=gen)
+        batches = [(X[order[i:i + 16]], Y[order[i:i + 16]]) for i in range(0, 50, 16)]
+        step_losses = torch_steps(ref, batches, ref_opt)
+        expected.append(sum(v * len(b[0]) for v, b in zip(step_losses, batches)) / 50)
+    first = core.run(X, Y, epochs=2, batch_size=16, seed=7, shuffle=True)
+    graphs = core._run_entry
+    # A second call on the same data reuses the graphs; its callback stops it after one step.
+    seen = []
+    stopped = core.run(X, Y, epochs=3, batch_size=16, seed=7, shuffle=True, callback_every=1,
+                       callback=lambda e, s, n, end, loss: seen.append((e, s)) or True)
+    assert first.tolist() == pytest.approx(expected, rel=1e-5)
+    assert core._run_entry is graphs and seen == [(0, 1)] and len(stopped) == 1
+    core.set_hyperparameters(**dict(engine._hyper, lr=5e-3))
+    core.run(X, Y, epochs=1, batch_size=16, seed=7, shuffle=True)
+    assert core._run_entry is not graphs  # new scalars: new graphs
+
+
+@pytest.mark.parametrize("path", ["graph", pytest.param("fused", marks=needs_triton_interpreter)])
+def test_cuda_graph_engine_logic_with_the_capture_replaced_by_eager_calls(path):
+    # The CUDA engine's buffers, warm-up restore, partial batches, loss accounting and step
+    # write-back, on the CPU: its capture swapped for a replay that runs the body eagerly
+    # (the capture itself only runs on a GPU: tests/test_engine_cuda.py).
+    EagerReplay = eager_replay_engine()
     model = sequential([7, 19, 2])
     ref = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

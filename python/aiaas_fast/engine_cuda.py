@@ -102,20 +102,60 @@ class CudaGraphEngine:
         return loss.detach()
 
     def _graph(self, batch: int):
+        """step()'s graph for this batch size: (replay, static x, static y, loss)."""
         entry = self._graphs.get(batch)
         if entry is not None:
             return entry
         x = torch.zeros(batch, self.in_features, device=self.device)
         y = torch.zeros(batch, self.out_features, device=self.device)
-        # Capture needs warm-up (lazy initialisation, cuBLAS workspaces), and the warm-up
-        # must not train: it runs on the live state, which is restored afterwards.
+        replay, loss = self._capture_without_training(lambda: self._body(x, y))
+        entry = self._graphs[batch] = (replay, x, y, loss)
+        return entry
+
+    def _capture_without_training(self, body: Callable[[], Tensor]):
+        # Capture needs warm-up (lazy initialisation, cuBLAS workspaces, autotuning), and the
+        # warm-up must not train: it runs on the live state, which is restored afterwards.
         saved = [t.detach().clone() for t in self._tensors()]
-        replay, loss = self._capture(lambda: self._body(x, y))
+        replay, out = self._capture(body)
         with torch.no_grad():
             for t, s in zip(self._tensors(), saved):
                 t.copy_(s)
-        entry = self._graphs[batch] = (replay, x, y, loss)
-        return entry
+        return replay, out
+
+    def _run_graphs(self, X: Tensor, Y: Tensor, n: int, batch: int):
+        """run()'s graphs for (X, Y): one step each, gathering its batch from X and Y by the
+        epoch's row order (a static buffer) at a position counter on the device, advancing the
+        counter and adding batch x loss to the epoch's total, all inside the graph, so a
+        step is one graph launch from Python. A graph for the full batch and one for the
+        last, partial batch; rebuilt when X, Y or the sizes change."""
+        key = (X.data_ptr(), Y.data_ptr(), tuple(X.shape), tuple(Y.shape), n, batch)
+        if getattr(self, "_run_key", None) == key:
+            return self._run_entry
+        order = torch.zeros(n, dtype=torch.int64, device=self.device)
+        pos = torch.zeros((), dtype=torch.int64, device=self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        graphs = {}
+        for size in {min(batch, n), n % batch or min(batch, n)}:
+            x = torch.zeros(size, self.in_features, device=self.device)
+            y = torch.zeros(size, self.out_features, device=self.device)
+            offsets = torch.arange(size, device=self.device)
+
+            def body(size=size, x=x, y=y, offsets=offsets):
+                # (modulo n: only the capture's warm-up calls run past the order's end)
+                idx = order.index_select(0, torch.remainder(offsets + pos, n))
+                torch.index_select(X, 0, idx, out=x)
+                torch.index_select(Y, 0, idx, out=y)
+                loss = self._body(x, y)
+                total.add_(loss.double() * size)
+                pos.add_(size)
+                return loss
+
+            with torch.no_grad():
+                graphs[size] = self._capture_without_training(body)[0]
+            pos.zero_()
+            total.zero_()
+        self._run_key, self._run_entry = key, (graphs, order, pos, total)
+        return self._run_entry
 
     def _capture(self, body: Callable[[], Tensor]):
         """Warms ``body`` up on a side stream, captures it in a CUDA graph; returns (replay,
@@ -143,6 +183,7 @@ class CudaGraphEngine:
         if hyper != self.hyper:
             self.hyper = dict(hyper)
             self._graphs.clear()  # the scalars are baked into the captured launch
+            self._run_key = None
 
     def _write_back_steps(self) -> None:
         for s, d in zip(self.state, self.steps):
@@ -186,17 +227,14 @@ class CudaGraphEngine:
         gen = torch.Generator().manual_seed(seed)
         n, losses = len(base), []
         steps_in_epoch = (n + batch_size - 1) // batch_size
+        graphs, order, pos, total = self._run_graphs(X, Y, n, batch_size)
         for epoch in range(epochs):
-            order = base[torch.randperm(n, generator=gen).to(self.device)] if shuffle else base
-            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            order.copy_(base[torch.randperm(n, generator=gen).to(self.device)] if shuffle else base)
+            pos.zero_()
+            total.zero_()
             stop = False
             for s in range(steps_in_epoch):
-                idx = order[s * batch_size:(s + 1) * batch_size]
-                replay, xs, ys, loss = self._graph(len(idx))
-                torch.index_select(X, 0, idx, out=xs)
-                torch.index_select(Y, 0, idx, out=ys)
-                replay()
-                total += loss.double() * len(idx)
+                graphs[min(batch_size, n - s * batch_size)]()
                 done = s + 1
                 at_end = done == steps_in_epoch
                 if callback is not None and (at_end or (callback_every and done % callback_every == 0)):

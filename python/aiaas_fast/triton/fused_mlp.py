@@ -8,8 +8,9 @@ the target and the gradients touches DRAM:
 
 - forward: ``h = act(h @ W_l^T + b_l)`` layer after layer on a (BLOCK_M, D) tile, D the
   widest layer rounded up to a power of two (zero padding keeps padded columns at 0).
-  Hidden outputs go to the program's own scratch tiles, reused for every row tile, so
-  they stay in L1/L2 (Triton has no explicit shared memory); the output stays in registers;
+  Each layer's output goes to the program's own scratch tiles, reused for every row tile,
+  so they stay in L1/L2 (Triton has no explicit shared memory), for the next layer and
+  for the backward's ReLU masks; the network's output also stays in registers for the loss;
 - loss: ``d = out - y``, the tile's sum of squares, ``g = 2 d / (rows * outputs)``;
 - backward, from the last layer: the ReLU mask on g, ``db_l += colsum(g)``,
   ``dW_l += g^T @ h_l`` into this program's row of a partial-gradient buffer, then

@@ -39,3 +39,13 @@ def backend(request):
         pytest.skip(why)
     with aiaas_fast.use_backend(request.param.name):
         yield request.param
+
+
+@pytest.fixture
+def ieee_float32():
+    """CUDA float32 products in IEEE float32 (no TF32) for the test: what the fused kernels
+    and the reference both follow, so they compare at float32 tolerances."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old

@@ -9,16 +9,9 @@ import aiaas_fast
 from aiaas_fast.engine import Engine
 from helpers import sequential, torch_steps
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("ieee_float32")]  # the reference must not use TF32 where the kernels do not
 
-
-@pytest.fixture(autouse=True)
-def ieee_float32():
-    # The reference must not use TF32 where the fused ops do not.
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 PATHS = {"fused": "cuda-fused-mlp", "graph": "cuda-graph"}

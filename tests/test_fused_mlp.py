@@ -9,17 +9,9 @@ from aiaas_fast.engine import mlp_layers
 from helpers import rand, sequential, triton_interpreter_reason
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and triton_interpreter_reason() is not None,
-                                reason=str(triton_interpreter_reason()))
-
-
-@pytest.fixture(autouse=True)
-def ieee_float32():
-    # The kernel follows torch's TF32 setting, as the reference does: both IEEE here.
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
+pytestmark = [pytest.mark.skipif(DEVICE == "cpu" and triton_interpreter_reason() is not None,
+                                 reason=str(triton_interpreter_reason())),
+              pytest.mark.usefixtures("ieee_float32")]  # the kernel follows torch's TF32 setting, as the reference
 
 
 def fused(model, **kw):

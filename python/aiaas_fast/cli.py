@@ -296,16 +296,21 @@ def cmd_train(args) -> int:
                    "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                    "scalers": {k: s.state_dict() for k, s in model.aiaas_fast_scalers.items()},
                    "aiaas_fast": aiaas_fast.__version__}
-        tmp = args.out + ".tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, args.out)
-        print(f"saved: {args.out}")
+        _save_model(args.out, payload)
     return 0
 
 
-def _train_many(args, x_t, y_t, groups, widths, features, targets, source) -> int:
+def _save_model(path: str, payload: dict) -> None:
+    """Written to a temporary file and renamed: an interrupted save leaves no half-written model."""
     import torch
 
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    print(f"saved: {path}")
+
+
+def _train_many(args, x_t, y_t, groups, widths, features, targets, source) -> int:
     import aiaas_fast
 
     if groups is not None:
@@ -344,10 +349,7 @@ def _train_many(args, x_t, y_t, groups, widths, features, targets, source) -> in
                    "state_dict": {n: v.cpu() for n, v in ens.state_dict().items()},
                    "scalers": {n: s.state_dict() for n, s in ens.aiaas_fast_scalers.items()},
                    "aiaas_fast": aiaas_fast.__version__}
-        tmp = args.out + ".tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, args.out)
-        print(f"saved: {args.out}")
+        _save_model(args.out, payload)
     return 0
 
 

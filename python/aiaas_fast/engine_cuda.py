@@ -131,7 +131,8 @@ class CudaGraphEngine:
         key = (X.data_ptr(), Y.data_ptr(), tuple(X.shape), tuple(Y.shape), n, batch)
         if getattr(self, "_run_key", None) == key:
             return self._run_entry
-        order = torch.zeros(n, dtype=torch.int64, device=self.device)
+        # Room past the order's end for the capture's warm-up calls, which advance the counter too.
+        order = torch.zeros(n + 2 * batch, dtype=torch.int64, device=self.device)
         pos = torch.zeros((), dtype=torch.int64, device=self.device)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         graphs = {}
@@ -141,8 +142,7 @@ class CudaGraphEngine:
             offsets = torch.arange(size, device=self.device)
 
             def body(size=size, x=x, y=y, offsets=offsets):
-                # (modulo n: only the capture's warm-up calls run past the order's end)
-                idx = order.index_select(0, torch.remainder(offsets + pos, n))
+                idx = order.index_select(0, offsets + pos)
                 torch.index_select(X, 0, idx, out=x)
                 torch.index_select(Y, 0, idx, out=y)
                 loss = self._body(x, y)
@@ -229,7 +229,7 @@ class CudaGraphEngine:
         steps_in_epoch = (n + batch_size - 1) // batch_size
         graphs, order, pos, total = self._run_graphs(X, Y, n, batch_size)
         for epoch in range(epochs):
-            order.copy_(base[torch.randperm(n, generator=gen).to(self.device)] if shuffle else base)
+            order[:n].copy_(base[torch.randperm(n, generator=gen).to(self.device)] if shuffle else base)
             pos.zero_()
             total.zero_()
             stop = False

@@ -239,7 +239,6 @@ class FusedMLP:
         why = unsupported_reason(layers)
         if why:
             raise ValueError(why)
-        self.layers = list(layers)
         device = layers[0][0].weight.device
         self.widths = [layers[0][0].in_features] + [lin.out_features for lin, _ in layers]
         self.L = len(layers)

@@ -15,10 +15,11 @@ stacked models with torch.bmm and autograd (aiaas_fast.Ensemble.forward), and th
 Every table has the achieved GFLOP/s (6 x batch x weights per step) beside torch.mm's at the
 layer's shape and at 1024^3 (the machine's product ceiling), timed in the same run.
 ``--sweep`` times the engine's two kernel paths (hand kernels, BLAS) over widths and batches:
-the measurement behind the engine's switch point. ``--device cuda`` times the single-model
-table on the GPU, for the seed network and a 64-wide, 4-hidden-layer MLP at batch 65536:
-the engine there is a captured CUDA graph of the fused MLP kernel, and, for comparison,
-a graph of the fused ops (``path="graph"``).
+the measurement behind the engine's switch point (CPU only). ``--device cuda`` times the
+single-model table on the GPU for the seed network and a 64-wide, 4-hidden-layer MLP at batch
+65536 (the engine there is a captured CUDA graph of the fused MLP kernel, and, for
+comparison, a graph of the fused ops, ``path="graph"``), and the many-model table with the
+models on the GPU (the engine there: batched products, a CUDA graph per step of all K).
 """
 from __future__ import annotations
 
@@ -72,10 +73,10 @@ def working(provs, failed, label):
     return {name: provs[name] for name in ok}
 
 
-def many_providers(K, widths, batch, steps_per_run):
+def many_providers(K, widths, batch, steps_per_run, device="cpu"):
     torch.manual_seed(0)
-    models = [mlp(widths, "cpu") for _ in range(K)]
-    x, y = torch.randn(batch, widths[0]), torch.randn(batch, widths[-1])
+    models = [mlp(widths, device) for _ in range(K)]
+    x, y = torch.randn(batch, widths[0], device=device), torch.randn(batch, widths[-1], device=device)
     out = {}
 
     loop_models = copy.deepcopy(models)
@@ -120,7 +121,8 @@ def many_providers(K, widths, batch, steps_per_run):
     out["engine step() (K models)"] = (lambda: core.step(x, y), 1)
     ens_r = aiaas_fast.Ensemble.from_models(copy.deepcopy(models))
     core_r, _ = ensemble_engine(ens_r)
-    X, Y = torch.randn(batch * steps_per_run, widths[0]), torch.randn(batch * steps_per_run, widths[-1])
+    X = torch.randn(batch * steps_per_run, widths[0], device=device)
+    Y = torch.randn(batch * steps_per_run, widths[-1], device=device)
     out["engine run() (K models, own rows)"] = (
         lambda: core_r.run(X, Y, epochs=1, batch_size=batch, shuffle=True), steps_per_run)
     return out
@@ -219,22 +221,25 @@ def main(argv=None) -> int:
                "GFLOP/s", "torch.mm GFLOP/s (same shape / 1024^3)"],
               [[f"{l[0]} @ {nets[[n[0] for n in nets].index(l[0])][2]}", *l[1:]] for l in lines])
 
-    if device.startswith("cuda"):  # many models at once and the kernel sweep are the CPU engine's
-        base = res.write(args.out)
-        print(f"results: {base}.json, {base}.md")
-        return 0
+    base = res.write(args.out)  # written after each table: a run cut short keeps what it measured
+
     K = args.models or (16 if args.quick else 256)
     widths, batch = [10, 20, 1], 64
-    provs = many_providers(K, widths, batch, steps_per_run=5 if args.quick else 20)
-    per_step, mm_peak = timed(provs, 3 if args.quick else 7, block)
+    provs = working(many_providers(K, widths, batch, steps_per_run=5 if args.quick else 20, device=device), failed,
+                    f"{K} x seed")
+    refs = ["Python loop of K eager models", "torch.func.vmap (stacked, Adam fused)"]
+    if not all(r in provs for r in refs):
+        print(f"benchmarks/engine.py: no many-model table: a reference failed ({failed})", file=sys.stderr)
+        return 1
+    per_step, mm_peak = timed(provs, 3 if args.quick else (5 if device.startswith("cuda") else 7), block, device=device,
+                              reference="Python loop of K eager models")
     flops = 6.0 * batch * sum(a * b for a, b in zip(widths[:-1], widths[1:])) * K
     lines = []
-    report(res, "many", f"{K} x seed", batch, per_step, ["Python loop of K eager models", "torch.func.vmap (stacked, Adam fused)"],
-           flops, (batch, widths[1], widths[0]), mm_peak, lines, {"widths": widths, "models": K})
+    report(res, "many", f"{K} x seed", batch, per_step, refs, flops, (batch, widths[1], widths[0]), mm_peak, lines, {"widths": widths, "models": K}, device=device)
     res.table(f"{K} seed networks (10->20->1) at once, batch 64 each: one step of all of them",
               ["models", "provider", "median per step of all", "p20 - p80", "steps/s", "vs Python loop", "vs vmap",
                "GFLOP/s", "torch.mm GFLOP/s (same shape / 1024^3)"], lines)
-    if args.sweep:
+    if args.sweep and not device.startswith("cuda"):
         sweep(res, args.quick)
     base = res.write(args.out)
     print(f"results: {base}.json, {base}.md")

@@ -38,6 +38,7 @@ export AIAAS_FAST_TRITON_AUTOTUNE=0 TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache
 if ! timeout 150 "$PY" -m pytest -q --junitxml="$OUT/tests.xml" -p no:cacheprovider \
       tests/test_linear_relu.py tests/test_mse_loss.py tests/test_adam.py tests/test_backends.py tests/test_compile.py \
       tests/test_nn.py tests/test_optim.py tests/test_cuda_ops.py tests/test_fused_mlp.py tests/test_engine_cuda.py \
+      tests/test_ensemble_cuda.py \
       tests/test_gpu_check.py; then
   fail "tests (see log.txt; results still written)"
 fi

@@ -157,6 +157,7 @@ def test_ensemble_train_and_predict_mean_and_spread(tmp_path):
                          "--ensemble", "4", "--out", model)
     assert code == 0, err
     assert "ensemble of 4 bootstrap models" in out and "validation RMSE" in out
+    assert "engine: compiled (the C++ training engine, 4 models in one call)" in out
     preds = str(tmp_path / "p.csv")
     code, out, err = run("predict", "--model", model, "--data", path, "--out", preds)
     assert code == 0, err

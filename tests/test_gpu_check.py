@@ -60,7 +60,7 @@ def test_every_gpu_test_file_is_in_the_script():
     listed = set(re.findall(r"tests/(test_\w+\.py)", script))
     for name in listed:
         assert os.path.exists(os.path.join(ROOT, "tests", name)), f"gpu_check.sh runs tests/{name}, which does not exist"
-    for name in ("test_cuda_ops.py", "test_engine_cuda.py", "test_fused_mlp.py", "test_backends.py"):
+    for name in ("test_cuda_ops.py", "test_engine_cuda.py", "test_ensemble_cuda.py", "test_fused_mlp.py", "test_backends.py"):
         assert name in listed, f"tests/{name} has GPU cases but gpu_check.sh does not run it"
 
 

@@ -210,10 +210,9 @@ def cmd_train(args) -> int:
     if many:
         what = "--ensemble" if args.ensemble is not None else "--group-by"
         for flag, bad in (("--compare", args.compare),
-                          (f"--backend {args.backend}", args.backend != "native"), ("--engine ops", args.engine == "ops"),
-                          (f"--device {args.device}", device.type != "cpu")):
+                          (f"--backend {args.backend}", args.backend != "native"), ("--engine ops", args.engine == "ops")):
             if bad:
-                raise UsageError(f"{what} trains on the compiled CPU engine; {flag} does not apply to it")
+                raise UsageError(f"{what} trains on the compiled many-model engine; {flag} does not apply to it")
     if args.out and os.path.exists(args.out) and not args.force:
         raise UsageError(f"{args.out}: already exists; pass --force to overwrite it")
     if args.data:
@@ -250,7 +249,7 @@ def cmd_train(args) -> int:
     widths = [len(features), *args.hidden, len(targets)]
     torch.manual_seed(args.seed)
     if many:
-        return _train_many(args, x_t, y_t, groups if args.data else None, widths, features, targets, source)
+        return _train_many(args, x_t, y_t, groups if args.data else None, widths, features, targets, source, device)
     model = _build_model(args.backend, widths, device)
     initial = copy.deepcopy(model.state_dict())
     print(f"data: {source}; features: {', '.join(features)}; targets: {', '.join(targets)}")
@@ -310,7 +309,7 @@ def _save_model(path: str, payload: dict) -> None:
     print(f"saved: {path}")
 
 
-def _train_many(args, x_t, y_t, groups, widths, features, targets, source) -> int:
+def _train_many(args, x_t, y_t, groups, widths, features, targets, source, device) -> int:
     import aiaas_fast
 
     if groups is not None:
@@ -320,7 +319,7 @@ def _train_many(args, x_t, y_t, groups, widths, features, targets, source) -> in
             raise UsageError(f"--group-by {args.group_by}: {k} distinct values; that many models is surely not meant")
     else:
         k = args.ensemble
-    ens = aiaas_fast.Ensemble(k, widths[0], widths[1:-1], widths[-1])
+    ens = aiaas_fast.Ensemble(k, widths[0], widths[1:-1], widths[-1], device=device)
     kind = f"{k} models, one per value of '{args.group_by}'" if groups is not None else f"ensemble of {k} bootstrap models"
     print(f"data: {source}; features: {', '.join(features)}; targets: {', '.join(targets)}")
     print(f"model: {kind}, MLP {'->'.join(map(str, widths))} each, {args.epochs} epochs, batch {args.batch_size}, "
@@ -332,7 +331,7 @@ def _train_many(args, x_t, y_t, groups, widths, features, targets, source) -> in
         raise UsageError(str(e).replace("aiaas_fast.fit_many: ", "")) from None
     seconds = sum(history.seconds)
     samples = len(history) * sum(history.rows)
-    print("engine: compiled (the C++ training engine, all models in one call)")
+    print(f"engine: compiled ({history.engine_note})")
     print(f"trained {len(history)} epochs: {seconds:.2f} s of training ({samples / seconds:,.0f} samples/s over all models)"
           + (", stopped early (each model keeps its best epoch's weights)" if history.stopped_early else ""))
     last = history.train_loss[-1]

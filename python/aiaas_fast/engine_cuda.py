@@ -24,7 +24,7 @@ from . import backend as _backend
 from . import ops
 from .engine import UnsupportedModel
 
-__all__ = ["CudaGraphEngine", "fused_reason"]
+__all__ = ["CudaGraphEngine", "GraphCapture", "fused_reason"]
 
 PATHS = ("auto", "fused", "graph")
 
@@ -55,7 +55,42 @@ def _adam(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, hyper: dict) -> 
                            amsgrad=hyper["amsgrad"], maximize=hyper["maximize"])
 
 
-class CudaGraphEngine:
+class GraphCapture:
+    """Capture of a step body in a CUDA graph, for an engine with ``device`` and ``_tensors()``
+    (everything a step writes: parameters, optimizer state, step counters)."""
+
+    device: torch.device
+
+    def _tensors(self) -> List[Tensor]:
+        raise NotImplementedError
+
+    def _capture_without_training(self, body: Callable[[], Tensor]):
+        # Capture needs warm-up (lazy initialisation, cuBLAS workspaces, autotuning), and the
+        # warm-up must not train: it runs on the live state, which is restored afterwards.
+        saved = [t.detach().clone() for t in self._tensors()]
+        replay, out = self._capture(body)
+        with torch.no_grad():
+            for t, s in zip(self._tensors(), saved):
+                t.copy_(s)
+        return replay, out
+
+    def _capture(self, body: Callable[[], Tensor]):
+        """Warms ``body`` up on a side stream, captures it in a CUDA graph; returns (replay,
+        the graph's output tensor)."""
+        with torch.cuda.device(self.device):  # the capture (and Triton's launches) on the model's GPU
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    body()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = body()
+        return graph.replay, out  # the bound method keeps the graph (and its memory pool) alive
+
+
+class CudaGraphEngine(GraphCapture):
     """layers: [(nn.Linear, relu)]; state: per parameter dicts with exp_avg, exp_avg_sq
     (max_exp_avg_sq) on the device and step (any device: kept in step on the device here and
     written back after every call)."""
@@ -112,16 +147,6 @@ class CudaGraphEngine:
         entry = self._graphs[batch] = (replay, x, y, loss)
         return entry
 
-    def _capture_without_training(self, body: Callable[[], Tensor]):
-        # Capture needs warm-up (lazy initialisation, cuBLAS workspaces, autotuning), and the
-        # warm-up must not train: it runs on the live state, which is restored afterwards.
-        saved = [t.detach().clone() for t in self._tensors()]
-        replay, out = self._capture(body)
-        with torch.no_grad():
-            for t, s in zip(self._tensors(), saved):
-                t.copy_(s)
-        return replay, out
-
     def _run_graphs(self, X: Tensor, Y: Tensor, n: int, batch: int):
         """run()'s graphs for (X, Y): one step each, gathering its batch from X and Y by the
         epoch's row order (a static buffer) at a position counter on the device, advancing the
@@ -156,22 +181,6 @@ class CudaGraphEngine:
             total.zero_()
         self._run_key, self._run_entry = key, (graphs, order, pos, total)
         return self._run_entry
-
-    def _capture(self, body: Callable[[], Tensor]):
-        """Warms ``body`` up on a side stream, captures it in a CUDA graph; returns (replay,
-        the graph's output tensor)."""
-        with torch.cuda.device(self.device):  # the capture (and Triton's launches) on the model's GPU
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    body()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = body()
-        self._keep = getattr(self, "_keep", []) + [graph]
-        return graph.replay, out
 
     def _tensors(self) -> List[Tensor]:
         out = list(self.params) + list(self.steps)

@@ -124,6 +124,7 @@ class ManyHistory:
     best_epoch: Optional[List[int]] = None  # per model, with patience: the epoch whose weights it kept
     stopped_early: bool = False
     engine: str = "compiled"
+    engine_note: str = ""  # what ran the steps
     extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -154,10 +155,23 @@ def _group_ids(groups, n: int, values: Optional[list] = None):
 
 
 def ensemble_engine(ensemble: Ensemble, *, lr: float = 1e-3, weight_decay: float = 0.0, path: str = "auto"):
-    """The C++ engine over the ensemble's stacked parameters, with fresh Adam state; returns
-    (engine, state), state holding (exp_avg, exp_avg_sq, steps (K,)) per parameter tensor
-    in the order weight0, bias0, weight1, ... ."""
+    """The engine over the ensemble's stacked parameters, with fresh Adam state: the C++ engine
+    on the CPU (``path`` as for :class:`aiaas_fast.engine.Engine`), batched products in CUDA
+    graphs on a GPU (:mod:`aiaas_fast.ensemble_cuda`). Returns (engine, state), state holding
+    (exp_avg, exp_avg_sq, steps (K,)) per parameter tensor in the order weight0, bias0, weight1, ... ."""
     K = ensemble.num_models
+    w0 = ensemble.weights[0]
+    if w0.dtype != torch.float32 or w0.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"aiaas_fast: the many-model engine trains float32 on the CPU or CUDA; the ensemble is "
+                         f"{w0.dtype} on {w0.device}")
+    if w0.device.type == "cuda":
+        from .ensemble_cuda import CudaEnsembleEngine
+
+        if path != "auto":
+            raise ValueError(f"aiaas_fast: path={path!r} chooses between the CPU engine's kernels; on CUDA use 'auto'")
+        core = CudaEnsembleEngine(list(ensemble.weights), list(ensemble.biases), lr=float(lr),
+                                  weight_decay=float(weight_decay))
+        return core, core.state
     params = [p for pair in zip(ensemble.weights, ensemble.biases) for p in pair]
     state = [(torch.zeros_like(p), torch.zeros_like(p), torch.zeros(K)) for p in params]
     with torch.no_grad():
@@ -185,9 +199,10 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
     if not isinstance(ensemble, Ensemble):
         raise TypeError(f"aiaas_fast.fit_many: expects an aiaas_fast.Ensemble, got {type(ensemble).__name__}")
     w0 = ensemble.weights[0]
-    if w0.device.type != "cpu" or w0.dtype != torch.float32:
-        raise ValueError(f"aiaas_fast.fit_many: runs on the compiled engine (CPU, float32); the ensemble is "
-                         f"{w0.dtype} on {w0.device}")
+    if w0.dtype != torch.float32 or w0.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"aiaas_fast.fit_many: runs on the compiled engine (float32, on the CPU or CUDA); the "
+                         f"ensemble is {w0.dtype} on {w0.device}")
+    device = w0.device
     _check_hyperparameters("aiaas_fast.fit_many", epochs, batch_size, lr, val_split, patience)
     x_all, y_all = _as_tensor("X", X), _as_tensor("y", y)
     n, K = len(x_all), ensemble.num_models
@@ -233,8 +248,8 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
         base = train_rows[0]
         train_rows = [base[torch.randint(len(base), (len(base),), generator=gen)] for _ in range(K)]
     row_model = ids if ids is not None else torch.zeros(n, dtype=torch.int64)
-    xs = ((x_all - scalers["x"].mean[row_model]) / scalers["x"].std[row_model]).contiguous()
-    ys = ((y_all - scalers["y"].mean[row_model]) / scalers["y"].std[row_model]).contiguous()
+    xs = ((x_all - scalers["x"].mean[row_model]) / scalers["x"].std[row_model]).contiguous().to(device)
+    ys = ((y_all - scalers["y"].mean[row_model]) / scalers["y"].std[row_model]).contiguous().to(device)
 
     params = [p for pair in zip(ensemble.weights, ensemble.biases) for p in pair]
     core, _ = ensemble_engine(ensemble, lr=lr, weight_decay=weight_decay)
@@ -250,8 +265,9 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
     def val_loss_per_model(pred: Tensor) -> Tensor:
         # pred (K, rows, out): model k scored on its own validation rows (all of them without groups).
         if groups is None:
-            return ((pred - ys[val_rows[0]]) ** 2).mean(dim=(1, 2)).double()
-        err = ((pred[val_model, torch.arange(len(val_index))] - ys[val_index]) ** 2).mean(1).double()
+            return ((pred - ys[val_rows[0].to(device)]) ** 2).mean(dim=(1, 2)).double().cpu()
+        rows = torch.arange(len(val_index), device=device)
+        err = ((pred[val_model.to(device), rows] - ys[val_index.to(device)]) ** 2).mean(1).double().cpu()
         return torch.zeros(K, dtype=torch.float64).index_add_(0, val_model, err) / torch.bincount(val_model, minlength=K).clamp(min=1)
 
     def on_epoch(epoch, step, steps, epoch_end, losses):
@@ -259,7 +275,7 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
             return False
         seconds.append(time.perf_counter() - clock[0])
         if has_val:
-            val_losses.append(val_loss_per_model(core.predict(xs[val_rows[0]] if groups is None else xs[val_index])))
+            val_losses.append(val_loss_per_model(core.predict(xs[(val_rows[0] if groups is None else val_index).to(device)])))
         if bar is not None:
             bar.set_postfix(loss=f"{sum(losses) / K:.4g}")
             bar.update(1)
@@ -272,8 +288,9 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
         best["bad"] = torch.where(improved, torch.zeros_like(best["bad"]), best["bad"] + 1)
         best["epoch"] = torch.where(improved, torch.full_like(best["epoch"], epoch), best["epoch"])
         with torch.no_grad():
+            on_device = improved.to(device)
             for kept, p in zip(best["params"], params):
-                kept[improved] = p[improved]
+                kept[on_device] = p[on_device]
         return bool((best["bad"] >= patience).all())
 
     best = {"loss": torch.full((K,), math.inf, dtype=torch.float64), "bad": torch.zeros(K, dtype=torch.int64),
@@ -295,7 +312,8 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
     history = ManyHistory(train_loss=train_loss, val_loss=torch.stack(val_losses) if val_losses else None,
                           seconds=seconds, rows=[len(r) for r in train_rows], group_values=values,
                           best_epoch=best["epoch"].tolist() if patience is not None else None,
-                          stopped_early=patience is not None and len(seconds) < epochs)
+                          stopped_early=patience is not None and len(seconds) < epochs,
+                          engine_note=_engine_note(device, K))
     if has_val:
         pred = predict_many(ensemble, x_all[val_index], groups=None if groups is None else np.asarray(groups)[val_index.numpy()])
         target = y_all[val_index]
@@ -306,6 +324,12 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
             history.val_rmse = (torch.zeros(K, dtype=torch.float64).index_add_(0, val_model, sq)
                                 / torch.bincount(val_model, minlength=K).clamp(min=1)).sqrt()
     return history
+
+
+def _engine_note(device: torch.device, K: int) -> str:
+    if device.type == "cuda":
+        return f"CUDA graphs of batched products: a step of all {K} models is one graph launch"
+    return f"the C++ training engine, {K} models in one call"
 
 
 def predict_many(ensemble: Ensemble, X, groups=None, batch_size: int = 4096):

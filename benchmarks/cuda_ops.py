@@ -57,6 +57,18 @@ def try_compile(fn, notes, label):
         return None
 
 
+def gemms_run(fn):
+    """The products one call of fn ran (aiaas_fast._C.cuda_gemm_counts), e.g. ["cutlass_sm90"]:
+    a GEMM choice falls back where its kernel declines the shapes, so say what was timed."""
+    counts = getattr(aiaas_fast._C, "cuda_gemm_counts", None)
+    if counts is None:
+        return []
+    before = counts()
+    fn()
+    torch.cuda.synchronize()
+    return sorted(k for k, v in counts().items() if v != before.get(k, 0))
+
+
 def ours_providers(fn):
     out = {f"aiaas_fast native ({g})": with_gemm(g, fn) for g in ("auto", "cutlass", "cublaslt")}
     if hasattr(aiaas_fast, "set_backend"):
@@ -104,6 +116,9 @@ def main(argv=None) -> int:
         if c is not None:
             fns["torch.compile"] = c
     times = timed(fns, f"linear_relu forward {n}^3")
+    for name in times:
+        if name.startswith("aiaas_fast native"):
+            notes.append(f"linear_relu forward, {name} ran: {', '.join(gemms_run(fns[name])) or 'unknown'}")
     flops = 2.0 * n * n * n
     mm_t = times["torch.mm"]["y50"] if "torch.mm" in times else float("nan")
     for name, t in times.items():

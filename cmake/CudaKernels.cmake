@@ -25,9 +25,14 @@ foreach(_dir IN LISTS _cutlass_candidates)
   endif()
 endforeach()
 
+# The Hopper GEMM (CUTLASS 3.x: wgmma, TMA) builds for sm_90a alone, in its own object library;
+# everything else for CMAKE_CUDA_ARCHITECTURES.
+set(_sm90_source "${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernels/cuda/linear_relu_gemm_sm90.cu")
+list(REMOVE_ITEM AIAAS_FAST_CUDA_KERNEL_SOURCES "${_sm90_source}")
 add_library(aiaas_fast_cuda_kernels OBJECT ${AIAAS_FAST_CUDA_KERNEL_SOURCES})
 target_include_directories(aiaas_fast_cuda_kernels PRIVATE "${CMAKE_CURRENT_SOURCE_DIR}/csrc")
 target_compile_options(aiaas_fast_cuda_kernels PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-O3 --expt-relaxed-constexpr>)
+set(AIAAS_FAST_BUILT_WITH_CUTLASS ${AIAAS_FAST_HAVE_CUTLASS})  # for build_info()
 if(AIAAS_FAST_HAVE_CUTLASS)
   target_include_directories(aiaas_fast_cuda_kernels SYSTEM PRIVATE "${_cutlass_include}")
   target_compile_definitions(aiaas_fast_cuda_kernels PRIVATE AIAAS_FAST_HAVE_CUTLASS=1)
@@ -36,4 +41,24 @@ else()
   target_compile_definitions(aiaas_fast_cuda_kernels PRIVATE AIAAS_FAST_HAVE_CUTLASS=0)
   message(WARNING "aiaas_fast: no CUTLASS headers found (pip install nvidia-cutlass, or set "
     "AIAAS_FAST_CUTLASS_INCLUDE_DIR); linear_relu's forward on CUDA uses cuBLASLt / a plain product")
+endif()
+
+# sm_90a where the build includes architecture 90 (any form: 90, 90-real, 90a) and CUTLASS is
+# here; otherwise the file compiles to stubs (have_cutlass_sm90_gemm() false) like the others.
+# -DNDEBUG also in debug builds: CUTLASS's asserts in the mainloop split it into calls, and
+# ptxas then serializes the wgmma pipeline (warning C7510).
+add_library(aiaas_fast_cuda_sm90 OBJECT "${_sm90_source}")
+target_include_directories(aiaas_fast_cuda_sm90 PRIVATE "${CMAKE_CURRENT_SOURCE_DIR}/csrc")
+if(AIAAS_FAST_HAVE_CUTLASS AND CMAKE_CUDA_ARCHITECTURES MATCHES "(^|;)90")
+  set_target_properties(aiaas_fast_cuda_sm90 PROPERTIES CUDA_ARCHITECTURES OFF)
+  target_compile_options(aiaas_fast_cuda_sm90 PRIVATE
+    $<$<COMPILE_LANGUAGE:CUDA>:-O3 -DNDEBUG --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a>)
+  target_include_directories(aiaas_fast_cuda_sm90 SYSTEM PRIVATE "${_cutlass_include}")
+  target_compile_definitions(aiaas_fast_cuda_sm90 PRIVATE AIAAS_FAST_HAVE_CUTLASS_SM90=1)
+  list(APPEND AIAAS_FAST_CUDA_ARCHS "90a")
+  list(REMOVE_DUPLICATES AIAAS_FAST_CUDA_ARCHS)
+  message(STATUS "aiaas_fast: the Hopper CUTLASS GEMM builds for sm_90a")
+else()
+  target_compile_options(aiaas_fast_cuda_sm90 PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-O3>)
+  target_compile_definitions(aiaas_fast_cuda_sm90 PRIVATE AIAAS_FAST_HAVE_CUTLASS_SM90=0)
 endif()

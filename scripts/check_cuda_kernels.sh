@@ -7,7 +7,7 @@
 #   scripts/check_cuda_kernels.sh            # all of it
 #   NVCC=/path/to/nvcc PYTHON=python3 JOBS=2 AIAAS_FAST_CUDA_GENCODE="..." scripts/check_cuda_kernels.sh
 #
-# CUTLASS headers (for linear_relu_gemm.cu): $AIAAS_FAST_CUTLASS_INCLUDE_DIR, else the
+# CUTLASS headers (for linear_relu_gemm.cu and linear_relu_gemm_sm90.cu): $AIAAS_FAST_CUTLASS_INCLUDE_DIR, else the
 # nvidia-cutlass Python package, else build/cutlass-headers/include, else that directory is
 # filled from the nvidia-cutlass wheel (pip download --no-deps, about 6 MB). Where none can
 # be had, the file is compiled without CUTLASS and the script says "CUTLASS: absent".
@@ -75,15 +75,28 @@ else
   CUTLASS_FLAGS="-DAIAAS_FAST_HAVE_CUTLASS=0"
 fi
 
-# ---- the kernels: nvcc, the architectures the library is built for
+# ---- the kernels: nvcc, the architectures the library is built for; the Hopper GEMM
+# (*_sm90.cu) for sm_90a alone, as cmake/CudaKernels.cmake builds it
 compile_kernel() {
-  local src=$1 obj log
+  local src=$1 obj log flags=$GENCODE
   obj=$OUT/$(basename "$src" .cu).o
   log=$OUT/$(basename "$src" .cu).log
+  if [[ $src == *_sm90.cu ]]; then
+    if [[ $CUTLASS_FLAGS == *HAVE_CUTLASS=1* ]]; then
+      flags="-DAIAAS_FAST_HAVE_CUTLASS_SM90=1 -DNDEBUG -gencode arch=compute_90a,code=sm_90a"
+    else
+      flags="-DAIAAS_FAST_HAVE_CUTLASS_SM90=0 $GENCODE"
+    fi
+  fi
   local start=$SECONDS
   # shellcheck disable=SC2086
-  if "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -Werror all-warnings -I "$ROOT/csrc" $CUTLASS_FLAGS $GENCODE \
+  if "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -Werror all-warnings -I "$ROOT/csrc" $CUTLASS_FLAGS $flags \
       -c "$src" -o "$obj" >"$log" 2>&1; then
+    # ptxas reports a serialized wgmma pipeline as information, not a warning: a Hopper GEMM
+    # that would run far below its speed. Fail on it here.
+    if grep -q "C7510" "$log"; then
+      echo "FAIL  $src: wgmma serialized (ptxas C7510)"; cat "$log"; return 1
+    fi
     echo "ok    $src ($((SECONDS - start)) s)"
   else
     echo "FAIL  $src"; cat "$log"; return 1

@@ -15,6 +15,8 @@ def test_build_info_describes_this_build():
     assert info["torch_version"] == torch.__version__
     assert info["cuda"] == (torch.version.cuda is not None and bool(info["cuda_archs"]))
     assert isinstance(info["cuda_archs"], list)
+    assert isinstance(info["cutlass"], bool) and (info["cuda"] or not info["cutlass"])
+    assert aiaas_fast._C.cuda_gemm_counts() == {} or info["cuda"]  # no CUDA forward has run on a CPU build
     assert isinstance(info["openmp"], bool) and info["parallel_backend"]
     assert info["compiler"] and info["build_type"]
     assert "default" in info["cpu_isas"] and info["cpu_isa"] in info["cpu_isas"]

@@ -111,6 +111,27 @@ def test_linear_relu_nan_propagates(monkeypatch, gemm_name):
     assert torch.isnan(linear_relu(x, w, b)[0]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_each_gemm_choice_runs_its_kernel(monkeypatch, dtype):
+    # A choice falls back quietly where its kernel declines the shapes; the counts say which
+    # product ran, so a kernel that always declines cannot pass as tested.
+    import aiaas_fast
+
+    info = aiaas_fast.build_info()
+    hopper = torch.cuda.get_device_capability()[0] == 9 and "90a" in info["cuda_archs"]
+    expect = {"cublaslt": "cublaslt", "mm": "mm"}
+    if info["cutlass"]:
+        expect["cutlass"] = "cutlass_sm90" if hopper else "cutlass_sm80"
+    # aligned (CUTLASS takes it), several tiles, partial tiles in M and an odd tile count in N
+    x, w, b = cuda(1000, 512, dtype=dtype), cuda(384, 512, dtype=dtype), cuda(384, dtype=dtype)
+    for choice, kernel in expect.items():
+        monkeypatch.setenv("AIAAS_FAST_CUDA_GEMM", choice)
+        before = aiaas_fast._C.cuda_gemm_counts().get(kernel, 0)
+        out = linear_relu(x, w, b)
+        assert aiaas_fast._C.cuda_gemm_counts().get(kernel, 0) == before + 1, (choice, aiaas_fast._C.cuda_gemm_counts())
+        assert_close(out, ref_linear_relu(x, w, b), dtype)
+
+
 def test_bad_gemm_choice_is_named(monkeypatch):
     monkeypatch.setenv("AIAAS_FAST_CUDA_GEMM", "fastest")
     with pytest.raises(RuntimeError, match="AIAAS_FAST_CUDA_GEMM must be"):
@@ -334,3 +355,6 @@ def test_build_info_lists_the_cuda_archs():
     info = aiaas_fast.build_info()
     assert info["cuda"] and info["cuda_archs"], info
     assert os.environ.get("AIAAS_FAST_CUDA_ARCHS") or any(a.startswith("90") for a in info["cuda_archs"])
+    # The Hopper GEMM is built wherever architecture 90 and CUTLASS are (recorded as "90a").
+    if info["cutlass"] and "90" in [a.split("-")[0] for a in info["cuda_archs"]]:
+        assert "90a" in info["cuda_archs"], info

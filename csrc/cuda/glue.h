@@ -24,9 +24,10 @@ inline cuda::DType dtype_of(const at::Tensor& t, const char* op) {
 
 // Which product linear_relu's forward uses on CUDA (AIAAS_FAST_CUDA_GEMM):
 //   auto      (default) CUTLASS for bfloat16/float16 on sm_80..sm_89, cuBLASLt's RELU_BIAS
-//             epilogue elsewhere (sm_90: cuBLAS's wgmma kernels, which CUTLASS 2.x's sm_80
-//             kernels are not expected to match; until measured, see benchmarks/results/)
-//   cutlass   the CUTLASS kernel wherever it takes the arguments
+//             epilogue elsewhere (sm_90: cuBLAS's own wgmma kernels, until benchmarks/
+//             results/ show the CUTLASS 3.x kernel ahead)
+//   cutlass   a CUTLASS kernel wherever it takes the arguments: the 3.x wgmma kernel on
+//             compute capability 9.0 (where built for sm_90a), else the 2.x kernel
 //   cublaslt  cuBLASLt's RELU_BIAS epilogue (through at::_addmm_activation)
 //   mm        a plain product, then this library's bias+ReLU kernel
 enum class Gemm { automatic, cutlass, cublaslt, mm };

@@ -19,6 +19,7 @@
 
 #include "cuda/glue.h"
 #include "ops/checks.h"
+#include "ops/gemm_counts.h"
 
 namespace aiaas_fast {
 
@@ -98,10 +99,15 @@ at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
     // No bias: a zero vector keeps one kernel (the epilogue always adds C).
     const at::Tensor ba = has_bias ? b : at::zeros({out_f}, x.options());
     at::Tensor o = at::empty({rows, out_f}, x.options());
-    const cudaError_t err = cuda::linear_relu_gemm(dtype, rows, out_f, in_f, xa.data_ptr(), xa.stride(0),
-                                                   wa.data_ptr(), wa.stride(0), ba.data_ptr(), o.data_ptr(), stream);
-    if (err == cudaSuccess) out = o;
-    else if (err != cudaErrorNotSupported) C10_CUDA_CHECK(err);
+    // Hopper: the CUTLASS 3.x wgmma kernel where the build has it; else the 2.x kernel.
+    const bool hopper = cuda_glue::cc_major(x.get_device()) == 9 && cuda::have_cutlass_sm90_gemm();
+    const auto gemm = hopper ? cuda::linear_relu_gemm_sm90 : cuda::linear_relu_gemm;
+    const cudaError_t err = gemm(dtype, rows, out_f, in_f, xa.data_ptr(), xa.stride(0), wa.data_ptr(), wa.stride(0),
+                                 ba.data_ptr(), o.data_ptr(), stream);
+    if (err == cudaSuccess) {
+      out = o;
+      detail::count_cuda_gemm(hopper ? "cutlass_sm90" : "cutlass_sm80");
+    } else if (err != cudaErrorNotSupported) C10_CUDA_CHECK(err);
     // else: a shape or alignment the kernel does not take; fall through to cuBLASLt
   }
   if (!out.defined() && choice != Gemm::mm && has_bias && dtype != cuda::DType::f64) {
@@ -109,10 +115,12 @@ at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
     // torch where cuBLASLt does not take the shapes).
     out = at::_addmm_activation(b, x2, weight.t(), 1, 1, /*use_gelu=*/false);
     if (!out.is_contiguous()) out = out.contiguous();
+    detail::count_cuda_gemm("cublaslt");
   }
   if (!out.defined()) {
     out = at::mm(x2, weight.t());
     C10_CUDA_CHECK(cuda::bias_relu(dtype, out.data_ptr(), has_bias ? b.data_ptr() : nullptr, rows, out_f, stream));
+    detail::count_cuda_gemm("mm");
   }
   auto sizes = x.sizes().vec();
   sizes.back() = out_f;

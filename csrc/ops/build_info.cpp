@@ -24,6 +24,7 @@ BuildInfo build_info() {
   info.torch_version = AIAAS_FAST_TORCH_VERSION;
   info.cuda = AIAAS_FAST_WITH_CUDA;
   info.cuda_archs = split(AIAAS_FAST_CUDA_ARCHS, ';');
+  info.cutlass = AIAAS_FAST_BUILT_WITH_CUTLASS;
 #if AT_PARALLEL_OPENMP
   info.openmp = AIAAS_FAST_OPENMP;  // torch's backend is OpenMP; ours is threaded only if built with it
   info.parallel_backend = AIAAS_FAST_OPENMP ? "OpenMP" : "OpenMP in torch, single-threaded in aiaas_fast";

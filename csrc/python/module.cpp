@@ -21,6 +21,7 @@ PYBIND11_MODULE(_C, m) {
     d["torch_version"] = b.torch_version;
     d["cuda"] = b.cuda;
     d["cuda_archs"] = b.cuda_archs;
+    d["cutlass"] = b.cutlass;
     d["openmp"] = b.openmp;
     d["parallel_backend"] = b.parallel_backend;
     d["compiler"] = b.compiler;
@@ -29,5 +30,7 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_isa"] = b.cpu_isa;
     return d;
   });
+  m.def("cuda_gemm_counts", &aiaas_fast::cuda_gemm_counts,
+        "How many linear_relu forwards on CUDA ran each product (cutlass_sm90, cutlass_sm80, cublaslt, mm)");
   aiaas_fast::python::bind_engine(m);
 }

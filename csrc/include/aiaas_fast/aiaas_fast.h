@@ -4,6 +4,8 @@
 // linear_relu and mse_loss is wired in Python; from C++ call the *_backward ops.
 #pragma once
 
+#include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -55,7 +57,8 @@ struct BuildInfo {
   std::string version;
   std::string torch_version;
   bool cuda = false;
-  std::vector<std::string> cuda_archs;
+  std::vector<std::string> cuda_archs;  // "90a" where the Hopper CUTLASS GEMM was built
+  bool cutlass = false;                  // CUTLASS GEMMs among the CUDA kernels
   bool openmp = false;
   std::string parallel_backend;
   std::string compiler;
@@ -64,5 +67,11 @@ struct BuildInfo {
   std::string cpu_isa;                // chosen at run time for this CPU
 };
 BuildInfo build_info();
+
+// How many linear_relu forwards on CUDA ran each product since the library loaded, by name:
+// "cutlass_sm90" (the CUTLASS 3.x Hopper kernel), "cutlass_sm80" (CUTLASS 2.x), "cublaslt"
+// (its RELU_BIAS epilogue), "mm" (a product, then the bias+ReLU kernel). The GEMM choice
+// falls back where a kernel declines the shapes; this says what actually ran.
+std::map<std::string, int64_t> cuda_gemm_counts();
 
 }  // namespace aiaas_fast

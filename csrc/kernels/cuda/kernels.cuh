@@ -31,6 +31,14 @@ bool have_cutlass_gemm();
 cudaError_t linear_relu_gemm(DType dtype, int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx,
                              const void* w, int64_t ldw, const void* bias, void* out, cudaStream_t stream);
 
+// Whether this build holds the Hopper GEMM (built for sm_90a where the build includes
+// architecture 90 and CUTLASS's headers were found).
+bool have_cutlass_sm90_gemm();
+// The same product as linear_relu_gemm, with the same requirements, as a CUTLASS 3.x kernel
+// for compute capability 9.0 only (wgmma, TMA, warp-specialized and persistent).
+cudaError_t linear_relu_gemm_sm90(DType dtype, int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx,
+                                  const void* w, int64_t ldw, const void* bias, void* out, cudaStream_t stream);
+
 // out[r, c] = relu(out[r, c] + bias[c]) over a contiguous rows x cols matrix, in place;
 // bias may be null. NaN stays NaN, as torch.relu. The epilogue of the fallback path,
 // after a plain matrix product.

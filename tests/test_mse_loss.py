@@ -193,3 +193,64 @@ def test_loss_bits_are_the_same_on_every_run(backend):
         loss.backward()
         runs.append((loss.detach().clone(), x.grad.clone()))
     assert all(torch.equal(runs[0][0], l) and torch.equal(runs[0][1], g) for l, g in runs[1:])
+
+
+def _op_of(backend):
+    if backend.name == "triton":
+        import aiaas_fast.triton  # noqa: F401  (registers the triton_* operators)
+    ops = {"native": torch.ops.aiaas_fast.mse_loss, "triton": getattr(torch.ops.aiaas_fast, "triton_mse_loss", None)}
+    if ops.get(backend.name) is None:
+        pytest.skip(f"the {backend.name} backend has no mse_loss operator of its own")
+    return ops[backend.name]
+
+
+def test_grad_output_one_hands_on_the_saved_gradient(backend):
+    # loss.backward(): the gradient the forward wrote is x.grad itself, no pass and no copy.
+    # On a GPU only for large gradients (reading grad_output is a sync: it pays above 8M
+    # elements); smaller ones are scaled, as is any other grad_output.
+    op = _op_of(backend)
+    n = 1 << 23 if backend.device == "cuda" else 1000
+    x = torch.randn(n, device=backend.device, requires_grad=True)
+    t = torch.randn(n, device=backend.device)
+    loss, grad = op.default(x, t, "mean", True)
+    ptr = grad.data_ptr()
+    del grad  # held here, AccumulateGrad would have to copy it
+    loss.backward()
+    assert x.grad.data_ptr() == ptr
+    assert_close(x.grad, 2 * (x.detach() - t) / n, torch.float32)
+    x.grad = None
+    op.default(x, t, "mean", True)[0].backward(torch.tensor(3.0, device=backend.device))
+    assert_close(x.grad, 6 * (x.detach() - t) / n, torch.float32)
+    if backend.device == "cuda":  # below the size, no read: a pass
+        small = x.detach()[:1000].clone().requires_grad_()
+        loss, grad = op.default(small, t[:1000], "mean", True)
+        ptr = grad.data_ptr()
+        del grad
+        loss.backward()
+        assert small.grad.data_ptr() != ptr
+
+
+def test_graph_capture_of_a_large_backward_reads_nothing(backend):
+    # Inside CUDA graph capture grad_output may not be read (a sync would break the capture).
+    if backend.device != "cuda":
+        pytest.skip("CUDA graph capture needs a GPU")
+    op = _op_of(backend)
+    n = 1 << 23
+    x = torch.randn(n, device="cuda", requires_grad=True)
+    t = torch.randn(n, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            x.grad = None
+            op.default(x, t, "mean", True)[0].backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        op.default(x, t, "mean", True)[0].backward()
+    with torch.no_grad():
+        x.mul_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(x.grad, 2 * (x.detach() - t) / n, torch.float32)

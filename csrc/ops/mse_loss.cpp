@@ -1,18 +1,19 @@
 // aiaas_fast::mse_loss: the loss and its gradient (for grad_output = 1) in one pass.
 // The autograd backward (below, in C++ for every device) only scales that saved
 // gradient by grad_output; when grad_output is exactly 1 (loss.backward()) it hands the
-// saved tensor on as is: no pass, no allocation.
+// saved tensor on as is: no pass, no allocation (on a GPU only for large gradients, where
+// reading grad_output, a device sync, costs less than the pass: ops/scalar_read.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "aiaas_fast/aiaas_fast.h"
 #include "ops/checks.h"
 #include "ops/cpu_dispatch.h"
+#include "ops/scalar_read.h"
 
 namespace aiaas_fast {
 namespace {
@@ -65,15 +66,6 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss_cpu(const at::Tensor&
   return {loss, compute_grad ? std::optional<at::Tensor>(grad) : std::nullopt};
 }
 
-// A real one-element CPU tensor whose value may be read: not a fake or functional tensor
-// being traced by torch.compile, and no Python dispatch mode active.
-bool is_plain_cpu_scalar(const at::Tensor& t) {
-  const auto traced = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
-                                           c10::DispatchKey::PythonTLSSnapshot});
-  return t.is_cpu() && t.numel() == 1 && !t.key_set().has_any(traced) &&
-         !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python);
-}
-
 class MseLossFunction : public torch::autograd::Function<MseLossFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
@@ -109,19 +101,22 @@ class MseLossFunction : public torch::autograd::Function<MseLossFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &input = saved[0], &target = saved[1], &saved_grad = saved[2];
     const bool mean = ctx->saved_data["mean"].toBool();
-    const bool readable = is_plain_cpu_scalar(grad_loss);
+    // Read grad_output where that is free (CPU) or pays (a large gradient on a GPU: the
+    // sync costs less than a pass over it); once, as on a GPU each read is a sync.
+    const bool readable = detail::may_read_scalar(grad_loss, saved_grad.defined() ? saved_grad.numel() : 0);
+    const double g = readable ? grad_loss.item<double>() : 0.0;
     at::Tensor grad;
-    if (readable && grad_loss.item<double>() == 1.0 && saved_grad.defined()) {
+    if (readable && g == 1.0 && saved_grad.defined()) {
       // The saved gradient is the answer. Autograd frees this node's saved tensors before
       // accumulating, so AccumulateGrad can take it without a copy (with retain_graph it copies).
       grad = saved_grad;
     } else if (!saved_grad.defined() || (mean && input.scalar_type() == at::kHalf)) {
       const double n = static_cast<double>(c10::multiply_integers(checks::mse_loss_args(input, target)));
       const at::Tensor diff = input - target;
-      if (readable) grad = diff * (grad_loss.item<double>() * (mean ? 2.0 / n : 2.0));
+      if (readable) grad = diff * (g * (mean ? 2.0 / n : 2.0));
       else grad = diff * (grad_loss * (mean ? 2.0 / n : 2.0));
     } else if (readable) {
-      grad = saved_grad * grad_loss.item<double>();  // one scalar multiply pass, no device sync on a CPU scalar
+      grad = saved_grad * g;  // one scalar multiply pass
     } else {
       grad = saved_grad * grad_loss;
     }

@@ -49,6 +49,8 @@ def gather(out: str) -> dict:
             result.setdefault("unreadable_benchmark_files", []).append(f"{path}: {e}")
             continue
         result.setdefault("benchmark_environment", data.get("environment") or data.get("meta"))
+        # benchmarks/cuda_ops.py's notes: which GEMM each native provider ran, compile failures
+        result.setdefault("notes", []).extend((data.get("meta") or {}).get("notes", []))
         for f in (data.get("environment") or data.get("meta") or {}).get("failed_providers", []):  # left out of a run
             result.setdefault("failed_providers", []).append(f)
             rows.append({"kernel": os.path.basename(path).split("-")[0], "x": f.get("case"),
@@ -83,6 +85,7 @@ def table(result: dict) -> str:
         if r.get("error"):
             median, ratio = f"{'FAILED':>12}", f" {r['error'][:120]}"
         out.append(f"{str(r['kernel']):<12} {str(r['x']):<40} {str(r['provider']):<18} {median} {ratio}")
+    out += [f"note: {n}" for n in result.get("notes", [])]
     return "\n".join(out)
 
 

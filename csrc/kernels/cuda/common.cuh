@@ -41,6 +41,15 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+// What both CUTLASS bias+ReLU GEMMs take (linear_relu_gemm*.cu): 16-bit floats, K and N and
+// the leading dimensions multiples of 8, 16-byte aligned pointers (128-bit accesses, TMA rows),
+// a bias. Anything else is declined (cudaErrorNotSupported) and the glue falls back.
+inline bool gemm_bias_relu_takes(DType dtype, int64_t N, int64_t K, const void* x, int64_t ldx, const void* w,
+                                 int64_t ldw, const void* bias, const void* out) {
+  return (dtype == DType::bf16 || dtype == DType::f16) && K > 0 && K % 8 == 0 && N % 8 == 0 && ldx % 8 == 0 &&
+         ldw % 8 == 0 && bias != nullptr && aligned(x, 16) && aligned(w, 16) && aligned(bias, 16) && aligned(out, 16);
+}
+
 // Calls f with a null pointer of the element type that dtype names.
 template <typename F> cudaError_t dispatch(DType dtype, F&& f) {
   switch (dtype) {

@@ -100,10 +100,7 @@ bool have_cutlass_sm90_gemm() { return true; }
 cudaError_t linear_relu_gemm_sm90(DType dtype, int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx,
                                   const void* w, int64_t ldw, const void* bias, void* out, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
-  // TMA: 16-byte aligned base addresses and row strides (8 elements of a 16-bit type).
-  if (K % 8 || N % 8 || ldx % 8 || ldw % 8 || K == 0 || !bias) return cudaErrorNotSupported;
-  if (!detail::aligned(x, 16) || !detail::aligned(w, 16) || !detail::aligned(bias, 16) || !detail::aligned(out, 16))
-    return cudaErrorNotSupported;
+  if (!detail::gemm_bias_relu_takes(dtype, N, K, x, ldx, w, ldw, bias, out)) return cudaErrorNotSupported;
   switch (dtype) {
     case DType::bf16: return run_gemm<cutlass::bfloat16_t>(M, N, K, x, ldx, w, ldw, bias, out, stream);
     case DType::f16: return run_gemm<cutlass::half_t>(M, N, K, x, ldx, w, ldw, bias, out, stream);

@@ -1,5 +1,5 @@
 """Writes OUTDIR/results.json for scripts/gpu_check.sh from what the run left in OUTDIR
-(nvidia-smi.csv, tests.xml, bench/*.json) and prints a short table. Runs on a CPU too (the
+(nvidia-smi.csv, tests*.xml, bench/*.json) and prints a short table. Runs on a CPU too (the
 tests call it on a synthetic folder), so it is not first run on the GPU machine."""
 from __future__ import annotations
 
@@ -32,12 +32,25 @@ def gather(out: str) -> dict:
         if len(lines) > 1:
             keys = [k.strip() for k in lines[0].split(",")]
             result["gpu"] = dict(zip(keys, [v.strip() for v in lines[1].split(",")]))
-    xml = os.path.join(out, "tests.xml")
-    if os.path.exists(xml):
-        suite = ET.parse(xml).getroot()
-        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-        result["tests"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-        result["tests"]["time_s"] = float(suite.get("time", 0))
+    # One results file per pytest run (gpu_check.sh runs two): totals, per run, and the
+    # names of the tests that failed.
+    runs = {}
+    for xml in sorted(glob.glob(os.path.join(out, "tests*.xml"))):
+        try:
+            root = ET.parse(xml).getroot()
+        except (OSError, ET.ParseError) as e:
+            result.setdefault("unreadable_test_files", []).append(f"{xml}: {e}")
+            continue
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        run = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+        run["time_s"] = float(suite.get("time", 0))
+        run["failed"] = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
+                         if c.find("failure") is not None or c.find("error") is not None]
+        runs[os.path.basename(xml)] = run
+    if runs:
+        result["tests"] = {k: sum(r[k] for r in runs.values()) for k in ("tests", "failures", "errors", "skipped", "time_s")}
+        result["tests"]["failed"] = [name for r in runs.values() for name in r["failed"]]
+        result["tests"]["runs"] = runs
     else:
         result["tests"] = None
     rows = []
@@ -78,6 +91,8 @@ def table(result: dict) -> str:
     t = result.get("tests")
     out.append("tests: none run" if not t else
                f"tests: {t['tests']} run, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped ({t['time_s']:.0f} s)")
+    if t:
+        out += [f"  failed: {name}" for name in t["failed"][:30]]
     out.append(f"{'kernel':<12} {'case':<40} {'provider':<18} {'median':>12} {'ratio':>24}")
     for r in result["benchmarks"]:
         median = f"{r['y50'] * 1e6:>10.1f}us" if isinstance(r.get("y50"), (int, float)) else f"{'-':>12}"

@@ -32,7 +32,11 @@ def test_report_from_a_synthetic_run(tmp_path):
     if __import__("torch").cuda.is_available():
         pytest.skip("a GPU machine: gpu_check.sh writes the real report")
     (tmp_path / "nvidia-smi.csv").write_text("name, driver_version, memory.total [MiB], compute_cap\nNVIDIA H200, 580.1, 143771 MiB, 9.0\n")
-    (tmp_path / "tests.xml").write_text('<testsuites><testsuite name="pytest" tests="10" failures="1" errors="0" skipped="2" time="12.5"/></testsuites>')
+    (tmp_path / "tests-gpu.xml").write_text(
+        '<testsuites><testsuite name="pytest" tests="10" failures="1" errors="0" skipped="2" time="12.5">'
+        '<testcase classname="tests.test_cuda_ops" name="test_a"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_cuda_ops" name="test_b"/></testsuite></testsuites>')
+    (tmp_path / "tests-ops.xml").write_text('<testsuite name="pytest" tests="5" failures="0" errors="0" skipped="1" time="3"/>')
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "triton_ops.py"), "--quick", "--no-compile",
                         "--device", "cpu", "--out", str(tmp_path / "bench")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -48,12 +52,13 @@ def test_report_from_a_synthetic_run(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.load(open(tmp_path / "results.json"))
-    assert data["gpu"]["name"] == "NVIDIA H200" and data["tests"]["failures"] == 1
+    assert data["gpu"]["name"] == "NVIDIA H200" and data["tests"]["failures"] == 1 and data["tests"]["tests"] == 15
+    assert data["tests"]["failed"] == ["tests.test_cuda_ops::test_a"] and set(data["tests"]["runs"]) == {"tests-gpu.xml", "tests-ops.xml"}
     assert {row["kernel"] for row in data["benchmarks"]} == {"linear_relu", "mse_loss", "adam", "linear_relu fwd", "engine"}
     assert len(data["unreadable_benchmark_files"]) == 1
     assert any(row["provider"] == "triton" for row in data["benchmarks"])
     assert data["build_info"]["version"]
-    assert "tests: 10 run, 1 failed" in r.stdout
+    assert "tests: 15 run, 1 failed" in r.stdout and "failed: tests.test_cuda_ops::test_a" in r.stdout
     assert data["failed_providers"][0]["provider"] == "engine step()"
     assert "FAILED" in r.stdout and "CompilationError: boom" in r.stdout
     assert "note: linear_relu forward, aiaas_fast native (cutlass) ran: cutlass_sm90" in r.stdout
@@ -76,5 +81,7 @@ def test_step_time_limits_fit_the_eight_minutes():
     import re
 
     script = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
-    limits = [int(v) for v in re.findall(r"\btimeout (\d+) ", script)]
-    assert len(limits) >= 5 and sum(limits) <= 480, limits
+    # A limit and the grace before a kill: `timeout [--signal=INT] [--kill-after=K] LIMIT cmd`.
+    steps = re.findall(r"\btimeout ((?:--\S+ )*)(\d+) ", script)
+    limits = [int(limit) + sum(int(k) for k in re.findall(r"--kill-after=(\d+)", opts)) for opts, limit in steps]
+    assert len(limits) >= 6 and sum(limits) <= 480, limits

@@ -542,8 +542,33 @@ def test_cuda_engine_run_shuffles_stops_and_reuses_its_graphs(path):
     assert first.tolist() == pytest.approx(expected, rel=1e-5)
     assert core._run_entry is graphs and seen == [(0, 1)] and len(stopped) == 1
     core.set_hyperparameters(**dict(engine._hyper, lr=5e-3))
+    assert core._run_entry is graphs  # a new learning rate: the same graphs (next test)
+    core.set_hyperparameters(**dict(engine._hyper, lr=5e-3, beta2=0.99))
     core.run(X, Y, epochs=1, batch_size=16, seed=7, shuffle=True)
-    assert core._run_entry is not graphs  # new scalars: new graphs
+    assert core._run_entry is not graphs  # betas are baked into the captured launches: new graphs
+
+
+@pytest.mark.parametrize("path", ["graph", pytest.param("fused", marks=needs_triton_interpreter)])
+def test_cuda_engine_learning_rate_changes_keep_the_graphs(path):
+    # A scheduler may change the learning rate every step: the graphs read it from a device
+    # scalar, so a change is a write to it, not a new capture, and the steps follow it.
+    model = sequential([5, 12, 1])
+    ref = copy.deepcopy(model)
+    engine = Engine(model, lr=1e-2)
+    core = eager_replay_engine()(mlp_layers(model), list(model.parameters()), engine.state, engine._hyper, path=path)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    losses, expected = [], []
+    for i, (x, y) in enumerate(batches(4, 16, 5, 1)):
+        lr = 1e-2 * 0.5 ** i
+        core.set_hyperparameters(**dict(engine._hyper, lr=lr))
+        ref_opt.param_groups[0]["lr"] = lr
+        losses.append(core.step(x, y))
+        expected += torch_steps(ref, [(x, y)], ref_opt)
+        if i == 0:
+            graph = core._graphs[16]
+    assert core._graphs[16] is graph
+    assert losses == pytest.approx(expected, rel=1e-5)
+    assert_same_weights(model, ref)
 
 
 @pytest.mark.parametrize("path", ["graph", pytest.param("fused", marks=needs_triton_interpreter)])
@@ -588,7 +613,8 @@ def test_cuda_engine_paths_are_checked():
         with pytest.raises(error, match=match):
             CudaGraphEngine(mlp_layers(model), list(model.parameters()), engine.state, engine._hyper, path=path)
     wide = sequential([3, 200, 1])
-    assert CudaGraphEngine(mlp_layers(wide), list(wide.parameters()), Engine(wide).state, {}, path="auto").path == "graph"
+    engine = Engine(wide)
+    assert CudaGraphEngine(mlp_layers(wide), list(wide.parameters()), engine.state, engine._hyper, path="auto").path == "graph"
 
 
 def test_replaced_parameters_are_refused_not_trained_silently():

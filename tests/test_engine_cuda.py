@@ -57,6 +57,28 @@ def test_graph_run_with_a_partial_batch_and_a_shared_optimizer(path):
     assert all(float(opt.state[p]["step"]) == 12 for p in model.parameters())
 
 
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_scheduler_changing_the_rate_every_step_keeps_the_graph(path):
+    model = sequential([6, 24, 2], device="cuda")
+    ref = copy.deepcopy(model)
+    opt, ref_opt = (torch.optim.Adam(m.parameters(), lr=1e-2) for m in (model, ref))
+    sched, ref_sched = (torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.7) for o in (opt, ref_opt))
+    engine = Engine(model, opt, path=path)
+    data = [(torch.randn(32, 6, device="cuda"), torch.randn(32, 2, device="cuda")) for _ in range(5)]
+    losses, expected = [], []
+    for x, y in data:
+        losses.append(engine.step(x, y))
+        sched.step()
+        expected += torch_steps(ref, [(x, y)], ref_opt)
+        ref_sched.step()
+        if len(losses) == 1:
+            graph = engine._core._graphs[32]
+    assert engine._core._graphs[32] is graph  # one capture for all five rates
+    assert losses == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4)
+
+
 def test_fit_on_cuda_uses_the_graph_engine_only_when_asked():
     x, y = torch.randn(300, 4), torch.randn(300, 1)
     torch.manual_seed(0)

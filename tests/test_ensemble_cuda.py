@@ -135,9 +135,14 @@ def test_shuffled_runs_use_each_models_rows_and_stop_and_reuse_the_graph():
         return step == 2
     stopped = core.run(X, Y, epochs=3, callback_every=1, callback=stop_after_two, **kw)
     assert core._run_entry is graph and seen == [(0, 1, 5, False), (0, 2, 5, False)] and stopped.shape == (1, K)
-    core.set_hyperparameters(**dict(core.hyper, lr=5e-3))
+    # A new learning rate is a write to a device scalar: the same graph, steps at the new rate.
+    before = [p.detach().clone() for p in ens.parameters()]
+    core.set_hyperparameters(**dict(core.hyper, lr=0.0))
     core.run(X, Y, epochs=1, **kw)
-    assert core._run_entry is not graph  # new scalars: a new graph
+    assert core._run_entry is graph and all(torch.equal(p, q) for p, q in zip(ens.parameters(), before))
+    core.set_hyperparameters(**dict(core.hyper, lr=5e-3, beta2=0.99))
+    core.run(X, Y, epochs=1, **kw)
+    assert core._run_entry is not graph  # betas are baked into the captured launches: a new graph
 
 
 @pytest.mark.parametrize("hyper,opt", [

@@ -20,7 +20,6 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from . import backend as _backend
 from . import ops
 from .engine import UnsupportedModel
 
@@ -38,21 +37,15 @@ def fused_reason(layers) -> Optional[str]:
     return fused_mlp.unsupported_reason(layers)
 
 
-def _adam(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, hyper: dict) -> None:
-    """One Adam step whose every input stays on the device (capturable): aiaas_fast's native
-    CUDA adam_ when the build has it, else PyTorch's fused capturable Adam."""
-    if _backend.native_supports("cuda", "adam_"):
-        torch.ops.aiaas_fast.adam_.default(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, **hyper)
-        return
+def _adam(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, hyper: dict, lr: Tensor) -> None:
+    """One Adam step whose every input stays on the device (capturable), the learning rate
+    included: ``lr`` is a device scalar, so a scheduler's change is a write to it, not a new
+    capture. PyTorch's fused Adam/AdamW kernels take a tensor lr (aiaas_fast's adam_ takes
+    a float, which a captured graph would freeze)."""
     torch._foreach_add_(steps, 1)  # torch's fused kernels read the step; the optimizer increments it
-    if hyper["decoupled_weight_decay"]:
-        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, lr=hyper["lr"], beta1=hyper["beta1"],
-                            beta2=hyper["beta2"], weight_decay=hyper["weight_decay"], eps=hyper["eps"],
-                            amsgrad=hyper["amsgrad"], maximize=hyper["maximize"])
-    else:
-        torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, lr=hyper["lr"], beta1=hyper["beta1"],
-                           beta2=hyper["beta2"], weight_decay=hyper["weight_decay"], eps=hyper["eps"],
-                           amsgrad=hyper["amsgrad"], maximize=hyper["maximize"])
+    fused = torch._fused_adamw_ if hyper["decoupled_weight_decay"] else torch._fused_adam_
+    fused(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, lr=lr, beta1=hyper["beta1"], beta2=hyper["beta2"],
+          weight_decay=hyper["weight_decay"], eps=hyper["eps"], amsgrad=hyper["amsgrad"], maximize=hyper["maximize"])
 
 
 class GraphCapture:
@@ -115,6 +108,7 @@ class CudaGraphEngine(GraphCapture):
         self.in_features, self.out_features = layers[0][0].in_features, layers[-1][0].out_features
         self.steps = [torch.tensor(float(s["step"]), dtype=torch.float32, device=self.device) for s in state]
         self._graphs: Dict[int, tuple] = {}  # batch size -> (replay, x, y, loss): static buffers
+        self._lr = torch.tensor(float(hyper["lr"]), device=self.device)  # read by the graphs on the device
 
     # -- the step body, traced once per batch size into a graph
     def _forward(self, x: Tensor) -> Tensor:
@@ -133,7 +127,7 @@ class CudaGraphEngine(GraphCapture):
         with torch.no_grad():
             max_sqs = [s["max_exp_avg_sq"] for s in self.state] if self.hyper["amsgrad"] else []
             _adam(self.params, list(grads), [s["exp_avg"] for s in self.state], [s["exp_avg_sq"] for s in self.state],
-                  max_sqs, self.steps, self.hyper)
+                  max_sqs, self.steps, self.hyper, self._lr)
         return loss.detach()
 
     def _graph(self, batch: int):
@@ -189,9 +183,13 @@ class CudaGraphEngine(GraphCapture):
         return out
 
     def set_hyperparameters(self, **hyper) -> None:
-        if hyper != self.hyper:
-            self.hyper = dict(hyper)
-            self._graphs.clear()  # the scalars are baked into the captured launch
+        if hyper == self.hyper:
+            return
+        others_same = all(hyper[k] == self.hyper[k] for k in hyper if k != "lr") and hyper.keys() == self.hyper.keys()
+        self.hyper = dict(hyper)
+        self._lr.fill_(float(hyper["lr"]))  # in stream order: the next replay reads it
+        if not others_same:  # betas, eps, weight decay are baked into the captured launches
+            self._graphs.clear()
             self._run_key = None
 
     def _write_back_steps(self) -> None:

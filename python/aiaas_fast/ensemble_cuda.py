@@ -82,9 +82,15 @@ class CudaEnsembleEngine(GraphCapture):
         hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                      weight_decay=float(weight_decay), maximize=bool(maximize),
                      decoupled_weight_decay=bool(decoupled_weight_decay))
-        if hyper != getattr(self, "hyper", None):
-            self.hyper = hyper
-            self._step_graphs = {}  # the scalars are baked into the captured launches
+        old = getattr(self, "hyper", None)
+        if hyper == old:
+            return
+        self.hyper = hyper
+        if not hasattr(self, "_lr"):
+            self._lr = torch.tensor(hyper["lr"], device=self.device)  # read by the graphs on the device
+        self._lr.fill_(hyper["lr"])  # in stream order: the next replay reads it
+        if old is None or any(hyper[k] != old[k] for k in hyper if k != "lr"):
+            self._step_graphs = {}  # the other scalars are baked into the captured launches
             self._run_key = None
 
     def _tensors(self) -> List[Tensor]:
@@ -141,10 +147,10 @@ class CudaEnsembleEngine(GraphCapture):
         one = torch.ones_like(self.steps)
         bc1 = torch.where(started, 1 - torch.pow(h["beta1"], self.steps), one)
         bc2 = torch.where(started, 1 - torch.pow(h["beta2"], self.steps), one)
-        step_size = (a * h["lr"] / bc1).unsqueeze(1)
+        step_size = (a * self._lr / bc1).unsqueeze(1)
         denom = (self.exp_avg_sq.sqrt() / bc2.sqrt().unsqueeze(1)).add_(h["eps"])
         update = self.exp_avg / denom * step_size
-        shrink = (1 - a * (h["lr"] * h["weight_decay"])) if h["weight_decay"] and h["decoupled_weight_decay"] else None
+        shrink = (1 - a * self._lr * h["weight_decay"]) if h["weight_decay"] and h["decoupled_weight_decay"] else None
         for p, u in zip(self.params, self._views(update)):
             if shrink is not None:
                 p.mul_(shrink.view(-1, *[1] * (p.dim() - 1)))

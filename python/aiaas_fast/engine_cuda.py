@@ -108,7 +108,8 @@ class CudaGraphEngine(GraphCapture):
         self.in_features, self.out_features = layers[0][0].in_features, layers[-1][0].out_features
         self.steps = [torch.tensor(float(s["step"]), dtype=torch.float32, device=self.device) for s in state]
         self._graphs: Dict[int, tuple] = {}  # batch size -> (replay, x, y, loss): static buffers
-        self._lr = torch.tensor(float(hyper["lr"]), device=self.device)  # read by the graphs on the device
+        # float32: torch's fused kernels read a tensor lr as float
+        self._lr = torch.tensor(float(hyper["lr"]), dtype=torch.float32, device=self.device)
 
     # -- the step body, traced once per batch size into a graph
     def _forward(self, x: Tensor) -> Tensor:

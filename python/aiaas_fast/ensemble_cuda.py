@@ -87,7 +87,7 @@ class CudaEnsembleEngine(GraphCapture):
             return
         self.hyper = hyper
         if not hasattr(self, "_lr"):
-            self._lr = torch.tensor(hyper["lr"], device=self.device)  # read by the graphs on the device
+            self._lr = torch.tensor(hyper["lr"], dtype=torch.float32, device=self.device)  # read by the graphs
         self._lr.fill_(hyper["lr"])  # in stream order: the next replay reads it
         if old is None or any(hyper[k] != old[k] for k in hyper if k != "lr"):
             self._step_graphs = {}  # the other scalars are baked into the captured launches

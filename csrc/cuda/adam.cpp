@@ -7,6 +7,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -31,8 +32,12 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const auto param_dtype = cuda_glue::dtype_of(params[0], op);
   const auto state_dtype = cuda_glue::dtype_of(exp_avgs[0], op);
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& s = state_steps[i];
+    // A CPU step goes into the launch as a number: a captured graph would replay it frozen.
+    TORCH_CHECK(!s.is_cpu() || !capturing, op, ": state_steps[", i, "] is on the CPU while a CUDA graph is being ",
+                "captured; its value would be frozen into the graph. Keep the steps on the params' device to capture");
     TORCH_CHECK(s.is_cpu() || s.device() == params[0].device(), op, ": state_steps[", i, "] is on ", s.device(),
                 " but params are on ", params[0].device(), "; keep steps on the CPU or on the params' device");
     TORCH_CHECK(s.is_cpu() || s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, op,

@@ -111,10 +111,13 @@ class MseLossFunction : public torch::autograd::Function<MseLossFunction> {
       // accumulating, so AccumulateGrad can take it without a copy (with retain_graph it copies).
       grad = saved_grad;
     } else if (!saved_grad.defined() || (mean && input.scalar_type() == at::kHalf)) {
+      // In float32 (double for double), rounded once at the end: with a float16 grad_output
+      // tensor, grad_output * 2 / n would itself be a float16, subnormal past n = 32768.
       const double n = static_cast<double>(c10::multiply_integers(checks::mse_loss_args(input, target)));
-      const at::Tensor diff = input - target;
-      if (readable) grad = diff * (g * (mean ? 2.0 / n : 2.0));
-      else grad = diff * (grad_loss * (mean ? 2.0 / n : 2.0));
+      const double scale = mean ? 2.0 / n : 2.0;
+      const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      const at::Tensor diff = input.to(acc) - target.to(acc);
+      grad = (readable ? diff * (g * scale) : diff * (grad_loss.to(acc) * scale)).to(input.scalar_type());
     } else if (readable) {
       grad = saved_grad * g;  // one scalar multiply pass
     } else {

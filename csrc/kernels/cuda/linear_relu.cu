@@ -17,21 +17,22 @@ __global__ void bias_relu_kernel(T* __restrict__ out, const T* __restrict__ bias
   }
 }
 
-// Tiles of kRowsPerBlock rows x 32 columns; a block is 32 x kRowGroups threads, thread
-// (tx, ty) walks column tx over the rows ty, ty + kRowGroups, ... of its tile, so each warp
-// reads 32 consecutive elements of a row. The per-thread sums are then added over ty in a
-// fixed order, giving one partial sum per (row tile, column) in `partial`.
+// Tiles of tile_rows rows x 32 columns; a block is 32 x kRowGroups threads, thread (tx, ty)
+// walks column tx over the rows ty, ty + kRowGroups, ... of its tile, so each warp reads 32
+// consecutive elements of a row. The per-thread sums are then added over ty in a fixed
+// order, giving one partial sum per (row tile, column) in `partial`.
 constexpr int kRowGroups = 8;
-constexpr int kRowsPerBlock = 256;
+constexpr int64_t kRowsPerBlock = 256;
+constexpr int64_t kMaxGridY = 65535;
 
 template <typename T, bool kWriteGrad, bool kSumCols>
 __global__ void relu_grad_kernel(const T* __restrict__ g, const T* __restrict__ out, T* __restrict__ gm,
-                                 acc_t<T>* __restrict__ partial, int64_t rows, int64_t cols) {
+                                 acc_t<T>* __restrict__ partial, int64_t rows, int64_t cols, int64_t tile_rows) {
   using A = acc_t<T>;
   __shared__ A sums[kRowGroups][32];
   const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
-  const int64_t r0 = int64_t(blockIdx.y) * kRowsPerBlock;
-  const int64_t r1 = r0 + kRowsPerBlock < rows ? r0 + kRowsPerBlock : rows;
+  const int64_t r0 = int64_t(blockIdx.y) * tile_rows;
+  const int64_t r1 = r0 + tile_rows < rows ? r0 + tile_rows : rows;
   A s = A(0);
   if (c < cols) {
     for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowGroups) {
@@ -79,7 +80,13 @@ cudaError_t bias_relu(DType dtype, void* out, const void* bias, int64_t rows, in
   });
 }
 
-static int64_t row_tiles(int64_t rows) { return detail::ceil_div(rows, kRowsPerBlock); }
+// Rows per tile: 256, or more where the tiles would not fit the grid's y dimension (past
+// 16.7M rows). A function of the row count alone, so the sums' order, and bits, are too.
+static int64_t tile_rows(int64_t rows) {
+  const int64_t need = detail::ceil_div(detail::ceil_div(rows, kMaxGridY), kRowGroups) * kRowGroups;
+  return std::max(kRowsPerBlock, need);
+}
+static int64_t row_tiles(int64_t rows) { return detail::ceil_div(rows, tile_rows(rows)); }
 
 size_t relu_grad_workspace_bytes(DType dtype, int64_t rows, int64_t cols) {
   const size_t acc_bytes = dtype == DType::f64 ? sizeof(double) : sizeof(float);
@@ -92,8 +99,7 @@ cudaError_t relu_grad(DType dtype, const void* g, const void* out, void* gm, voi
   return dispatch(dtype, [&](auto* tag) -> cudaError_t {
     using T = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<T>;
-    const int64_t tiles = row_tiles(rows);
-    if (tiles > 65535) return cudaErrorNotSupported;  // grid.y; 16.7M rows
+    const int64_t tiles = row_tiles(rows), per_tile = tile_rows(rows);
     auto* gp = static_cast<const T*>(g);
     auto* op = static_cast<const T*>(out);
     auto* mp = static_cast<T*>(gm);
@@ -101,12 +107,16 @@ cudaError_t relu_grad(DType dtype, const void* g, const void* out, void* gm, voi
     if (tiles > 0) {
       const dim3 grid(unsigned(ceil_div(cols, 32)), unsigned(tiles));
       const dim3 block(32, kRowGroups);
-      if (gm && grad_bias) relu_grad_kernel<T, true, true><<<grid, block, 0, stream>>>(gp, op, mp, pp, rows, cols);
-      else if (gm) relu_grad_kernel<T, true, false><<<grid, block, 0, stream>>>(gp, op, mp, pp, rows, cols);
-      else relu_grad_kernel<T, false, true><<<grid, block, 0, stream>>>(gp, op, mp, pp, rows, cols);
+      if (gm && grad_bias)
+        relu_grad_kernel<T, true, true><<<grid, block, 0, stream>>>(gp, op, mp, pp, rows, cols, per_tile);
+      else if (gm)
+        relu_grad_kernel<T, true, false><<<grid, block, 0, stream>>>(gp, op, mp, pp, rows, cols, per_tile);
+      else
+        relu_grad_kernel<T, false, true><<<grid, block, 0, stream>>>(gp, op, mp, pp, rows, cols, per_tile);
       const cudaError_t err = cudaGetLastError();
-      if (err != cudaSuccess || !grad_bias) return err;
+      if (err != cudaSuccess) return err;
     }
+    if (!grad_bias) return cudaSuccess;  // (rows == 0 with gm only: nothing to sum, nowhere to write)
     column_sum_kernel<T><<<unsigned(ceil_div(cols, 256)), 256, 0, stream>>>(pp, static_cast<T*>(grad_bias), tiles, cols);
     return cudaGetLastError();
   });

@@ -569,6 +569,10 @@ def test_cuda_engine_learning_rate_changes_keep_the_graphs(path):
     assert core._graphs[16] is graph
     assert losses == pytest.approx(expected, rel=1e-5)
     assert_same_weights(model, ref)
+    # Rows out of range are refused before any graph runs (inside one, a device assert).
+    with pytest.raises(RuntimeError, match="sample_index holds row 7 for model 0, but x has 3 rows"):
+        core.run(torch.randn(3, 5), torch.randn(3, 1), epochs=1, batch_size=2, seed=0, shuffle=False,
+                 rows=torch.tensor([0, 7]))
 
 
 @pytest.mark.parametrize("path", ["graph", pytest.param("fused", marks=needs_triton_interpreter)])
@@ -629,3 +633,45 @@ def test_replaced_parameters_are_refused_not_trained_silently():
     model[0].weight.data = torch.randn(8, 3)  # same Parameter, new storage
     with pytest.raises(RuntimeError, match="storage was replaced"):
         engine.predict(torch.randn(10, 3))
+
+
+def test_captured_graphs_keep_every_tensor_they_read_alive():
+    # A CUDA graph keeps addresses, not tensors: every static tensor a captured body reads or
+    # writes must live as long as its replay, or the next allocation takes its memory. The
+    # recording is faked here by a graph that, like torch.cuda.CUDAGraph, holds no reference.
+    import gc
+    import weakref
+
+    from aiaas_fast.engine_cuda import CudaGraphEngine
+    from aiaas_fast.ensemble_cuda import CudaEnsembleEngine
+
+    refs = []
+
+    class NoReferenceGraph:
+        def replay(self):
+            pass
+
+    def record(self, body):
+        body()
+        out = body()
+        cells = [c.cell_contents for c in body.__closure__ or ()] + list(body.__defaults__ or ())
+        refs.extend(weakref.ref(t) for t in cells if isinstance(t, torch.Tensor))
+        return NoReferenceGraph(), out
+
+    class Single(CudaGraphEngine):
+        _record = record
+
+    class Many(CudaEnsembleEngine):
+        _record = record
+
+    model = sequential([5, 12, 1])
+    engine = Engine(model, lr=1e-2)
+    core = Single(mlp_layers(model), list(model.parameters()), engine.state, engine._hyper, path="graph")
+    core.run(torch.randn(50, 5), torch.randn(50, 1), epochs=1, batch_size=16, seed=0, shuffle=True)
+    core.step(torch.randn(8, 5), torch.randn(8, 1))
+    ens = aiaas_fast.Ensemble(3, 4, [8], 1)
+    many = Many(list(ens.weights), list(ens.biases), lr=1e-2)
+    many.step(torch.randn(6, 4), torch.randn(6, 1))
+    many.run(torch.randn(20, 4), torch.randn(20, 1), epochs=1, batch_size=8)
+    gc.collect()
+    assert len(refs) > 10 and all(r() is not None for r in refs)

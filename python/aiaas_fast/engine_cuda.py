@@ -26,6 +26,8 @@ from .engine import UnsupportedModel
 __all__ = ["CudaGraphEngine", "GraphCapture", "fused_reason"]
 
 PATHS = ("auto", "fused", "graph")
+#: step() keeps a graph per batch size; past this many, the oldest goes.
+MAX_STEP_GRAPHS = 8
 
 
 def fused_reason(layers) -> Optional[str]:
@@ -68,8 +70,21 @@ class GraphCapture:
         return replay, out
 
     def _capture(self, body: Callable[[], Tensor]):
-        """Warms ``body`` up on a side stream, captures it in a CUDA graph; returns (replay,
-        the graph's output tensor)."""
+        """Captures ``body`` in a CUDA graph; returns (replay, the graph's output tensor).
+
+        The replay holds the body, and with it every tensor the graph reads or writes: a
+        graph keeps addresses, not tensors, so a static input freed after the capture would
+        go to the next allocation and the replays would read and write someone else's memory."""
+        graph, out = self._record(body)
+
+        def replay(graph=graph, body=body):
+            graph.replay()
+        return replay, out
+
+    def _record(self, body: Callable[[], Tensor]):
+        """Warms ``body`` up on a side stream of the model's GPU and captures it there;
+        returns (graph, output). The capture stream is given: torch's default capture stream
+        lives on whichever GPU was current at the process's first capture."""
         with torch.cuda.device(self.device):  # the capture (and Triton's launches) on the model's GPU
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -78,9 +93,9 @@ class GraphCapture:
                     body()
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=side):
                 out = body()
-        return graph.replay, out  # the bound method keeps the graph (and its memory pool) alive
+        return graph, out
 
 
 class CudaGraphEngine(GraphCapture):
@@ -136,6 +151,8 @@ class CudaGraphEngine(GraphCapture):
         entry = self._graphs.get(batch)
         if entry is not None:
             return entry
+        if len(self._graphs) >= MAX_STEP_GRAPHS:  # each graph holds a memory pool: keep the newest
+            self._graphs.pop(next(iter(self._graphs)))
         x = torch.zeros(batch, self.in_features, device=self.device)
         y = torch.zeros(batch, self.out_features, device=self.device)
         replay, loss = self._capture_without_training(lambda: self._body(x, y))
@@ -194,11 +211,12 @@ class CudaGraphEngine(GraphCapture):
             self._run_key = None
 
     def _write_back_steps(self) -> None:
-        for s, d in zip(self.state, self.steps):
+        values = torch.stack(self.steps).tolist()  # one read from the device for all of them
+        for s, v in zip(self.state, values):
             if isinstance(s["step"], Tensor):
-                s["step"].copy_(d)
+                s["step"].fill_(v)
             else:
-                s["step"] = float(d)
+                s["step"] = v
 
     def _check(self, t: Tensor, name: str, cols: int) -> Tensor:
         if not isinstance(t, Tensor):
@@ -229,9 +247,14 @@ class CudaGraphEngine(GraphCapture):
             raise RuntimeError(f"aiaas_fast.Engine.run: x has {len(X)} rows but y has {len(Y)}")
         if batch_size < 1:
             raise RuntimeError(f"aiaas_fast.Engine.run: batch_size must be >= 1, got {batch_size}")
-        base = (torch.as_tensor(rows, dtype=torch.int64) if rows is not None else torch.arange(len(X))).to(self.device)
+        base = torch.as_tensor(rows, dtype=torch.int64) if rows is not None else torch.arange(len(X))
         if len(base) == 0:
             raise RuntimeError("aiaas_fast.Engine.run: x has no rows")
+        bad = (base < 0) | (base >= len(X))
+        if bad.any():  # inside the graph an index out of range is a device assert: refuse it here
+            raise RuntimeError(f"aiaas_fast.Engine.run: sample_index holds row {int(base[bad][0])} for model 0, but x "
+                               f"has {len(X)} rows")
+        base = base.to(self.device)
         gen = torch.Generator().manual_seed(seed)
         n, losses = len(base), []
         steps_in_epoch = (n + batch_size - 1) // batch_size

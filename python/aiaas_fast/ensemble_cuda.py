@@ -22,7 +22,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .engine_cuda import GraphCapture
+from .engine_cuda import MAX_STEP_GRAPHS, GraphCapture
 
 __all__ = ["CudaEnsembleEngine"]
 
@@ -195,6 +195,8 @@ class CudaEnsembleEngine(GraphCapture):
         if y.shape[-2] != batch:
             raise RuntimeError(f"{WHO}.step: x has {batch} rows but y has {y.shape[-2]}")
         entry = self._step_graphs.get(batch)
+        if entry is None and len(self._step_graphs) >= MAX_STEP_GRAPHS:  # each holds a memory pool
+            self._step_graphs.pop(next(iter(self._step_graphs)))
         if entry is None:
             xs = torch.zeros(self.K, batch, self.in_features, device=self.device)
             ys = torch.zeros(self.K, batch, self.out_features, device=self.device)

@@ -74,8 +74,10 @@ def _adam_kernel(addr_ptr, numel_ptr, scalar_ptr, blk_tensor_ptr, blk_index_ptr,
         old = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         vmax = tl.where((old != old) | (old > v), old, v)  # torch.maximum: NaN wins
         tl.store(x_ptr + offs, vmax.to(x_ptr.dtype.element_ty), mask=ok)
-    denom = tl.sqrt(vmax) * inv_bc2_sqrt + eps
-    w = w - step_size * (m / denom)
+    # Correctly rounded sqrt and division, as torch's: the defaults compile to approximate,
+    # denormal-flushing instructions (with eps = 0 a tiny v would flush to 0 and divide by it).
+    denom = tl.sqrt_rn(vmax) * inv_bc2_sqrt + eps
+    w = w - step_size * tl.div_rn(m, denom)
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=ok)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=ok)
     tl.store(p_ptr + offs, w.to(p_ptr.dtype.element_ty), mask=ok)
@@ -118,6 +120,12 @@ def triton_adam_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tenso
     if not params:
         return
     check_device(OP, params[0])
+    if params[0].is_cuda:
+        with on_device(params[0]):
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"{OP} (triton backend): cannot be captured in a CUDA graph: each call reads its "
+                                   "steps and copies its tables from the host. The native backend's adam_ with "
+                                   "steps on the device can be captured")
     state_dtype = exp_avgs[0].dtype
     states = [*exp_avgs, *exp_avg_sqs, *(max_exp_avg_sqs if amsgrad else [])]
     for t in states:

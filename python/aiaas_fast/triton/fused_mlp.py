@@ -23,7 +23,8 @@ to compile per configuration.
 Programs are persistent (a fixed number, each looping over row tiles), so the partial
 buffer is (programs, parameters) whatever the batch; a second kernel adds its rows in
 program order, in place into row 0, which holds the gradients and the loss. No float
-atomics: the same bits on every run. A batch of up to 64 rows is one program's alone, and
+atomics: the same bits on every run with one configuration (autotuning, which picks by
+timing, may choose another tile shape in another process, and so another order). A batch of up to 64 rows is one program's alone, and
 needs no second kernel.
 
 The optimizer step is not here: the engine hands the flat gradient's views to the

@@ -9,7 +9,9 @@ to fuse:
   loaded (read from the saved output), no masked-gradient tensor is written;
 - ``grad_weight = (g * [out > 0])^T @ x``: same masking, and the bias gradient (the
   column sums of the masked gradient) summed from the tiles this kernel already loads,
-  in a fixed order, so it costs no extra pass and has the same bits on every run.
+  in a fixed order, so it costs no extra pass and has the same bits on every run with one
+  configuration (autotuning picks by timing: another process may choose other tiles, and
+  with them another summation order).
 
 Precision: products accumulate in float32. For float32 inputs the dot follows
 ``torch.backends.cuda.matmul.allow_tf32`` as torch.mm does: ``input_precision="ieee"``
@@ -76,9 +78,10 @@ def _matmul_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     # Rows and columns past the edge wrap onto valid ones (their results are not stored),
-    # so only the K edge needs a load mask.
-    rm_load = rm % M
-    rn_load = rn % N
+    # so only the K edge needs a load mask. Offsets in int64: rows x row stride passes 2^31
+    # for 16M rows of 128 features.
+    rm_load = (rm % M).to(tl.int64)
+    rn_load = (rn % N).to(tl.int64)
     a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + rk[:, None] * stride_bk + rn_load[None, :] * stride_bn
     if MASK_A:
@@ -108,7 +111,7 @@ def _matmul_kernel(
             acc += tl.load(bias_ptr + rn_load).to(tl.float32)[None, :]
         if RELU:
             acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as torch.relu
-        c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+        c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
     if ROWSUM:
         if pid_n == 0:

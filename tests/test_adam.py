@@ -187,3 +187,16 @@ def test_update_of_a_tensor_saved_for_backward_is_caught():
         adam_([w], [rand(3, 4)], [torch.zeros(3, 4)], [torch.zeros(3, 4)], [], [torch.tensor(0.0)], lr=0.1, beta1=0.9, beta2=0.999)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_triton_adam_refuses_graph_capture(backend):
+    # It reads its steps and copies its tables from the host each call: it cannot be
+    # captured, and says so rather than failing inside the capture.
+    if backend.name != "triton" or backend.device != "cuda":
+        pytest.skip("graph capture of the Triton Adam on a GPU")
+    p, g = [torch.randn(8, device="cuda")], [torch.randn(8, device="cuda")]
+    m, v, steps = [torch.zeros(8, device="cuda")], [torch.zeros(8, device="cuda")], [torch.tensor(0.0)]
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            adam_(p, g, m, v, [], steps, lr=1e-2, beta1=0.9, beta2=0.999)

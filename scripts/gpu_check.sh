@@ -35,12 +35,13 @@ tail -3 "$OUT/build.txt"
 
 # Two runs, each with its own results file, so that one cut short keeps the other's. A time
 # limit interrupts pytest (SIGINT) so it still reports and writes its results file; the
-# kill 5 s later is for a run that hangs. Op tests on the CUDA backends only: CI covers the CPU.
+# kill 5 s later is for a run that hangs. Cheapest first (the Triton kernels compile on first
+# use). Op tests on the CUDA backends only: CI covers the CPU.
 export AIAAS_FAST_TRITON_AUTOTUNE=0 TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache" AIAAS_FAST_TEST_DEVICES=cuda
 PYTEST=("$PY" -m pytest -v -rfE --durations=10 -p no:cacheprovider)
 step "tests on the GPU: native CUDA kernels, the engine, the fused MLP, many models"
 if ! timeout --signal=INT --kill-after=5 65 "${PYTEST[@]}" --junitxml="$OUT/tests-gpu.xml" \
-      tests/test_cuda_ops.py tests/test_engine_cuda.py tests/test_fused_mlp.py tests/test_ensemble_cuda.py; then
+      tests/test_cuda_ops.py tests/test_ensemble_cuda.py tests/test_engine_cuda.py tests/test_fused_mlp.py; then
   fail "tests (GPU kernels; see log.txt; results still written)"
 fi
 step "tests on the GPU: every op on every CUDA backend (one autotuning config: many shapes)"

@@ -516,14 +516,21 @@ def eager_replay_engine():
     return EagerReplay
 
 
-@pytest.mark.parametrize("path", ["graph", pytest.param("fused", marks=needs_triton_interpreter)])
-def test_cuda_engine_run_shuffles_stops_and_reuses_its_graphs(path):
-    # run()'s graphs gather each batch by the epoch's order at a position counter and add up
-    # the loss inside the graph; checked against torch steps over the same shuffled batches.
+def replayed_seed_like_engine(path):
+    """(model 5->12->1, its copy for torch, the Engine holding its state, the CUDA engine's
+    logic on that state with eager replay)."""
     model = sequential([5, 12, 1])
     ref = copy.deepcopy(model)
     engine = Engine(model, lr=1e-2)
     core = eager_replay_engine()(mlp_layers(model), list(model.parameters()), engine.state, engine._hyper, path=path)
+    return model, ref, engine, core
+
+
+@pytest.mark.parametrize("path", ["graph", pytest.param("fused", marks=needs_triton_interpreter)])
+def test_cuda_engine_run_shuffles_stops_and_reuses_its_graphs(path):
+    # run()'s graphs gather each batch by the epoch's order at a position counter and add up
+    # the loss inside the graph; checked against torch steps over the same shuffled batches.
+    model, ref, engine, core = replayed_seed_like_engine(path)
     X, Y = torch.randn(50, 5), torch.randn(50, 1)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(7)
@@ -552,10 +559,7 @@ def test_cuda_engine_run_shuffles_stops_and_reuses_its_graphs(path):
 def test_cuda_engine_learning_rate_changes_keep_the_graphs(path):
     # A scheduler may change the learning rate every step: the graphs read it from a device
     # scalar, so a change is a write to it, not a new capture, and the steps follow it.
-    model = sequential([5, 12, 1])
-    ref = copy.deepcopy(model)
-    engine = Engine(model, lr=1e-2)
-    core = eager_replay_engine()(mlp_layers(model), list(model.parameters()), engine.state, engine._hyper, path=path)
+    model, ref, engine, core = replayed_seed_like_engine(path)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
     losses, expected = [], []
     for i, (x, y) in enumerate(batches(4, 16, 5, 1)):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from . import ops
 from .engine import UnsupportedModel
 
-__all__ = ["CudaGraphEngine", "GraphCapture", "fused_reason"]
+__all__ = ["CudaGraphEngine", "GraphCapture", "fused_reason", "needs_new_capture"]
 
 PATHS = ("auto", "fused", "graph")
 #: step() keeps a graph per batch size; past this many, the oldest goes.
@@ -37,6 +37,12 @@ def fused_reason(layers) -> Optional[str]:
     except ImportError as e:
         return f"the fused MLP kernel needs Triton ({e})"
     return fused_mlp.unsupported_reason(layers)
+
+
+def needs_new_capture(old: Optional[dict], new: dict) -> bool:
+    """Whether graphs captured with hyperparameters ``old`` are stale under ``new``: any change
+    but the learning rate's, which the graphs read from a device scalar."""
+    return old is None or old.keys() != new.keys() or any(new[k] != old[k] for k in new if k != "lr")
 
 
 def _adam(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, hyper: dict, lr: Tensor) -> None:
@@ -123,6 +129,7 @@ class CudaGraphEngine(GraphCapture):
         self.in_features, self.out_features = layers[0][0].in_features, layers[-1][0].out_features
         self.steps = [torch.tensor(float(s["step"]), dtype=torch.float32, device=self.device) for s in state]
         self._graphs: Dict[int, tuple] = {}  # batch size -> (replay, x, y, loss): static buffers
+        self._run_key = None  # run()'s graphs: for which data and sizes (_run_graphs)
         # float32: torch's fused kernels read a tensor lr as float
         self._lr = torch.tensor(float(hyper["lr"]), dtype=torch.float32, device=self.device)
 
@@ -166,7 +173,7 @@ class CudaGraphEngine(GraphCapture):
         step is one graph launch from Python. A graph for the full batch and one for the
         last, partial batch; rebuilt when X, Y or the sizes change."""
         key = (X.data_ptr(), Y.data_ptr(), tuple(X.shape), tuple(Y.shape), n, batch)
-        if getattr(self, "_run_key", None) == key:
+        if self._run_key == key:
             return self._run_entry
         # Room past the order's end for the capture's warm-up calls, which advance the counter too.
         order = torch.zeros(n + 2 * batch, dtype=torch.int64, device=self.device)
@@ -203,12 +210,11 @@ class CudaGraphEngine(GraphCapture):
     def set_hyperparameters(self, **hyper) -> None:
         if hyper == self.hyper:
             return
-        others_same = all(hyper[k] == self.hyper[k] for k in hyper if k != "lr") and hyper.keys() == self.hyper.keys()
-        self.hyper = dict(hyper)
-        self._lr.fill_(float(hyper["lr"]))  # in stream order: the next replay reads it
-        if not others_same:  # betas, eps, weight decay are baked into the captured launches
+        if needs_new_capture(self.hyper, hyper):  # betas, eps, weight decay are baked into the launches
             self._graphs.clear()
             self._run_key = None
+        self.hyper = dict(hyper)
+        self._lr.fill_(float(hyper["lr"]))  # in stream order: the next replay reads it
 
     def _write_back_steps(self) -> None:
         values = torch.stack(self.steps).tolist()  # one read from the device for all of them

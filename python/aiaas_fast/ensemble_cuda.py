@@ -22,7 +22,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .engine_cuda import MAX_STEP_GRAPHS, GraphCapture
+from .engine_cuda import MAX_STEP_GRAPHS, GraphCapture, needs_new_capture
 
 __all__ = ["CudaEnsembleEngine"]
 
@@ -66,10 +66,12 @@ class CudaEnsembleEngine(GraphCapture):
         views = self._views
         self._grads, self._exp_avgs, self._exp_avg_sqs = views(self.grad), views(self.exp_avg), views(self.exp_avg_sq)
         self.state = [(m, v, self.steps) for m, v in zip(self._exp_avgs, self._exp_avg_sqs)]
+        self._lr = torch.zeros((), dtype=torch.float32, device=self.device)  # read by the graphs
+        self.hyper: Optional[dict] = None
+        self._step_graphs: dict = {}  # batch size -> (replay, x, y, loss)
+        self._run_key = None  # run()'s graph: for which data, rows and sizes
         self.set_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                                  amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
-        self._step_graphs: dict = {}
-        self._run_key = None
 
     def set_hyperparameters(self, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                             amsgrad: bool = False, maximize: bool = False, decoupled_weight_decay: bool = False) -> None:
@@ -82,16 +84,13 @@ class CudaEnsembleEngine(GraphCapture):
         hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                      weight_decay=float(weight_decay), maximize=bool(maximize),
                      decoupled_weight_decay=bool(decoupled_weight_decay))
-        old = getattr(self, "hyper", None)
-        if hyper == old:
+        if hyper == self.hyper:
             return
-        self.hyper = hyper
-        if not hasattr(self, "_lr"):
-            self._lr = torch.tensor(hyper["lr"], dtype=torch.float32, device=self.device)  # read by the graphs
-        self._lr.fill_(hyper["lr"])  # in stream order: the next replay reads it
-        if old is None or any(hyper[k] != old[k] for k in hyper if k != "lr"):
-            self._step_graphs = {}  # the other scalars are baked into the captured launches
+        if needs_new_capture(self.hyper, hyper):  # the other scalars are baked into the launches
+            self._step_graphs = {}
             self._run_key = None
+        self.hyper = hyper
+        self._lr.fill_(hyper["lr"])  # in stream order: the next replay reads it
 
     def _tensors(self) -> List[Tensor]:
         return self.params + [self.exp_avg, self.exp_avg_sq, self.steps]

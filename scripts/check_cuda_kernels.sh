@@ -116,10 +116,13 @@ else
   GLUE=0
 fi
 CXX=${CXX:-c++}
+# The standard torch's headers need (ATen.h says: 17 up to torch 2.13, 20 from 2.14), as CMakeLists.txt picks it.
+CXX_STD=17
+[[ $GLUE == 1 ]] && grep -q 202002L "$TORCH_INCLUDE/ATen/ATen.h" 2>/dev/null && CXX_STD=20
 check_glue() {
   local src=$1 log start=$SECONDS
   log=$OUT/$(basename "$src" .cpp).glue.log
-  if "$CXX" -std=c++17 -fsyntax-only -Wall -Wextra -Wno-unused-parameter -I "$ROOT/csrc" \
+  if "$CXX" -std=c++$CXX_STD -fsyntax-only -Wall -Wextra -Wno-unused-parameter -I "$ROOT/csrc" \
       -isystem "$TORCH_INCLUDE" -isystem "$TORCH_INCLUDE/torch/csrc/api/include" -isystem "$OUT/stub" \
       -isystem "$CUDA_INCLUDE" "$src" >"$log" 2>&1; then
     echo "ok    $src (syntax, $((SECONDS - start)) s)"
@@ -129,7 +132,7 @@ check_glue() {
 }
 
 export -f compile_kernel check_glue
-export NVCC ROOT OUT CUTLASS_FLAGS GENCODE CXX TORCH_INCLUDE CUDA_INCLUDE
+export NVCC ROOT OUT CUTLASS_FLAGS GENCODE CXX CXX_STD TORCH_INCLUDE CUDA_INCLUDE
 start=$SECONDS
 {
   for f in csrc/kernels/cuda/*.cu; do echo "compile_kernel $f"; done

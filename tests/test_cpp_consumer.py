@@ -79,3 +79,49 @@ def test_find_package_checks_the_version(tmp_path):
     r = _configure(cmake, src, tmp_path / "build")
     assert f"aiaas_fast_VERSION={aiaas_fast.__version__}" in r.stdout, r.stdout
     assert "later version found: 0" in r.stdout, r.stdout
+
+
+TORCH_CUDA = os.path.join(PACKAGE_DIR, "aiaas_fastTorchCuda.cmake")
+
+
+def _probe_torch_cuda(cmake, tmp_path, *args, env=None):
+    """Configures a project that includes the installed aiaas_fastTorchCuda.cmake (what the
+    package runs before torch's config looks for CUDA) and reports what it decided."""
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    (src / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.21)\n"
+        "project(torch_cuda_probe LANGUAGES CXX)\n"
+        f'include("{TORCH_CUDA}")\n'
+        'if(TARGET torch::cudart)\n  message(STATUS "probe: stub torch::cudart")\nendif()\n'
+        'message(STATUS "probe: root=${CUDA_TOOLKIT_ROOT_DIR}")\n')
+    r = _run([cmake, "-S", str(src), "-B", str(tmp_path / "build"), *args], "cmake configure", env=env)
+    root = [line.split("root=", 1)[1] for line in r.stdout.splitlines() if "probe: root=" in line]
+    return "probe: stub torch::cudart" in r.stdout, root[0].strip() if root else None
+
+
+def test_cuda_torch_without_a_toolkit_links_without_it(tmp_path):
+    """A CUDA build of torch on a machine with no CUDA toolkit (the usual pip install without
+    nvcc) made torch's config stop: "cannot find the CUDA libraries". The package now stands
+    in the one CUDA target torch's own targets link, so a CPU-only build and its consumers go on."""
+    assert os.path.isfile(TORCH_CUDA)
+    stub, root = _probe_torch_cuda(_cmake(), tmp_path, "-DCMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=ON")
+    assert stub and not root
+
+
+def test_cuda_toolkit_behind_a_wrapper_script_is_found_at_its_root(tmp_path):
+    """torch's config finds CUDA with the legacy FindCUDA, which took /usr/local for the root
+    when nvcc on PATH was a wrapper script (/usr/local/bin/nvcc running the real one), and
+    failed. The package hands it the root CMake's own search finds."""
+    real = shutil.which("nvcc") or next((c for c in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(c)), None)
+    if real is None:
+        pytest.skip("no nvcc here: no CUDA toolkit to find")
+    wrapper = tmp_path / "wrapper"
+    wrapper.mkdir()
+    (wrapper / "nvcc").write_text(f'#!/bin/sh\nexec "{real}" "$@"\n')
+    (wrapper / "nvcc").chmod(0o755)
+    env = dict(os.environ, PATH=f"{wrapper}{os.pathsep}{os.environ.get('PATH', '')}")
+    stub, root = _probe_torch_cuda(_cmake(), tmp_path, env=env)
+    assert not stub, "a toolkit is here: torch's own CUDA lookup must run"
+    assert root and os.path.isfile(os.path.join(root, "bin", "nvcc")) and root != str(tmp_path), root
+    assert os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")), root

@@ -107,7 +107,12 @@ at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
     if (err == cudaSuccess) {
       out = o;
       detail::count_cuda_gemm(hopper ? "cutlass_sm90" : "cutlass_sm80");
-    } else if (err != cudaErrorNotSupported) C10_CUDA_CHECK(err);
+    } else if (err == cudaErrorUnknown && *cuda::cutlass_failure()) {
+      TORCH_CHECK(false, op, ": the CUTLASS GEMM (", hopper ? "sm90" : "sm80", ") failed for x of shape ", x.sizes(),
+                  " and weight of shape ", weight.sizes(), " (", x.scalar_type(), "): ", cuda::cutlass_failure());
+    } else if (err != cudaErrorNotSupported) {
+      C10_CUDA_CHECK(err);
+    }
     // else: a shape or alignment the kernel does not take; fall through to cuBLASLt
   }
   if (!out.defined() && choice != Gemm::mm && has_bias && dtype != cuda::DType::f64) {

@@ -50,6 +50,10 @@ inline bool gemm_bias_relu_takes(DType dtype, int64_t N, int64_t K, const void* 
          ldw % 8 == 0 && bias != nullptr && aligned(x, 16) && aligned(w, 16) && aligned(bias, 16) && aligned(out, 16);
 }
 
+// A CUTLASS call that did not succeed: the CUDA error behind it where there is one, else
+// cudaErrorUnknown, with CUTLASS's reason kept for cutlass_failure() (kernels.cuh).
+cudaError_t cutlass_failed(const char* reason);
+
 // Calls f with a null pointer of the element type that dtype names.
 template <typename F> cudaError_t dispatch(DType dtype, F&& f) {
   switch (dtype) {

@@ -39,6 +39,10 @@ bool have_cutlass_sm90_gemm();
 cudaError_t linear_relu_gemm_sm90(DType dtype, int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx,
                                   const void* w, int64_t ldw, const void* bias, void* out, cudaStream_t stream);
 
+// Why the last CUTLASS GEMM above to fail on this thread failed, when CUTLASS itself refused
+// (the GEMM returned cudaErrorUnknown with no CUDA error behind it): CUTLASS's status text.
+const char* cutlass_failure();
+
 // out[r, c] = relu(out[r, c] + bias[c]) over a contiguous rows x cols matrix, in place;
 // bias may be null. NaN stays NaN, as torch.relu. The epilogue of the fallback path,
 // after a plain matrix product.

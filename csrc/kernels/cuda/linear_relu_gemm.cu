@@ -22,6 +22,19 @@
 
 namespace aiaas_fast::cuda {
 
+// Shared by both CUTLASS GEMMs (this file is always compiled, the Hopper one not everywhere).
+namespace {
+thread_local const char* cutlass_failure_reason = "";
+}
+
+const char* cutlass_failure() { return cutlass_failure_reason; }
+
+cudaError_t detail::cutlass_failed(const char* reason) {
+  const cudaError_t err = cudaGetLastError();
+  cutlass_failure_reason = err == cudaSuccess && reason ? reason : "";
+  return err != cudaSuccess ? err : cudaErrorUnknown;
+}
+
 #if AIAAS_FAST_HAVE_CUTLASS
 namespace {
 
@@ -65,14 +78,10 @@ cudaError_t run_gemm(int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
   // split_k_slices = 1: no workspace. initialize() opts into > 48 KiB of dynamic shared memory.
   cutlass::Status status = gemm.initialize(args, nullptr, stream);
-  if (status != cutlass::Status::kSuccess) {
-    const cudaError_t err = cudaGetLastError();
-    return err != cudaSuccess ? err : cudaErrorLaunchFailure;
-  }
+  if (status != cutlass::Status::kSuccess) return detail::cutlass_failed(cutlass::cutlassGetStatusString(status));
   status = gemm.run(stream);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  return status == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorLaunchFailure;
+  if (status != cutlass::Status::kSuccess) return detail::cutlass_failed(cutlass::cutlassGetStatusString(status));
+  return cudaGetLastError();
 }
 
 }  // namespace

@@ -56,9 +56,7 @@ struct Sm90GemmBiasRelu {
 };
 
 cudaError_t status_error(cutlass::Status s) {
-  if (s == cutlass::Status::kSuccess) return cudaSuccess;
-  const cudaError_t err = cudaGetLastError();
-  return err != cudaSuccess ? err : cudaErrorLaunchFailure;
+  return s == cutlass::Status::kSuccess ? cudaSuccess : detail::cutlass_failed(cutlass::cutlassGetStatusString(s));
 }
 
 template <typename Element>

@@ -98,7 +98,9 @@ def _relu_keep(relu_ptr, l, out):
     return (tl.load(relu_ptr + l) == 0) | (out > 0)
 
 
-@triton.autotune(configs=_configs(), key=["M_KEY", "D", "TRAIN"], prune_configs_by={"early_config_prune": _prune})
+# Tuned per rows bucket, width, depth, pass and precision; Triton adds the dtypes itself.
+@triton.autotune(configs=_configs(), key=["M_KEY", "D", "L", "TRAIN", "HAS_BIAS", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _mlp_kernel(
     x_ptr, y_ptr, out_ptr, w_addr_ptr, b_addr_ptr, dims_ptr, relu_ptr, goff_ptr, scratch_ptr, part_ptr,

@@ -51,7 +51,9 @@ def _bucket(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-@triton.autotune(configs=_configs(), key=["M_KEY", "N_KEY", "K_KEY", "MODE"])
+# Tuned per size bucket, product, bias and precision (IEEE float32 and TF32 want other tiles);
+# Triton adds the tensors' dtypes to the key itself.
+@triton.autotune(configs=_configs(), key=["M_KEY", "N_KEY", "K_KEY", "MODE", "HAS_BIAS", "PRECISION"])
 @triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr, mask_ptr, bias_ptr, rowsum_ptr,

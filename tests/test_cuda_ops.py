@@ -246,6 +246,25 @@ def test_adam_device_steps_non_contiguous_and_many_tensors():
     assert all(s.device.type == "cuda" and s.item() == 3 for s in steps)
 
 
+def test_adam_shared_device_step_counts_once_per_param_as_on_the_cpu():
+    # Two params sharing one step tensor: torch._foreach_add_ and the CPU op count it twice;
+    # the CUDA increments are atomic, so they do too (and both params see step 2).
+    ps = [cuda(6, 5), cuda(7)]
+    gs = [cuda(6, 5), cuda(7)]
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+    results = []
+    for dev in (DEV, "cpu"):
+        p = [x.clone().to(dev) for x in ps]
+        m, v = [torch.zeros_like(x) for x in p], [torch.zeros_like(x) for x in p]
+        step = torch.zeros((), device=dev)
+        adam_(p, [x.to(dev) for x in gs], m, v, [], [step, step], **hyper)
+        results.append((p, step.item()))
+    (gpu, gpu_step), (cpu, cpu_step) = results
+    assert gpu_step == cpu_step == 2.0
+    for a, b in zip(gpu, cpu):
+        assert_close(a.cpu(), b, torch.float32)
+
+
 @pytest.mark.slow
 def test_adam_tensor_larger_than_one_launch():
     n = 320 * 65536 + 1001  # more chunks than one launch's table holds: continues in a second launch

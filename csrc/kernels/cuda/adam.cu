@@ -46,8 +46,10 @@ static_assert(sizeof(Table) + sizeof(Scalars) <= 4000, "the Adam table must fit 
 __global__ void increment_steps_kernel(Table table) {
   const int i = threadIdx.x;
   if (i >= table.tensors || !table.increment[i]) return;
-  if (table.step_kind[i] == kStepF32) *static_cast<float*>(table.step[i]) += 1.0f;
-  else if (table.step_kind[i] == kStepF64) *static_cast<double*>(table.step[i]) += 1.0;
+  // Atomic: two params may share one step tensor, which then counts twice, as
+  // torch._foreach_add_ counts it (exact either way: whole numbers).
+  if (table.step_kind[i] == kStepF32) atomicAdd(static_cast<float*>(table.step[i]), 1.0f);
+  else if (table.step_kind[i] == kStepF64) atomicAdd(static_cast<double*>(table.step[i]), 1.0);
 }
 
 template <typename A> struct Folded {

@@ -20,6 +20,7 @@ CUTLASS_VERSION=4.2.0.0
 GENCODE=${AIAAS_FAST_CUDA_GENCODE:-"-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90"}
 
 NVCC=${NVCC:-$(command -v nvcc || true)}
+[[ -n $NVCC && $NVCC != */* ]] && NVCC=$(command -v "$NVCC" || true)  # NVCC=nvcc: a name on PATH
 if [[ -z "$NVCC" ]]; then
   for c in /usr/local/cuda/bin/nvcc /usr/local/cuda-*/bin/nvcc; do [[ -x "$c" ]] && NVCC=$c && break; done
 fi

@@ -173,6 +173,18 @@ def test_mse_loss_broadcast_misaligned_and_strided(dtype):
     assert_close(mse_loss(x, t), F.mse_loss(x.double(), t.double()), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mse_loss_same_bits_for_a_misaligned_view_and_an_aligned_copy(dtype):
+    # Misaligned pointers take scalar loads instead of 16-byte vectors, over the same groups
+    # of elements in the same order: the loss must not change by a bit.
+    n = 300_007
+    base_x, base_t = cuda(n + 1, dtype=dtype), cuda(n + 1, dtype=dtype)
+    x, t = base_x[1:], base_t[1:]
+    assert x.data_ptr() % 16 and t.data_ptr() % 16
+    for reduction in ("sum", "mean"):
+        assert torch.equal(mse_loss(x, t, reduction), mse_loss(x.clone(), t.clone(), reduction))
+
+
 def test_mse_loss_opcheck():
     for dtype in DTYPES:
         torch.library.opcheck(torch.ops.aiaas_fast.mse_loss.default, (cuda(4, 5, dtype=dtype, requires_grad=True), cuda(4, 5, dtype=dtype), "mean", True))

@@ -30,7 +30,11 @@ __device__ A block_sum(A v) {
   return total;  // valid in thread 0
 }
 
-template <typename T, int VEC, bool kGrad, bool kLoss>
+// Each thread takes groups of VEC consecutive elements, loaded as one 16-byte vector where
+// the pointers are aligned (kVecLoads) and element by element otherwise: the same groups and
+// the same order of addition either way, so the loss has the same bits for a misaligned view
+// as for an aligned copy of it.
+template <typename T, int VEC, bool kVecLoads, bool kGrad, bool kLoss>
 __global__ void __launch_bounds__(kThreads) mse_kernel(const T* __restrict__ x, const T* __restrict__ t,
                                                        T* __restrict__ grad, T* __restrict__ loss,
                                                        acc_t<T>* __restrict__ partial, acc_t<T> grad_scale,
@@ -42,9 +46,17 @@ __global__ void __launch_bounds__(kThreads) mse_kernel(const T* __restrict__ x, 
   const int64_t nvec = n / VEC;
   const int64_t tid = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   for (int64_t v = tid; v < nvec; v += stride) {
-    const V xv = reinterpret_cast<const V*>(x)[v];
-    const V tv = reinterpret_cast<const V*>(t)[v];
-    V gv, lv;
+    V xv, tv, gv, lv;
+    if constexpr (kVecLoads) {
+      xv = reinterpret_cast<const V*>(x)[v];
+      tv = reinterpret_cast<const V*>(t)[v];
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        xv.v[j] = x[v * VEC + j];
+        tv.v[j] = t[v * VEC + j];
+      }
+    }
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const A d = to_acc(xv.v[j]) - to_acc(tv.v[j]);
@@ -52,8 +64,16 @@ __global__ void __launch_bounds__(kThreads) mse_kernel(const T* __restrict__ x, 
       if constexpr (kGrad) gv.v[j] = from_acc<T>(d * grad_scale);
       if constexpr (kLoss) lv.v[j] = from_acc<T>(d * d);
     }
-    if constexpr (kGrad) reinterpret_cast<V*>(grad)[v] = gv;
-    if constexpr (kLoss) reinterpret_cast<V*>(loss)[v] = lv;
+    if constexpr (kVecLoads) {
+      if constexpr (kGrad) reinterpret_cast<V*>(grad)[v] = gv;
+      if constexpr (kLoss) reinterpret_cast<V*>(loss)[v] = lv;
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        if constexpr (kGrad) grad[v * VEC + j] = gv.v[j];
+        if constexpr (kLoss) loss[v * VEC + j] = lv.v[j];
+      }
+    }
   }
   for (int64_t i = nvec * VEC + tid; i < n; i += stride) {  // the last n % VEC elements
     const A d = to_acc(x[i]) - to_acc(t[i]);
@@ -78,14 +98,18 @@ __global__ void __launch_bounds__(kThreads) mse_finish_kernel(const acc_t<T>* __
   if (threadIdx.x == 0) loss[0] = from_acc<T>(acc_t<T>(total / divisor));
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool kVecLoads>
 cudaError_t launch(const T* x, const T* t, T* grad, T* loss_elems, acc_t<T>* partial, acc_t<T> scale, int64_t n,
                    int64_t blocks, cudaStream_t stream) {
   const dim3 grid{unsigned(blocks)}, block{unsigned(kThreads)};
-  if (grad && loss_elems) mse_kernel<T, VEC, true, true><<<grid, block, 0, stream>>>(x, t, grad, loss_elems, partial, scale, n);
-  else if (grad) mse_kernel<T, VEC, true, false><<<grid, block, 0, stream>>>(x, t, grad, loss_elems, partial, scale, n);
-  else if (loss_elems) mse_kernel<T, VEC, false, true><<<grid, block, 0, stream>>>(x, t, grad, loss_elems, partial, scale, n);
-  else mse_kernel<T, VEC, false, false><<<grid, block, 0, stream>>>(x, t, grad, loss_elems, partial, scale, n);
+  if (grad && loss_elems)
+    mse_kernel<T, VEC, kVecLoads, true, true><<<grid, block, 0, stream>>>(x, t, grad, loss_elems, partial, scale, n);
+  else if (grad)
+    mse_kernel<T, VEC, kVecLoads, true, false><<<grid, block, 0, stream>>>(x, t, grad, loss_elems, partial, scale, n);
+  else if (loss_elems)
+    mse_kernel<T, VEC, kVecLoads, false, true><<<grid, block, 0, stream>>>(x, t, grad, loss_elems, partial, scale, n);
+  else
+    mse_kernel<T, VEC, kVecLoads, false, false><<<grid, block, 0, stream>>>(x, t, grad, loss_elems, partial, scale, n);
   return cudaGetLastError();
 }
 
@@ -110,8 +134,8 @@ cudaError_t mse_loss(DType dtype, const void* x, const void* t, void* grad, void
       const bool vec_ok = aligned(xp, 16) && aligned(tp, 16) && (!gp || aligned(gp, 16)) &&
                           (!loss_elems || aligned(loss_elems, 16));
       const cudaError_t err =
-          vec_ok ? launch<T, kVec>(xp, tp, gp, loss_elems, partial, A(grad_scale), n, blocks, stream)
-                 : launch<T, 1>(xp, tp, gp, loss_elems, partial, A(grad_scale), n, blocks, stream);
+          vec_ok ? launch<T, kVec, true>(xp, tp, gp, loss_elems, partial, A(grad_scale), n, blocks, stream)
+                 : launch<T, kVec, false>(xp, tp, gp, loss_elems, partial, A(grad_scale), n, blocks, stream);
       if (err != cudaSuccess) return err;
     }
     if (!reduce) return cudaSuccess;

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aiaas_fast  # noqa: E402
 from aiaas_fast.engine import Engine  # noqa: E402
 from aiaas_fast.ensemble import ensemble_engine  # noqa: E402
-from harness import Results, drop_failing, fmt_time, mm_fn, time_providers  # noqa: E402
+from harness import Results, drop_failing, fmt_time, mm_fn, record_failure, time_providers  # noqa: E402
 from train import compiled_step, make_step, mlp  # noqa: E402
 
 
@@ -131,26 +131,30 @@ def many_providers(K, widths, batch, steps_per_run, device="cpu"):
 COMPILED = "torch.compile (Adam fused)"
 
 
-def timed(provs, reps, block, reference="eager (Adam fused)", device="cpu"):
+def timed(provs, reps, block, reference="eager (Adam fused)", device="cpu", failed=None, case=""):
     """Per-step times. torch.compile is timed in its own interleaved round with the reference
     (its time scaled by the reference's ratio between the rounds): interleaved with the others,
     Inductor's OpenMP code slowed every provider by about 20% on the 2-core machine."""
     fns = {name: fn for name, (fn, _) in provs.items() if name != COMPILED}
     fns["torch.mm ceiling 1024^3"] = mm_fn(1024, 1024, 1024, device=device)
-    times = time_providers(fns, device, reps=reps, block_seconds=block, wall_clock=True)
-    if COMPILED in provs:
+    times = time_providers(fns, device, reps=reps, block_seconds=block, wall_clock=True, failed=failed, case=case)
+    if COMPILED in provs and reference in times:
         own = time_providers({reference: provs[reference][0], COMPILED: provs[COMPILED][0]}, device, reps=reps,
-                             block_seconds=block, wall_clock=True)
-        scale = times[reference]["y50"] / own[reference]["y50"]
-        times[COMPILED] = {k: v * scale for k, v in own[COMPILED].items()}
-    per_step = {name: {k: v / provs[name][1] for k, v in times[name].items()} for name in provs}
-    return per_step, 2.0 * 1024**3 / times["torch.mm ceiling 1024^3"]["y50"] / 1e9
+                             block_seconds=block, wall_clock=True, failed=failed, case=case)
+        if reference in own and COMPILED in own:
+            scale = times[reference]["y50"] / own[reference]["y50"]
+            times[COMPILED] = {k: v * scale for k, v in own[COMPILED].items()}
+    # A provider that failed while timed is left out (recorded in `failed`).
+    per_step = {name: {k: v / provs[name][1] for k, v in times[name].items()} for name in provs if name in times}
+    mm = times.get("torch.mm ceiling 1024^3")
+    return per_step, (2.0 * 1024**3 / mm["y50"] / 1e9 if mm else float("nan"))
 
 
 def report(res, title, label, batch, per_step, ref_names, flops, mm_shape, mm_peak, lines, extra=None, device="cpu"):
-    mm_same = time_providers({"mm": mm_fn(*mm_shape, device=device)}, device, reps=5)["mm"]["y50"]
+    # Timed as the steps are (blocks of calls, wall clock), not as a kernel alone.
+    mm_same = time_providers({"mm": mm_fn(*mm_shape, device=device)}, device, reps=5, wall_clock=True)["mm"]["y50"]
     mm_same = 2.0 * mm_shape[0] * mm_shape[1] * mm_shape[2] / mm_same / 1e9
-    refs = {r: per_step[r]["y50"] for r in ref_names}
+    refs = {r: per_step[r]["y50"] if r in per_step else float("nan") for r in ref_names}  # nan: failed while timed
     for name, t in per_step.items():
         ratios = {f"vs {r}": refs[r] / t["y50"] for r in ref_names}
         res.add(kernel="engine", provider=name, mode="train_step", metric="time", unit="s", x=label,
@@ -199,40 +203,66 @@ def main(argv=None) -> int:
         print(f"benchmarks/engine.py: --device {device} but torch sees no CUDA GPU; nothing measured", file=sys.stderr)
         return 1
     res = Results("engine", device)
-    reps, block = (3, 0.02) if args.quick else (9, 0.2)
+    reps, block = (3, 0.02) if args.quick else (5, 0.05) if device.startswith("cuda") else (9, 0.2)  # a GPU step: tens of us
     if device.startswith("cuda"):  # the H200 targets: the seed network, and a 64-wide 4-hidden-layer MLP
         nets = [("seed 10->20->1", [10, 20, 1], 64)] + ([] if args.quick else [("64x4 hidden", [64] * 5 + [1], 65536)])
     else:
         nets = [("seed 10->20->1", [10, 20, 1], 64)] + ([] if args.quick else [("64->256->256->1", [64, 256, 256, 1], 512)])
     lines, failed = [], res.env.setdefault("failed_providers", [])
     res.env["timer"] = "interleaved blocks of steps, synchronized at block ends (time.perf_counter)"
-    for label, widths, batch in nets:
-        provs, paths = single_providers(widths, batch, not args.no_compile, steps_per_run=50 if batch <= 64 else 10,
-                                        device=device)
-        provs = working(provs, failed, label)
-        if "eager (Adam fused)" not in provs:
-            continue  # no reference: nothing to compare with
-        per_step, mm_peak = timed(provs, reps, block, device=device)
-        flops = 6.0 * batch * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-        report(res, "single", label, batch, per_step, ["eager (Adam fused)"], flops, (batch, widths[1], widths[0]),
-               mm_peak, lines, {"widths": widths, "engine_paths": paths}, device=device)
+    try:
+        for label, widths, batch in nets:
+            try:
+                provs, paths = single_providers(widths, batch, not args.no_compile,
+                                                steps_per_run=50 if batch <= 64 else 10, device=device)
+            except Exception as e:  # noqa: BLE001 - one network's set-up must not cost the others
+                record_failure(failed, label, "setting up the providers", e, "benchmarks/engine.py")
+                continue
+            provs = working(provs, failed, label)
+            if "eager (Adam fused)" not in provs:
+                continue  # no reference: nothing to compare with
+            per_step, mm_peak = timed(provs, reps, block, device=device, failed=failed, case=label)
+            flops = 6.0 * batch * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+            report(res, "single", label, batch, per_step, ["eager (Adam fused)"], flops, (batch, widths[1], widths[0]),
+                   mm_peak, lines, {"widths": widths, "engine_paths": paths}, device=device)
+            res.write(args.out)  # after each network: a run cut short keeps what it measured
+    except KeyboardInterrupt:
+        return interrupted(res, args.out, "during the one-model table")
     res.table("One model: training step (forward, MSE, backward, Adam), float32",
               ["network @ batch", "provider", "median per step", "p20 - p80", "steps/s", "vs eager (Adam fused)",
                "GFLOP/s", "torch.mm GFLOP/s (same shape / 1024^3)"],
               [[f"{l[0]} @ {nets[[n[0] for n in nets].index(l[0])][2]}", *l[1:]] for l in lines])
+    res.write(args.out)
+    try:
+        return many_models(res, args, device, block, failed)
+    except KeyboardInterrupt:
+        return interrupted(res, args.out, "during the many-model table")
 
-    base = res.write(args.out)  # written after each table: a run cut short keeps what it measured
 
+def interrupted(res, out, where) -> int:
+    """Ctrl-C (SIGINT, as gpu_check.sh's time limit sends): write what was measured, exit 130."""
+    res.env["interrupted"] = where
+    print(f"benchmarks/engine.py: interrupted {where}; writing what was measured", file=sys.stderr, flush=True)
+    res.write(out)
+    return 130
+
+
+def many_models(res, args, device, block, failed) -> int:
     K = args.models or (16 if args.quick else 256)
     widths, batch = [10, 20, 1], 64
-    provs = working(many_providers(K, widths, batch, steps_per_run=5 if args.quick else 20, device=device), failed,
-                    f"{K} x seed")
+    try:
+        provs = many_providers(K, widths, batch, steps_per_run=5 if args.quick else 20, device=device)
+    except Exception as e:  # noqa: BLE001
+        record_failure(failed, f"{K} x seed", "setting up the providers", e, "benchmarks/engine.py")
+        res.write(args.out)
+        return 1
+    provs = working(provs, failed, f"{K} x seed")
     refs = ["Python loop of K eager models", "torch.func.vmap (stacked, Adam fused)"]
     if not all(r in provs for r in refs):
         print(f"benchmarks/engine.py: no many-model table: a reference failed ({failed})", file=sys.stderr)
         return 1
     per_step, mm_peak = timed(provs, 3 if args.quick else (5 if device.startswith("cuda") else 7), block, device=device,
-                              reference="Python loop of K eager models")
+                              reference="Python loop of K eager models", failed=failed, case=f"{K} x seed")
     flops = 6.0 * batch * sum(a * b for a, b in zip(widths[:-1], widths[1:])) * K
     lines = []
     report(res, "many", f"{K} x seed", batch, per_step, refs, flops, (batch, widths[1], widths[0]), mm_peak, lines, {"widths": widths, "models": K}, device=device)

@@ -54,7 +54,8 @@ def _do_bench():
 
 
 def time_providers(fns: Dict[str, Callable[[], object]], device: str = "cpu", reps: int = 9,
-                   block_seconds: float = 0.05, warmup: int = 3, wall_clock: bool = False) -> Dict[str, Dict[str, float]]:
+                   block_seconds: float = 0.05, warmup: int = 3, wall_clock: bool = False,
+                   failed: Optional[list] = None, case: str = "") -> Dict[str, Dict[str, float]]:
     """Seconds per call of each function: ``reps`` blocks per provider, interleaved, each
     block long enough (``block_seconds``) that timer and loop overhead vanish.
 
@@ -63,41 +64,65 @@ def time_providers(fns: Dict[str, Callable[[], object]], device: str = "cpu", re
     libraries we compare with report it; its quantiles are over single calls. Not with
     ``wall_clock``: whole training steps are timed as a loop of them runs, blocks of calls
     with a sync at the end, so the CPU's launch work counts (do_bench's cache flush before
-    each call would hide it: the CPU queues the next step while the GPU flushes)."""
+    each call would hide it: the CPU queues the next step while the GPU flushes).
+
+    A provider that raises while being timed is left out of the result, recorded in
+    ``failed`` (with ``case``) when given and on stderr: the others' numbers stand."""
+    failed = [] if failed is None else failed
     do_bench = _do_bench() if device.startswith("cuda") and not wall_clock else None
     if do_bench is not None:
         out = {}
         for name, fn in fns.items():
-            y50, y20, y80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])  # milliseconds
+            try:
+                y50, y20, y80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])  # milliseconds
+            except Exception as e:  # noqa: BLE001 - recorded, not raised
+                record_failure(failed, case, name, e, "time_providers")
+                continue
             out[name] = {"y50": y50 * 1e-3, "y20": y20 * 1e-3, "y80": y80 * 1e-3}
         return out
     calls = {}
     for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        sync(device)
-        n, elapsed = 1, 0.0
-        while True:  # calibrate the calls per block
-            t0 = time.perf_counter()
-            for _ in range(n):
+        try:
+            for _ in range(warmup):
                 fn()
             sync(device)
-            elapsed = time.perf_counter() - t0
-            if elapsed >= block_seconds or n >= 1 << 20:
-                break
-            n *= 2 if elapsed <= 0 else max(2, min(10, int(block_seconds / max(elapsed, 1e-9)) + 1))
+            n, elapsed = 1, 0.0
+            while True:  # calibrate the calls per block
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                sync(device)
+                elapsed = time.perf_counter() - t0
+                if elapsed >= block_seconds or n >= 1 << 20:
+                    break
+                n *= 2 if elapsed <= 0 else max(2, min(10, int(block_seconds / max(elapsed, 1e-9)) + 1))
+        except Exception as e:  # noqa: BLE001
+            record_failure(failed, case, name, e, "time_providers")
+            continue
         calls[name] = n
-    samples = {name: [] for name in fns}
+    samples = {name: [] for name in calls}
     for _ in range(reps):
-        for name, fn in fns.items():
-            n = calls[name]
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            sync(device)
+        for name in list(calls):
+            fn, n = fns[name], calls[name]
+            try:
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                sync(device)
+            except Exception as e:  # noqa: BLE001
+                record_failure(failed, case, name, e, "time_providers")
+                del calls[name], samples[name]
+                continue
             samples[name].append((time.perf_counter() - t0) / n)
     return {name: _quantiles(v) for name, v in samples.items()}
+
+
+def record_failure(failed: list, case: str, name: str, e: BaseException, who: str) -> None:
+    text = str(e).strip()
+    msg = f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+    failed.append({"case": case, "provider": name, "error": msg})
+    print(f"{who}: {case}, {name} failed, left out: {msg}", file=sys.stderr, flush=True)
 
 
 def drop_failing(fns: Dict[str, Callable[[], object]], failed: list, case: str, who: str) -> Dict[str, Callable[[], object]]:
@@ -110,10 +135,7 @@ def drop_failing(fns: Dict[str, Callable[[], object]], failed: list, case: str, 
             fn()
             ok[name] = fn
         except Exception as e:  # noqa: BLE001 - recorded and reported, not raised
-            text = str(e).strip()
-            msg = f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
-            failed.append({"case": case, "provider": name, "error": msg})
-            print(f"{who}: {case}, {name} failed, left out: {msg}", file=sys.stderr, flush=True)
+            record_failure(failed, case, name, e, who)
     return ok
 
 
@@ -293,7 +315,7 @@ class Results:
                           "version": self.env["aiaas_fast"]["version"], **row})
 
     def table(self, title: str, header: List[str], lines: List[List[str]]) -> None:
-        widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
+        widths = [max([len(h), *(len(l[i]) for l in lines)]) for i, h in enumerate(header)]
         fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
         text = "\n".join([f"### {title}", "", fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
                           *(fmt(l) for l in lines), ""])

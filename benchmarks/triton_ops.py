@@ -9,8 +9,12 @@ Cases (the issue's targets on an H200):
   linear_relu fwd+bwd, 4096x1024->1024 bf16      >= 1.2x eager, not slower than torch.compile
   mse_loss fwd+bwd, 64M float32                  >= 80% of the copy bandwidth
   Adam step, 100M float32 params                 >= 80% of the copy bandwidth, not slower than fused=True
-Writes <out>/triton_ops-<device>-<time>[-rank<r>].{json,md}; runs unchanged under torchrun.
---quick uses tiny sizes (a smoke run; on a CPU the Triton provider needs TRITON_INTERPRET=1).
+Writes <out>/triton_ops-<device>-<time>[-rank<r>].{json,md} after every case (cheapest first),
+so a run cut short keeps what it measured; Ctrl-C (SIGINT, as gpu_check.sh's time limit sends)
+writes and exits 130. Runs unchanged under torchrun. The forward+backward case is also timed as
+a loop of calls (wall clock), where the CPU's launch and autograd work counts; do_bench's cache
+flush before each call hides it. --quick uses tiny sizes (a smoke run; on a CPU the Triton
+provider needs TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
@@ -58,20 +62,21 @@ def _compiled(fn, enabled, step=lambda f: f):
         return None, f"{type(e).__name__}"
 
 
-def _timed(res, providers, device, case):
+def _timed(res, providers, device, case, wall_clock=False):
     """time_providers over the providers that run (harness.drop_failing); failures recorded in res."""
-    ok = drop_failing(providers, res.env.setdefault("failed_providers", []), case, "benchmarks/triton_ops.py")
-    return time_providers(ok, device) if ok else {}
+    failed = res.env.setdefault("failed_providers", [])
+    ok = drop_failing(providers, failed, case, "benchmarks/triton_ops.py")
+    return time_providers(ok, device, wall_clock=wall_clock, failed=failed, case=case) if ok else {}
 
 
 def _record(res, lines, kernel, x, times, ref_name, extra):
-    if ref_name not in times:  # the reference failed (recorded): no ratios to give
-        return
+    """One row per provider; ratios against ref_name where it ran (else none: its failure is recorded)."""
     for name, t in times.items():
-        ratio = times[ref_name]["y50"] / t["y50"]
+        ratio = times[ref_name]["y50"] / t["y50"] if ref_name in times else None
         row = extra(name, t)
-        res.add(kernel=kernel, provider=name, x=x, metric="time", unit="s", ratio=ratio, ratio_vs=ref_name, **row, **t)
-        lines.append([kernel, x, name, fmt_time(t["y50"]), f"{ratio:.2f}x vs {ref_name}",
+        res.add(kernel=kernel, provider=name, x=x, metric="time", unit="s", ratio=ratio,
+                ratio_vs=ref_name if ratio is not None else None, **row, **t)
+        lines.append([kernel, x, name, fmt_time(t["y50"]), f"{ratio:.2f}x vs {ref_name}" if ratio is not None else "-",
                       ", ".join(f"{k}={v:.1f}" for k, v in row.items() if isinstance(v, float))])
 
 
@@ -80,7 +85,8 @@ def bench_linear_relu_forward(res, lines, device, m, k, n, dtype, compile_ok):
     w = torch.randn(n, k, device=device, dtype=dtype) * k**-0.5
     b = torch.randn(n, device=device, dtype=dtype)
     providers = {"eager": lambda: F.relu(F.linear(x, w, b))}
-    c, _ = _compiled(lambda: F.relu(F.linear(x, w, b)), compile_ok)
+    with torch.no_grad():  # compiled as it is timed: grad mode is a guard, another would recompile
+        c, _ = _compiled(lambda: F.relu(F.linear(x, w, b)), compile_ok)
     if c is not None:
         providers["torch.compile"] = c
     for name in _ours(device):
@@ -116,6 +122,10 @@ def bench_linear_relu_fwd_bwd(res, lines, device, m, k, n, dtype, compile_ok):
     times = _timed(res, providers, device, shape)
     flops = 6.0 * m * k * n
     _record(res, lines, "linear_relu", shape, times, "eager", lambda name, t: {"tflops": flops / t["y50"] / 1e12})
+    if device.startswith("cuda"):  # as a training loop sees it: launches and autograd included
+        times = _timed(res, providers, device, shape + " (wall clock)", wall_clock=True)
+        _record(res, lines, "linear_relu", shape + " (wall clock)", times, "eager",
+                lambda name, t: {"tflops": flops / t["y50"] / 1e12})
 
 
 def bench_mse_loss(res, lines, device, numel, compile_ok, bandwidth):
@@ -182,20 +192,32 @@ def main(argv=None) -> int:
     res.env["copy_gbps"] = bandwidth
     lines = []
     compile_ok = not args.no_compile
+    # Cheapest first (the forward at 8192^3 autotunes the most), written after each.
     if args.quick:
-        bench_linear_relu_forward(res, lines, device, 64, 32, 48, torch.float32, compile_ok)
-        bench_linear_relu_fwd_bwd(res, lines, device, 64, 32, 48, torch.float32, compile_ok)
-        bench_mse_loss(res, lines, device, 10_000, compile_ok, bandwidth)
-        bench_adam(res, lines, device, [(64, 32), (32,)], bandwidth)
+        cases = [lambda: bench_mse_loss(res, lines, device, 10_000, compile_ok, bandwidth),
+                 lambda: bench_adam(res, lines, device, [(64, 32), (32,)], bandwidth),
+                 lambda: bench_linear_relu_fwd_bwd(res, lines, device, 64, 32, 48, torch.float32, compile_ok),
+                 lambda: bench_linear_relu_forward(res, lines, device, 64, 32, 48, torch.float32, compile_ok)]
     else:
-        bench_linear_relu_forward(res, lines, device, 8192, 8192, 8192, torch.bfloat16, compile_ok)
-        bench_linear_relu_fwd_bwd(res, lines, device, 4096, 1024, 1024, torch.bfloat16, compile_ok)
-        bench_mse_loss(res, lines, device, 64 << 20, compile_ok, bandwidth)
-        bench_adam(res, lines, device, [(8192, 8192), (8192,), (4096, 8192), (8192,), (8192, 1024), (1,)], bandwidth)
+        cases = [lambda: bench_mse_loss(res, lines, device, 64 << 20, compile_ok, bandwidth),
+                 lambda: bench_adam(res, lines, device, [(8192, 8192), (8192,), (4096, 8192), (8192,), (8192, 1024), (1,)],
+                                    bandwidth),
+                 lambda: bench_linear_relu_fwd_bwd(res, lines, device, 4096, 1024, 1024, torch.bfloat16, compile_ok),
+                 lambda: bench_linear_relu_forward(res, lines, device, 8192, 8192, 8192, torch.bfloat16, compile_ok)]
+    status = 0
+    try:
+        for i, case in enumerate(cases):
+            case()
+            if i < len(cases) - 1:
+                res.write(args.out)
+    except KeyboardInterrupt:
+        res.env["interrupted"] = f"after {len(res.rows)} rows: the later cases were not measured"
+        print(f"benchmarks/triton_ops.py: interrupted; {res.env['interrupted']}", file=sys.stderr, flush=True)
+        status = 130
     res.table("Triton kernels vs PyTorch, native and the ceilings", ["kernel", "case", "provider", "median", "ratio", "rate"], lines)
     base = res.write(args.out)
     print(f"results: {base}.json, {base}.md")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -5,21 +5,40 @@
 # run the GPU benchmarks, and write OUTDIR/log.txt and OUTDIR/results.json; a short table last.
 # Budget: 8 minutes. Every step's exit status is checked; a failed test run does not stop the
 # benchmarks, but the script then exits non-zero.
+#
+# OUTDIR gets three files (a device tool may bring back only a few): log.txt, results.json
+# (every test total and benchmark row) and extras.tar.gz (the build log, the pytest results
+# files, the benchmarks' own JSON and Markdown). The work itself happens in a scratch folder
+# ($GPU_CHECK_WORK, default a new one under /tmp), packed into OUTDIR however the script ends.
 set -euo pipefail
 OUT="${1:?usage: scripts/gpu_check.sh OUTDIR}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
+WORK="${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu-check.XXXXXX)}"
+mkdir -p "$WORK"
 exec > >(tee -a "$OUT/log.txt") 2>&1
+TEE_PID=$!
 PY="${PYTHON:-python3}"
 status=0
+finish() {  # on any exit: results.json and the extras into OUTDIR, and the log complete
+  local rc=$?
+  [[ -f "$WORK/results.json" ]] && cp "$WORK/results.json" "$OUT/results.json"
+  (cd "$WORK" && tar czf "$OUT/extras.tar.gz" --exclude=inductor-cache --exclude=results.json . 2>/dev/null) ||
+    echo "could not pack $WORK into $OUT/extras.tar.gz"
+  echo "=== $(date -u +%H:%M:%S) done (exit status $rc); $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+  exec >&- 2>&-
+  wait "$TEE_PID" 2>/dev/null || true
+  exit "$rc"
+}
+trap finish EXIT
 step() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
 fail() { echo "FAILED: $*"; status=1; }
 
 step "environment"
 command -v nvidia-smi >/dev/null || { echo "nvidia-smi not found: not an NVIDIA GPU machine"; exit 2; }
-nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv | tee "$OUT/nvidia-smi.csv"
+nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv | tee "$WORK/nvidia-smi.csv"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); assert torch.cuda.is_available(), 'torch sees no GPU'"
 CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')"
 # nvcc: on PATH, else where toolkits usually are (CMake reads CUDACXX); without one the build
@@ -36,10 +55,10 @@ step "build and install (no downloads; CUDA architecture ${CAP} only)"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}" CMAKE_GENERATOR=Ninja
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! timeout 150 "$PY" -m pip install --no-build-isolation --no-deps --no-index \
-      -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=${CAP}" -v . > "$OUT/build.txt" 2>&1; then
-  tail -40 "$OUT/build.txt"; echo "FAILED: build"; exit 1
+      -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=${CAP}" -v . > "$WORK/build.txt" 2>&1; then
+  tail -40 "$WORK/build.txt"; echo "FAILED: build"; exit 1
 fi
-tail -3 "$OUT/build.txt"
+tail -3 "$WORK/build.txt"
 "$PY" -c "import aiaas_fast, json; print(json.dumps(aiaas_fast.build_info()))" || { echo "FAILED: import"; exit 1; }
 # Without the native kernels the Triton tests and benchmarks still run: worth the minutes.
 "$PY" -c "import aiaas_fast; assert aiaas_fast.build_info()['cuda']" 2>/dev/null ||
@@ -49,33 +68,38 @@ tail -3 "$OUT/build.txt"
 # limit interrupts pytest (SIGINT) so it still reports and writes its results file; the
 # kill 5 s later is for a run that hangs. Cheapest first (the Triton kernels compile on first
 # use). Op tests on the CUDA backends only: CI covers the CPU.
-export AIAAS_FAST_TRITON_AUTOTUNE=0 TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache" AIAAS_FAST_TEST_DEVICES=cuda
+export AIAAS_FAST_TRITON_AUTOTUNE=0 TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-cache" AIAAS_FAST_TEST_DEVICES=cuda
 PYTEST=("$PY" -m pytest -v -rfE --durations=10 -p no:cacheprovider)
 step "tests on the GPU: native CUDA kernels, the engine, the fused MLP, many models"
-if ! timeout --signal=INT --kill-after=5 65 "${PYTEST[@]}" --junitxml="$OUT/tests-gpu.xml" \
+if ! timeout --signal=INT --kill-after=5 65 "${PYTEST[@]}" --junitxml="$WORK/tests-gpu.xml" \
       tests/test_cuda_ops.py tests/test_ensemble_cuda.py tests/test_engine_cuda.py tests/test_fused_mlp.py; then
   fail "tests (GPU kernels; see log.txt; results still written)"
 fi
 step "tests on the GPU: every op on every CUDA backend (one autotuning config: many shapes)"
-if ! timeout --signal=INT --kill-after=5 80 "${PYTEST[@]}" --junitxml="$OUT/tests-ops.xml" \
+if ! timeout --signal=INT --kill-after=5 80 "${PYTEST[@]}" --junitxml="$WORK/tests-ops.xml" \
       tests/test_linear_relu.py tests/test_mse_loss.py tests/test_adam.py tests/test_backends.py tests/test_compile.py \
       tests/test_nn.py tests/test_optim.py tests/test_gpu_check.py; then
   fail "tests (ops; see log.txt; results still written)"
 fi
 unset AIAAS_FAST_TRITON_AUTOTUNE AIAAS_FAST_TEST_DEVICES
 
+# Each benchmark writes after every case, cheapest first; its time limit interrupts it (SIGINT)
+# so it writes what it measured. Triton's autotuning results are cached between the processes
+# (cuda_ops.py times the Triton provider at triton_ops.py's shapes). torch.compile is timed by
+# cuda_ops.py alone (at both linear_relu shapes): compiling costs seconds the budget lacks.
 step "benchmarks (autotuned, do_bench medians)"
-mkdir -p "$OUT/bench"
-if ! timeout 60 "$PY" benchmarks/triton_ops.py --device cuda --out "$OUT/bench"; then
-  fail "benchmarks (Triton)"
+export TRITON_CACHE_AUTOTUNING=1
+mkdir -p "$WORK/bench"
+if ! timeout --signal=INT --kill-after=5 55 "$PY" benchmarks/triton_ops.py --device cuda --no-compile --out "$WORK/bench"; then
+  fail "benchmarks (Triton; what it measured is still written)"
 fi
-if ! timeout 45 "$PY" benchmarks/cuda_ops.py --out "$OUT/bench"; then
-  fail "benchmarks (native CUDA)"
+if ! timeout --signal=INT --kill-after=5 40 "$PY" benchmarks/cuda_ops.py --out "$WORK/bench"; then
+  fail "benchmarks (native CUDA; what it measured is still written)"
 fi
-if ! timeout 70 "$PY" benchmarks/engine.py --device cuda --no-compile --out "$OUT/bench"; then
-  fail "benchmarks (training engine)"
+if ! timeout --signal=INT --kill-after=5 60 "$PY" benchmarks/engine.py --device cuda --no-compile --out "$WORK/bench"; then
+  fail "benchmarks (training engine; what it measured is still written)"
 fi
 
 step "results.json"
-"$PY" scripts/gpu_check_report.py "$OUT" || fail "report"
+"$PY" scripts/gpu_check_report.py "$WORK" || fail "report"
 exit $status

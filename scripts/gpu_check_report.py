@@ -71,8 +71,9 @@ def gather(out: str) -> dict:
         for r in data.get("rows", []):
             if "bench" in r:  # benchmarks/cuda_ops.py's rows
                 rows.append({"kernel": r.get("bench"), "x": r.get("shape"), "provider": r.get("provider"),
-                             "y50": r.get("seconds"), "ratio": r.get("ratio"), "ratio_vs": r.get("metric"),
-                             "value": r.get("value")})
+                             "y50": r.get("seconds"), "ratio": r.get("ratio"),
+                             "ratio_vs": r.get("ratio_vs") or r.get("metric"), "value": r.get("value"),
+                             "metric": r.get("metric")})
             else:
                 row = {k: r.get(k) for k in ("kernel", "x", "provider", "y50", "y20", "y80", "ratio", "ratio_vs",
                                              "tflops", "gbps", "fraction_of_copy")}
@@ -81,7 +82,39 @@ def gather(out: str) -> dict:
                     row["ratio"], row["ratio_vs"] = r[own[0]], own[0][3:]
                 rows.append(row)
     result["benchmarks"] = rows
+    # A benchmark that wrote no file (killed before its first write, or never started) says so.
+    names = {os.path.basename(p).split("-")[0] for p in glob.glob(os.path.join(out, "bench", "*.json"))}
+    result["missing_benchmarks"] = [b for b in EXPECTED_BENCHMARKS if b.split("-")[0] not in names]
+    envs = [json_or_none(p) for p in sorted(glob.glob(os.path.join(out, "bench", "*.json")))]
+    result["interrupted_benchmarks"] = sorted(
+        os.path.basename(p) for p, d in zip(sorted(glob.glob(os.path.join(out, "bench", "*.json"))), envs)
+        if d and ((d.get("environment") or {}).get("interrupted")
+                  or any("interrupted" in n for n in (d.get("meta") or {}).get("notes", []))))
     return result
+
+
+#: The file-name stems of what scripts/gpu_check.sh runs (triton_ops-cuda-..., cuda-ops-..., engine-cuda-...).
+EXPECTED_BENCHMARKS = ("triton_ops", "cuda-ops", "engine")
+
+
+def json_or_none(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _rate(r: dict) -> str:
+    """The row's rate: TFLOP/s, GB/s (with its fraction of the copy bandwidth) or cuda_ops' own metric."""
+    if isinstance(r.get("tflops"), (int, float)):
+        return f"{r['tflops']:.1f} TFLOP/s"
+    if isinstance(r.get("gbps"), (int, float)):
+        frac = r.get("fraction_of_copy")
+        return f"{r['gbps']:.0f} GB/s" + (f" ({frac:.0%} of copy)" if isinstance(frac, (int, float)) else "")
+    if isinstance(r.get("value"), (int, float)) and r.get("metric") in ("TFLOP/s", "GB/s"):
+        return f"{r['value']:.1f} {r['metric']}"
+    return ""
 
 
 def table(result: dict) -> str:
@@ -93,14 +126,20 @@ def table(result: dict) -> str:
                f"tests: {t['tests']} run, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped ({t['time_s']:.0f} s)")
     if t:
         out += [f"  failed: {name}" for name in t["failed"][:30]]
-    out.append(f"{'kernel':<12} {'case':<40} {'provider':<18} {'median':>12} {'ratio':>24}")
+    out.append(f"{'kernel':<12} {'case':<40} {'provider':<18} {'median':>12} {'ratio':>28}  rate")
     for r in result["benchmarks"]:
         median = f"{r['y50'] * 1e6:>10.1f}us" if isinstance(r.get("y50"), (int, float)) else f"{'-':>12}"
-        ratio = f"{r['ratio']:>8.2f}x vs {str(r.get('ratio_vs')):<12}" if isinstance(r.get("ratio"), (int, float)) else ""
+        ratio = (f"{r['ratio']:>8.2f}x vs {str(r.get('ratio_vs')):<16}" if isinstance(r.get("ratio"), (int, float))
+                 else f"{'':>28}")
+        rate = _rate(r)
         if r.get("error"):
-            median, ratio = f"{'FAILED':>12}", f" {r['error'][:120]}"
-        out.append(f"{str(r['kernel']):<12} {str(r['x']):<40} {str(r['provider']):<18} {median} {ratio}")
+            median, ratio, rate = f"{'FAILED':>12}", f" {r['error'][:120]}", ""
+        out.append(f"{str(r['kernel']):<12} {str(r['x']):<40} {str(r['provider']):<18} {median} {ratio}  {rate}")
     out += [f"note: {n}" for n in result.get("notes", [])]
+    if result.get("missing_benchmarks"):
+        out.append(f"MISSING (no results file): {', '.join(result['missing_benchmarks'])}")
+    if result.get("interrupted_benchmarks"):
+        out.append(f"cut short by the time limit: {', '.join(result['interrupted_benchmarks'])}")
     return "\n".join(out)
 
 

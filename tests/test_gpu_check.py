@@ -21,7 +21,9 @@ def test_script_refuses_a_machine_without_nvidia_smi(tmp_path):
         pytest.skip("this machine has nvidia-smi")
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "nvidia-smi not found" in r.stdout
-    assert (tmp_path / "log.txt").exists()
+    # What comes back from a device run: the log and the packed extras, however the script ends.
+    assert "nvidia-smi not found" in (tmp_path / "log.txt").read_text()
+    assert (tmp_path / "extras.tar.gz").exists() and sorted(os.listdir(tmp_path)) == ["extras.tar.gz", "log.txt"]
 
 
 @pytest.mark.slow
@@ -62,6 +64,22 @@ def test_report_from_a_synthetic_run(tmp_path):
     assert data["failed_providers"][0]["provider"] == "engine step()"
     assert "FAILED" in r.stdout and "CompilationError: boom" in r.stdout
     assert "note: linear_relu forward, aiaas_fast native (cutlass) ran: cutlass_sm90" in r.stdout
+    assert data["missing_benchmarks"] == [] and data["interrupted_benchmarks"] == []
+    assert "520.0 TFLOP/s" in r.stdout and "0.97x vs TFLOP/s" in r.stdout  # cuda_ops rows: the rate, the old ratio label
+
+
+def test_report_names_missing_and_cut_short_benchmarks(tmp_path):
+    # A benchmark killed before its first write leaves no file; one interrupted says so in its file.
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "engine-cuda-x.json").write_text(json.dumps(
+        {"environment": {"interrupted": "during the many-model table"}, "rows": []}))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check_report.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.load(open(tmp_path / "results.json"))
+    assert data["missing_benchmarks"] == ["triton_ops", "cuda-ops"]
+    assert data["interrupted_benchmarks"] == ["engine-cuda-x.json"]
+    assert "MISSING (no results file): triton_ops, cuda-ops" in r.stdout and "cut short" in r.stdout
 
 
 def test_every_gpu_test_file_is_in_the_script():

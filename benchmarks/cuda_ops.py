@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aiaas_fast  # noqa: E402
 from aiaas_fast.ops import adam_, linear_relu  # noqa: E402
-from harness import copy_gbps, drop_failing, time_providers  # noqa: E402
+from harness import copy_gbps, drop_failing, select_device, time_providers  # noqa: E402
 
 
 def with_gemm(name, fn):
@@ -100,7 +100,8 @@ class Run:
 
     def write(self, quiet=True):
         os.makedirs(self.args.out, exist_ok=True)
-        base = os.path.join(self.args.out, f"cuda-ops-{self.stamp}{'-quick' if self.args.quick else ''}")
+        rank = f"-rank{os.environ['RANK']}" if "RANK" in os.environ else ""  # under torchrun: a file per rank
+        base = os.path.join(self.args.out, f"cuda-ops-{self.stamp}{'-quick' if self.args.quick else ''}{rank}")
         with open(base + ".json", "w") as f:
             json.dump(dict(meta=self.meta, rows=self.rows), f, indent=1, default=str)
         m = self.meta
@@ -239,6 +240,7 @@ def main(argv=None) -> int:
         print("benchmarks/cuda_ops.py: no CUDA GPU here (torch.cuda.is_available() is False); nothing measured",
               file=sys.stderr)
         return 1
+    select_device("cuda")  # under torchrun: this rank's GPU, made current ("cuda" below means it)
     torch.backends.cuda.matmul.allow_tf32 = False
     run = Run(args)
     if not has_native_cuda():

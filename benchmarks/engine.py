@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aiaas_fast  # noqa: E402
 from aiaas_fast.engine import Engine  # noqa: E402
 from aiaas_fast.ensemble import ensemble_engine  # noqa: E402
-from harness import Results, drop_failing, fmt_time, mm_fn, record_failure, time_providers  # noqa: E402
+from harness import Results, drop_failing, fmt_time, mm_fn, record_failure, select_device, time_providers  # noqa: E402
 from train import compiled_step, make_step, mlp  # noqa: E402
 
 
@@ -202,6 +202,7 @@ def main(argv=None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         print(f"benchmarks/engine.py: --device {device} but torch sees no CUDA GPU; nothing measured", file=sys.stderr)
         return 1
+    device = select_device(device)  # under torchrun: this rank's GPU (each rank writes its own file)
     res = Results("engine", device)
     reps, block = (3, 0.02) if args.quick else (5, 0.05) if device.startswith("cuda") else (9, 0.2)  # a GPU step: tens of us
     if device.startswith("cuda"):  # the H200 targets: the seed network, and a 64-wide 4-hidden-layer MLP

@@ -15,6 +15,19 @@ import sys
 from collections import defaultdict
 
 
+def _normalized(run: dict) -> dict:
+    """benchmarks/cuda_ops.py writes {meta, rows of bench/shape/seconds}: as the harness's rows,
+    its own reference by name, rows without a time (the copy bandwidth) left out."""
+    if "meta" not in run:
+        return run
+    meta = run["meta"]
+    env = {"date": meta.get("date"), "device_name": meta.get("gpu"), "threads": "-", "torch": meta.get("torch")}
+    rows = [{"kernel": r["bench"], "x": r["shape"], "provider": r["provider"], "y50": r["seconds"],
+             "ratio_vs": r.get("ratio_vs") if r.get("ratio_vs") != "copy bandwidth" else None}
+            for r in run.get("rows", []) if r.get("seconds") is not None]
+    return {"environment": env, "rows": rows}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+")
@@ -28,14 +41,18 @@ def main(argv=None) -> int:
         except (OSError, json.JSONDecodeError) as e:
             print(f"error: cannot read {path}: {e}", file=sys.stderr)
             return 2
+    runs = [_normalized(run) for run in runs]
     times = defaultdict(list)
     order = []
+    ref_of = {}  # (kernel, shape) -> the reference a row names (ratio_vs), where it names one
     for run in runs:
         for row in run["rows"]:
             key = (row["kernel"], str(row["x"]), row["provider"])
             if key not in times:
                 order.append(key)
             times[key].append(row["y50"])
+            if row.get("ratio_vs"):
+                ref_of.setdefault((row["kernel"], str(row["x"])), row["ratio_vs"])
     if all(any(k.startswith("vs_") for k in row) for run in runs for row in run["rows"]):
         return _summarize_own_ratios(runs, args.out)
     refs = {"linear_relu": "eager", "mse_loss": "eager", "adam": "fused"}
@@ -45,11 +62,12 @@ def main(argv=None) -> int:
              "| kernel | shape | provider | median time | ratio vs reference (median, min - max over runs) |",
              "|---|---|---|---|---|"]
     for kernel, x, provider in order:
-        ref = times.get((kernel, x, refs[kernel]))
+        ref_name = ref_of.get((kernel, x), refs.get(kernel))
+        ref = times.get((kernel, x, ref_name))
         ratios = [r / t for r, t in zip(ref, times[(kernel, x, provider)])] if ref else []
         med = statistics.median(times[(kernel, x, provider)])
         unit = f"{med * 1e3:.2f} ms" if med >= 1e-3 else f"{med * 1e6:.1f} us"
-        ratio = (f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} - {max(ratios):.2f}) vs {refs[kernel]}"
+        ratio = (f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} - {max(ratios):.2f}) vs {ref_name}"
                  if ratios else "")
         lines.append(f"| {kernel} | {x} | {provider} | {unit} | {ratio} |")
     text = "\n".join(lines) + "\n"

@@ -24,6 +24,7 @@ PY="${PYTHON:-python3}"
 status=0
 finish() {  # on any exit: results.json and the extras into OUTDIR, and the log complete
   local rc=$?
+  set +e  # pack whatever there is
   [[ -f "$WORK/results.json" ]] && cp "$WORK/results.json" "$OUT/results.json"
   (cd "$WORK" && tar czf "$OUT/extras.tar.gz" --exclude=inductor-cache --exclude=results.json . 2>/dev/null) ||
     echo "could not pack $WORK into $OUT/extras.tar.gz"

@@ -10,6 +10,10 @@
 # (every test total and benchmark row) and extras.tar.gz (the build log, the pytest results
 # files, the benchmarks' own JSON and Markdown). The work itself happens in a scratch folder
 # ($GPU_CHECK_WORK, default a new one under /tmp), packed into OUTDIR however the script ends.
+#
+# CUTLASS's headers (for the CUTLASS GEMMs) come from the nvidia-cutlass package or from
+# build/cutlass-headers/include: where the GPU machine has neither and no network, run
+# scripts/check_cuda_kernels.sh here first (it unpacks them there, 27 MB) and bring that folder.
 set -euo pipefail
 OUT="${1:?usage: scripts/gpu_check.sh OUTDIR}"
 mkdir -p "$OUT"
@@ -64,6 +68,8 @@ tail -3 "$WORK/build.txt"
 # Without the native kernels the Triton tests and benchmarks still run: worth the minutes.
 "$PY" -c "import aiaas_fast; assert aiaas_fast.build_info()['cuda']" 2>/dev/null ||
   fail "built without the native CUDA kernels (build.txt says why); going on with Triton"
+"$PY" -c "import aiaas_fast; i = aiaas_fast.build_info(); assert not i['cuda'] or i['cutlass']" 2>/dev/null ||
+  echo "NOTE: built without CUTLASS's headers: only cuBLASLt and torch.mm products (see the header of this script)"
 
 # Two runs, each with its own results file, so that one cut short keeps the other's. A time
 # limit interrupts pytest (SIGINT) so it still reports and writes its results file; the

@@ -112,9 +112,10 @@ def cases(quick: bool) -> List[Case]:
                   "blk_index_ptr": "*i32", **{k: "fp32" for k in ("beta2", "one_minus_beta2", "lerp_weight", "eps",
                                                                     "weight_decay", "decay", "sign")}}
     for arch in (90, 80):
-        for p, s, wd, ams in ((0, 0, 0, False), (0, 0, 1, True), (1, 0, 2, False), (2, 0, 0, True), (1, 1, 2, False)):
-            out.append(Case("adam", "_adam_kernel", adam_types,
-                            dict(P_CODE=p, S_CODE=s, WD_MODE=wd, AMSGRAD=ams, LERP_LOW=True, BLOCK=2048), 4, 3, arch))
+        for p, s, wd, ams, aligned in ((0, 0, 0, False, True), (0, 0, 1, True, False), (1, 0, 2, False, True),
+                                       (2, 0, 0, True, True), (1, 1, 2, False, False)):
+            out.append(Case("adam", "_adam_kernel", adam_types, dict(P_CODE=p, S_CODE=s, WD_MODE=wd, AMSGRAD=ams,
+                                                                     LERP_LOW=True, ALIGNED=aligned, BLOCK=2048), 4, 3, arch))
     # fused_mlp: each padded width, training and inference, IEEE and TF32 products.
     from aiaas_fast.triton import fused_mlp
 

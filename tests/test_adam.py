@@ -92,6 +92,31 @@ def test_every_dtype_against_float64_reference(backend, dtype, flags, contiguous
         assert_close(p, q.detach(), dtype, backend=backend)
 
 
+@pytest.mark.parametrize("flags", [FLAGS[0], FLAGS[-1]], ids=["plain", "all-flags"])
+def test_contiguous_views_at_odd_offsets(backend, flags):
+    # Parameters as views into one flat buffer (as a flattened model keeps them): contiguous but
+    # not 16-byte aligned. Kernels that use vector accesses where every address is aligned must
+    # take their element-wise path here; one aligned view among them must not change that.
+    sizes = [4097, 20, 3, 2048 * 3]
+    flat = rand(sum(sizes) + 7, device=backend.device)
+    ours, at = [], 1  # offset 1: 4 bytes past an aligned start
+    for n in sizes:
+        ours.append(flat[at:at + n])
+        at += n
+    assert all(p.is_contiguous() for p in ours) and any(p.data_ptr() % 16 for p in ours)
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opt_ours = OurAdam(ours, 1e-2, (0.9, 0.999), 1e-8, **flags)
+    opt_ref = torch.optim.Adam(ref, lr=1e-2, **flags)
+    for _ in range(3):
+        for p, q in zip(ours, ref):
+            p.grad = rand(*p.shape, device=backend.device)
+            q.grad = p.grad.clone()
+        opt_ours.step()
+        opt_ref.step()
+    for i, (p, q) in enumerate(zip(ours, ref)):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6, msg=f"param {i} of {sizes[i]} elements")
+
+
 def test_betas_at_or_above_half_use_the_other_lerp_form():
     ours, ref, *_ = run_both(torch.float32, FLAGS[0], betas=(0.3, 0.6))
     for p, q in zip(ours, ref):

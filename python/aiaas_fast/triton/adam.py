@@ -31,56 +31,95 @@ _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @triton.jit
-def _typed(address, CODE: tl.constexpr):
+def _typed(address, CODE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The table's address as a pointer of the tensor's type. ALIGNED (every address 16-byte
+    aligned, checked by the caller): said here, on the cast itself, as a hint set on a
+    function's result would be lost when the call is inlined; it lets the accesses be vectors."""
     if CODE == 1:
-        return address.to(tl.pointer_type(tl.bfloat16))
+        ptr = address.to(tl.pointer_type(tl.bfloat16))
     elif CODE == 2:
-        return address.to(tl.pointer_type(tl.float16))
+        ptr = address.to(tl.pointer_type(tl.float16))
     else:
-        return address.to(tl.pointer_type(tl.float32))
+        ptr = address.to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _load(ptr, offs, ok, FULL: tl.constexpr):
+    if FULL:
+        return tl.load(ptr + offs).to(tl.float32)
+    else:
+        return tl.load(ptr + offs, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, offs, value, ok, FULL: tl.constexpr):
+    if FULL:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
+    else:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _update(p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, offs, ok, step_size, inv_bc2_sqrt, beta2, one_minus_beta2,
+            lerp_weight, eps, weight_decay, decay, sign, WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr,
+            LERP_LOW: tl.constexpr, FULL: tl.constexpr):
+    g = _load(g_ptr, offs, ok, FULL) * sign
+    w = _load(p_ptr, offs, ok, FULL)
+    if WD_MODE == 1:
+        g = g + weight_decay * w
+    elif WD_MODE == 2:
+        w = w * decay
+    m = _load(m_ptr, offs, ok, FULL)
+    if LERP_LOW:  # ATen's lerp switches form at weight 0.5; the same rounding as torch.optim.Adam
+        m = m + lerp_weight * (g - m)
+    else:
+        m = g - (g - m) * (1.0 - lerp_weight)
+    v = _load(v_ptr, offs, ok, FULL) * beta2 + one_minus_beta2 * g * g
+    vmax = v
+    if AMSGRAD:
+        old = _load(x_ptr, offs, ok, FULL)
+        vmax = tl.where((old != old) | (old > v), old, v)  # torch.maximum: NaN wins
+        _store(x_ptr, offs, vmax, ok, FULL)
+    # Correctly rounded sqrt and division, as torch's: the defaults compile to approximate,
+    # denormal-flushing instructions (with eps = 0 a tiny v would flush to 0 and divide by it).
+    denom = tl.sqrt_rn(vmax) * inv_bc2_sqrt + eps
+    w = w - step_size * tl.div_rn(m, denom)
+    _store(m_ptr, offs, m, ok, FULL)
+    _store(v_ptr, offs, v, ok, FULL)
+    _store(p_ptr, offs, w, ok, FULL)
 
 
 @triton.jit
 def _adam_kernel(addr_ptr, numel_ptr, scalar_ptr, blk_tensor_ptr, blk_index_ptr, T,
                  beta2, one_minus_beta2, lerp_weight, eps, weight_decay, decay, sign,
                  P_CODE: tl.constexpr, S_CODE: tl.constexpr, WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr,
-                 LERP_LOW: tl.constexpr, BLOCK: tl.constexpr):
+                 LERP_LOW: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     i = tl.load(blk_tensor_ptr + pid)
-    offs = tl.load(blk_index_ptr + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < tl.load(numel_ptr + i)
-    p_ptr = _typed(tl.load(addr_ptr + i), P_CODE)
-    g_ptr = _typed(tl.load(addr_ptr + T + i), P_CODE)
-    m_ptr = _typed(tl.load(addr_ptr + 2 * T + i), S_CODE)
-    v_ptr = _typed(tl.load(addr_ptr + 3 * T + i), S_CODE)
+    start = tl.load(blk_index_ptr + pid).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    numel = tl.load(numel_ptr + i)
+    ok = offs < numel
+    p_ptr = _typed(tl.load(addr_ptr + i), P_CODE, ALIGNED)
+    g_ptr = _typed(tl.load(addr_ptr + T + i), P_CODE, ALIGNED)
+    m_ptr = _typed(tl.load(addr_ptr + 2 * T + i), S_CODE, ALIGNED)
+    v_ptr = _typed(tl.load(addr_ptr + 3 * T + i), S_CODE, ALIGNED)
+    x_ptr = m_ptr
+    if AMSGRAD:
+        x_ptr = _typed(tl.load(addr_ptr + 4 * T + i), S_CODE, ALIGNED)
     step_size = tl.load(scalar_ptr + i)          # lr / (1 - beta1^t)
     inv_bc2_sqrt = tl.load(scalar_ptr + T + i)   # 1 / sqrt(1 - beta2^t)
-
-    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32) * sign
-    w = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    if WD_MODE == 1:
-        g = g + weight_decay * w
-    elif WD_MODE == 2:
-        w = w * decay
-    m = tl.load(m_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    if LERP_LOW:  # ATen's lerp switches form at weight 0.5; the same rounding as torch.optim.Adam
-        m = m + lerp_weight * (g - m)
+    # A block wholly inside its tensor needs no mask (a mask of unknown alignment would keep
+    # the accesses scalar); only each tensor's last block is masked.
+    if start + BLOCK <= numel:
+        _update(p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, offs, ok, step_size, inv_bc2_sqrt, beta2, one_minus_beta2,
+                lerp_weight, eps, weight_decay, decay, sign, WD_MODE, AMSGRAD, LERP_LOW, True)
     else:
-        m = g - (g - m) * (1.0 - lerp_weight)
-    v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32) * beta2 + one_minus_beta2 * g * g
-    vmax = v
-    if AMSGRAD:
-        x_ptr = _typed(tl.load(addr_ptr + 4 * T + i), S_CODE)
-        old = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        vmax = tl.where((old != old) | (old > v), old, v)  # torch.maximum: NaN wins
-        tl.store(x_ptr + offs, vmax.to(x_ptr.dtype.element_ty), mask=ok)
-    # Correctly rounded sqrt and division, as torch's: the defaults compile to approximate,
-    # denormal-flushing instructions (with eps = 0 a tiny v would flush to 0 and divide by it).
-    denom = tl.sqrt_rn(vmax) * inv_bc2_sqrt + eps
-    w = w - step_size * tl.div_rn(m, denom)
-    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=ok)
-    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=ok)
-    tl.store(p_ptr + offs, w.to(p_ptr.dtype.element_ty), mask=ok)
+        _update(p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, offs, ok, step_size, inv_bc2_sqrt, beta2, one_minus_beta2,
+                lerp_weight, eps, weight_decay, decay, sign, WD_MODE, AMSGRAD, LERP_LOW, False)
 
 
 _block_tables: Dict[Tuple, Tuple[Tensor, Tensor]] = {}
@@ -161,7 +200,7 @@ def triton_adam_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tenso
                 addr, numel, scal, blk_tensor, blk_index, T,
                 beta2, 1 - beta2, 1 - beta1, eps, weight_decay, 1 - lr * weight_decay, -1.0 if maximize else 1.0,
                 P_CODE=_CODES[params[0].dtype], S_CODE=_CODES[state_dtype], WD_MODE=wd_mode, AMSGRAD=amsgrad,
-                LERP_LOW=(1 - beta1) < 0.5, BLOCK=BLOCK, num_warps=4)
+                LERP_LOW=(1 - beta1) < 0.5, ALIGNED=all(a % 16 == 0 for a in addrs), BLOCK=BLOCK, num_warps=4)
     for i in copied:
         for src, dst in zip(lists, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)):
             if src and dst is not grads:

@@ -42,15 +42,15 @@ def main(argv=None) -> int:
             print(f"error: cannot read {path}: {e}", file=sys.stderr)
             return 2
     runs = [_normalized(run) for run in runs]
-    times = defaultdict(list)
+    times = defaultdict(dict)  # key -> {run index: median}: a provider may be missing from a run
     order = []
     ref_of = {}  # (kernel, shape) -> the reference a row names (ratio_vs), where it names one
-    for run in runs:
+    for run_index, run in enumerate(runs):
         for row in run["rows"]:
             key = (row["kernel"], str(row["x"]), row["provider"])
             if key not in times:
                 order.append(key)
-            times[key].append(row["y50"])
+            times[key][run_index] = row["y50"]
             if row.get("ratio_vs"):
                 ref_of.setdefault((row["kernel"], str(row["x"])), row["ratio_vs"])
     if all(any(k.startswith("vs_") for k in row) for run in runs for row in run["rows"]):
@@ -63,9 +63,9 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|"]
     for kernel, x, provider in order:
         ref_name = ref_of.get((kernel, x), refs.get(kernel))
-        ref = times.get((kernel, x, ref_name))
-        ratios = [r / t for r, t in zip(ref, times[(kernel, x, provider)])] if ref else []
-        med = statistics.median(times[(kernel, x, provider)])
+        ref, own = times.get((kernel, x, ref_name), {}), times[(kernel, x, provider)]
+        ratios = [ref[i] / own[i] for i in own if i in ref]  # the same run's reference only
+        med = statistics.median(own.values())
         unit = f"{med * 1e3:.2f} ms" if med >= 1e-3 else f"{med * 1e6:.1f} us"
         ratio = (f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} - {max(ratios):.2f}) vs {ref_name}"
                  if ratios else "")

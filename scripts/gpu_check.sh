@@ -22,6 +22,9 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 WORK="${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu-check.XXXXXX)}"
 mkdir -p "$WORK"
+if [[ -n "$(ls -A "$WORK")" ]]; then  # an old run's results would mix into this one's report
+  echo "GPU_CHECK_WORK=$WORK is not empty: give an empty or new folder"; exit 2
+fi
 exec > >(tee -a "$OUT/log.txt") 2>&1
 TEE_PID=$!
 PY="${PYTHON:-python3}"
@@ -34,7 +37,8 @@ finish() {  # on any exit: results.json and the extras into OUTDIR, and the log 
     echo "could not pack $WORK into $OUT/extras.tar.gz"
   echo "=== $(date -u +%H:%M:%S) done (exit status $rc); $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
   exec >&- 2>&-
-  wait "$TEE_PID" 2>/dev/null || true
+  # tee ends when nothing holds the log's pipe any more; a leftover child might: 10 s at most.
+  for _ in $(seq 50); do kill -0 "$TEE_PID" 2>/dev/null || break; sleep 0.2; done
   exit "$rc"
 }
 trap finish EXIT
@@ -72,8 +76,10 @@ if ! timeout 150 "$PY" -m pip install --no-build-isolation --no-deps --no-index 
         -C build-dir=build/gpu-check-no-cuda -v . > "$WORK/build-no-cuda.txt" 2>&1; then
     tail -20 "$WORK/build-no-cuda.txt"; echo "FAILED: build without CUDA kernels too"; exit 1
   fi
+  tail -3 "$WORK/build-no-cuda.txt"
+else
+  tail -3 "$WORK/build.txt"
 fi
-tail -3 "$WORK/build.txt"
 "$PY" -c "import aiaas_fast, json; print(json.dumps(aiaas_fast.build_info()))" || { echo "FAILED: import"; exit 1; }
 # Without the native kernels the Triton tests and benchmarks still run: worth the minutes.
 "$PY" -c "import aiaas_fast; assert aiaas_fast.build_info()['cuda']" 2>/dev/null ||

@@ -97,13 +97,14 @@ def test_contiguous_views_at_odd_offsets(backend, flags):
     # Parameters as views into one flat buffer (as a flattened model keeps them): contiguous but
     # not 16-byte aligned. Kernels that use vector accesses where every address is aligned must
     # take their element-wise path here; one aligned view among them must not change that.
-    sizes = [4097, 20, 3, 2048 * 3]
+    sizes = [4097, 2, 2048 * 3, 20, 3]
     flat = rand(sum(sizes) + 7, device=backend.device)
     ours, at = [], 1  # offset 1: 4 bytes past an aligned start
     for n in sizes:
         ours.append(flat[at:at + n])
         at += n
-    assert all(p.is_contiguous() for p in ours) and any(p.data_ptr() % 16 for p in ours)
+    misaligned = [p.data_ptr() % 16 != 0 for p in ours]
+    assert all(p.is_contiguous() for p in ours) and any(misaligned) and not all(misaligned), misaligned
     ref = [p.detach().clone().requires_grad_() for p in ours]
     opt_ours = OurAdam(ours, 1e-2, (0.9, 0.999), 1e-8, **flags)
     opt_ref = torch.optim.Adam(ref, lr=1e-2, **flags)
@@ -115,6 +116,28 @@ def test_contiguous_views_at_odd_offsets(backend, flags):
         opt_ref.step()
     for i, (p, q) in enumerate(zip(ours, ref)):
         torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6, msg=f"param {i} of {sizes[i]} elements")
+
+
+def test_a_step_tensor_shared_by_params_counts_once_per_param(backend):
+    # Not what torch.optim makes (a step per param), but a valid input: like torch's
+    # multi-tensor Adam (_foreach_add_ on every step, then the update), each param counts
+    # once and all of them then read the final count; the same on every backend.
+    from torch.optim.adam import adam as torch_adam
+
+    ps = [rand(6, 5, device=backend.device), rand(7, device=backend.device), rand(3, device=backend.device)]
+    gs = [rand(*p.shape, device=backend.device) for p in ps]
+    ref = [p.clone() for p in ps]
+    state = lambda: ([torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps])
+    (m, v), (rm, rv) = state(), state()
+    shared, other = torch.zeros(()), torch.zeros(())
+    ref_shared, ref_other = torch.zeros(()), torch.zeros(())
+    for _ in range(2):
+        adam_(ps, gs, m, v, [], [shared, other, shared], lr=1e-2, beta1=0.9, beta2=0.999)
+        torch_adam(ref, gs, rm, rv, [], [ref_shared, ref_other, ref_shared], foreach=True, amsgrad=False,
+                   beta1=0.9, beta2=0.999, lr=1e-2, weight_decay=0.0, eps=1e-8, maximize=False)
+    assert shared.item() == ref_shared.item() == 4 and other.item() == ref_other.item() == 2
+    for i, (p, q) in enumerate(zip(ps, ref)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"param {i}")
 
 
 def test_betas_at_or_above_half_use_the_other_lerp_form():

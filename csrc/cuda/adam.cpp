@@ -46,6 +46,7 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 
   // Non-contiguous tensors are updated through contiguous copies written back at the end.
   const std::vector<AdamSlot> slots = adam_slots(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad);
+  const std::vector<double> host_steps = increment_steps(state_steps, /*host_only=*/true);
   std::vector<cuda::AdamTensor> table(n);
   for (size_t i = 0; i < n; ++i) {
     const AdamSlot& s = slots[i];
@@ -53,7 +54,7 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     cuda::AdamTensor& e = table[i];
     e = {s.p.data_ptr(), s.g.data_ptr(), s.m.data_ptr(), s.v.data_ptr(), amsgrad ? s.vmax.data_ptr() : nullptr,
          s.p.numel(), nullptr, nullptr, 0.0};
-    if (step.is_cpu()) e.host_step = increment_step(step);
+    if (step.is_cpu()) e.host_step = host_steps[i];
     else if (step.scalar_type() == at::kFloat) e.step_f32 = step.data_ptr<float>();
     else e.step_f64 = step.data_ptr<double>();
   }

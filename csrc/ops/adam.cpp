@@ -49,6 +49,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
       chunks.push_back({i, b, std::min(numel, b + kChunk)});
 
   const AdamOptions options{lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay};
+  const std::vector<double> steps = increment_steps(state_steps, /*host_only=*/false);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "aiaas_fast.adam_", [&] {
     using K = kernel_t<scalar_t>;
     using A = cpu::acc_t<K>;
@@ -58,7 +59,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
       const AdamSlot& s = slots[i];
       views[i] = {kernel_ptr<scalar_t>(s.p), kernel_ptr<scalar_t>(s.g), kernel_ptr<scalar_t>(s.m),
                   kernel_ptr<scalar_t>(s.v), amsgrad ? kernel_ptr<scalar_t>(s.vmax) : nullptr};
-      scalars[i] = adam_scalars<A>(options, increment_step(state_steps[i]));
+      scalars[i] = adam_scalars<A>(options, steps[i]);
     }
     const auto& k = cpu_kernels<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), kChunksPerThread, [&](int64_t c0, int64_t c1) {

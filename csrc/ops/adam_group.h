@@ -39,13 +39,29 @@ inline void adam_write_back(const std::vector<AdamSlot>& slots, at::TensorList p
   }
 }
 
-// Increments a step counter in place and returns its new value (float32/float64 CPU steps
-// without a dispatch; anything else through ATen, which syncs for a device step).
-inline double increment_step(const at::Tensor& step) {
-  if (step.is_cpu() && step.scalar_type() == at::kFloat) return *step.data_ptr<float>() += 1.0f;
-  if (step.is_cpu() && step.scalar_type() == at::kDouble) return *step.data_ptr<double>() += 1.0;
-  step.add_(1);
-  return step.item<double>();
+// Increments every step counter in place, then reads each one's new value: a step tensor
+// shared by several params counts once per param and every one of them reads the final count,
+// as torch's multi-tensor Adam does (_foreach_add_, then the update), and as the CUDA kernel's
+// device steps do. host_only: CPU steps alone (the CUDA kernel increments device steps); 0 for
+// the others. float32/float64 CPU steps without a dispatch; anything else through ATen.
+inline std::vector<double> increment_steps(at::TensorList steps, bool host_only) {
+  auto direct = [](const at::Tensor& s) {
+    return s.is_cpu() && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble);
+  };
+  for (const at::Tensor& s : steps) {
+    if (host_only && !s.is_cpu()) continue;
+    if (!direct(s)) s.add_(1);
+    else if (s.scalar_type() == at::kFloat) *s.data_ptr<float>() += 1.0f;
+    else *s.data_ptr<double>() += 1.0;
+  }
+  std::vector<double> values(steps.size(), 0.0);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    if (host_only && !s.is_cpu()) continue;
+    values[i] = !direct(s) ? s.item<double>()
+                : s.scalar_type() == at::kFloat ? double(*s.data_ptr<float>()) : *s.data_ptr<double>();
+  }
+  return values;
 }
 
 }  // namespace aiaas_fast

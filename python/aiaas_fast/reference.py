@@ -40,29 +40,31 @@ def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
           decoupled_weight_decay: bool = False) -> None:
     """torch.optim.Adam's single-tensor step, written out; 16-bit tensors are computed in
     float32 and rounded once, as the native and Triton kernels do (float16 state would
-    underflow eps and v)."""
+    underflow eps and v). Every step is incremented before the update, as torch's multi-tensor
+    Adam does: a step tensor shared by params counts once per param, all read the final count."""
     _checks.adam_hyperparameters(lr, beta1, beta2, weight_decay, eps)
     _checks.adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad)
+    for step in state_steps:
+        step.add_(1)
+    ts = [step.item() for step in state_steps]
     for i in range(len(params)):
         low = params[i].dtype in (torch.float16, torch.bfloat16)
         up = (lambda t: t.float()) if low else (lambda t: t)
-        p, g, m, v, step = up(params[i]), up(grads[i]), up(exp_avgs[i]), up(exp_avg_sqs[i]), state_steps[i]
+        p, g, m, v = up(params[i]), up(grads[i]), up(exp_avgs[i]), up(exp_avg_sqs[i])
         vmax = up(max_exp_avg_sqs[i]) if amsgrad else None
-        _adam_tensor(p, g, m, v, vmax, step, lr, beta1, beta2, weight_decay, eps, maximize, decoupled_weight_decay)
+        _adam_tensor(p, g, m, v, vmax, ts[i], lr, beta1, beta2, weight_decay, eps, maximize, decoupled_weight_decay)
         if low:
             for dst, src in ((params[i], p), (exp_avgs[i], m), (exp_avg_sqs[i], v), *(((max_exp_avg_sqs[i], vmax),) if amsgrad else ())):
                 dst.copy_(src)
 
 
-def _adam_tensor(p, g, m, v, vmax, step, lr, beta1, beta2, weight_decay, eps, maximize, decoupled_weight_decay):
+def _adam_tensor(p, g, m, v, vmax, t, lr, beta1, beta2, weight_decay, eps, maximize, decoupled_weight_decay):
     g = -g if maximize else g
     if weight_decay != 0:
         if decoupled_weight_decay:
             p.mul_(1 - lr * weight_decay)
         else:
             g = g.add(p, alpha=weight_decay)
-    step.add_(1)
-    t = step.item()
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     if vmax is not None:

@@ -29,6 +29,8 @@ thread_local const char* cutlass_failure_reason = "";
 
 const char* cutlass_failure() { return cutlass_failure_reason; }
 
+void detail::cutlass_clear_failure() { cutlass_failure_reason = ""; }
+
 cudaError_t detail::cutlass_failed(const char* reason) {
   const cudaError_t err = cudaGetLastError();
   cutlass_failure_reason = err == cudaSuccess && reason ? reason : "";
@@ -90,6 +92,7 @@ bool have_cutlass_gemm() { return true; }
 
 cudaError_t linear_relu_gemm(DType dtype, int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx,
                              const void* w, int64_t ldw, const void* bias, void* out, cudaStream_t stream) {
+  detail::cutlass_clear_failure();
   if (M == 0 || N == 0) return cudaSuccess;
   if (!detail::gemm_bias_relu_takes(dtype, N, K, x, ldx, w, ldw, bias, out)) return cudaErrorNotSupported;
   switch (dtype) {

@@ -97,6 +97,7 @@ bool have_cutlass_sm90_gemm() { return true; }
 
 cudaError_t linear_relu_gemm_sm90(DType dtype, int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx,
                                   const void* w, int64_t ldw, const void* bias, void* out, cudaStream_t stream) {
+  detail::cutlass_clear_failure();
   if (M == 0 || N == 0) return cudaSuccess;
   if (!detail::gemm_bias_relu_takes(dtype, N, K, x, ldx, w, ldw, bias, out)) return cudaErrorNotSupported;
   switch (dtype) {

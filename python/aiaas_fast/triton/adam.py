@@ -141,11 +141,11 @@ def _block_table(numels: Tuple[int, ...], device: torch.device) -> Tuple[Tensor,
 
 
 def _step(steps: List[Tensor]) -> List[float]:
-    out = []
+    """Every step incremented, then read: a step tensor shared by params counts once per param
+    and all of them read the final count, as torch's multi-tensor Adam and the other backends."""
     for s in steps:
         s.add_(1)
-        out.append(s.item())
-    return out
+    return [s.item() for s in steps]
 
 
 @torch.library.custom_op("aiaas_fast::triton_adam_",

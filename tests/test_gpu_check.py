@@ -26,6 +26,17 @@ def test_script_refuses_a_machine_without_nvidia_smi(tmp_path):
     assert (tmp_path / "extras.tar.gz").exists() and sorted(os.listdir(tmp_path)) == ["extras.tar.gz", "log.txt"]
 
 
+def test_script_refuses_a_scratch_folder_with_an_old_run_in_it(tmp_path):
+    # An old run's results would mix into the new report: a non-empty GPU_CHECK_WORK is refused.
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "results.json").write_text("{}")
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(tmp_path / "out")], capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, GPU_CHECK_WORK=str(work)))
+    assert r.returncode == 2 and "is not empty" in r.stdout
+    assert (work / "results.json").read_text() == "{}"  # left as it was
+
+
 @pytest.mark.slow
 def test_report_from_a_synthetic_run(tmp_path):
     # Its synthetic run is Triton on the CPU (the interpreter): on the GPU machine, where

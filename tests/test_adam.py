@@ -52,20 +52,26 @@ def run_both(dtype, flags, steps=4, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, shape
     return ours, ref, opt_ours, opt_ref
 
 
-@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
-def test_matches_torch_adam_float32_same_dtype(backend, flags):
-    # Against torch.optim.Adam itself in float32: the same op-by-op math, so close to rounding.
-    shapes = SHAPES
-    ours = [rand(*s, device=backend.device) for s in shapes]
-    ref = [p.clone().requires_grad_() for p in ours]
+def step_with_torch(ours, flags, steps, device):
+    """``steps`` steps of our op on ``ours`` and of float32 torch.optim.Adam on copies, with the
+    same fresh gradients; returns (our optimizer state, torch's optimizer, torch's params)."""
+    ref = [p.detach().clone().requires_grad_() for p in ours]
     opt_ours = OurAdam(ours, 1e-2, (0.9, 0.999), 1e-8, **flags)
     opt_ref = torch.optim.Adam(ref, lr=1e-2, **flags)
-    for _ in range(5):
+    for _ in range(steps):
         for p, q in zip(ours, ref):
-            p.grad = rand(*p.shape, device=backend.device)
+            p.grad = rand(*p.shape, device=device)
             q.grad = p.grad.clone()
         opt_ours.step()
         opt_ref.step()
+    return opt_ours, opt_ref, ref
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
+def test_matches_torch_adam_float32_same_dtype(backend, flags):
+    # Against torch.optim.Adam itself in float32: the same op-by-op math, so close to rounding.
+    ours = [rand(*s, device=backend.device) for s in SHAPES]
+    opt_ours, opt_ref, ref = step_with_torch(ours, flags, 5, backend.device)
     for i, (p, q) in enumerate(zip(ours, ref)):
         torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6, msg=f"param {i} {tuple(p.shape)}")
         st = opt_ref.state[q]
@@ -105,15 +111,7 @@ def test_contiguous_views_at_odd_offsets(backend, flags):
         at += n
     misaligned = [p.data_ptr() % 16 != 0 for p in ours]
     assert all(p.is_contiguous() for p in ours) and any(misaligned) and not all(misaligned), misaligned
-    ref = [p.detach().clone().requires_grad_() for p in ours]
-    opt_ours = OurAdam(ours, 1e-2, (0.9, 0.999), 1e-8, **flags)
-    opt_ref = torch.optim.Adam(ref, lr=1e-2, **flags)
-    for _ in range(3):
-        for p, q in zip(ours, ref):
-            p.grad = rand(*p.shape, device=backend.device)
-            q.grad = p.grad.clone()
-        opt_ours.step()
-        opt_ref.step()
+    _, _, ref = step_with_torch(ours, flags, 3, backend.device)
     for i, (p, q) in enumerate(zip(ours, ref)):
         torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6, msg=f"param {i} of {sizes[i]} elements")
 

@@ -59,9 +59,10 @@ def time_providers(fns: Dict[str, Callable[[], object]], device: str = "cpu", re
     """Seconds per call of each function: ``reps`` blocks per provider, interleaved, each
     block long enough (``block_seconds``) that timer and loop overhead vanish.
 
-    On CUDA with Triton installed, ``triton.testing.do_bench`` times each provider instead
+    On CUDA with Triton installed, ``triton.testing.do_bench`` times the providers instead
     (CUDA events per call, the L2 cache flushed between calls), as the GPU kernel
-    libraries we compare with report it; its quantiles are over single calls. Not with
+    libraries we compare with report it, in rounds the providers take in turns; the
+    quantiles are over single calls. Not with
     ``wall_clock``: whole training steps are timed as a loop of them runs, blocks of calls
     with a sync at the end, so the CPU's launch work counts (do_bench's cache flush before
     each call would hide it: the CPU queues the next step while the GPU flushes).
@@ -71,15 +72,7 @@ def time_providers(fns: Dict[str, Callable[[], object]], device: str = "cpu", re
     failed = [] if failed is None else failed
     do_bench = _do_bench() if device.startswith("cuda") and not wall_clock else None
     if do_bench is not None:
-        out = {}
-        for name, fn in fns.items():
-            try:
-                y50, y20, y80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])  # milliseconds
-            except Exception as e:  # noqa: BLE001 - recorded, not raised
-                record_failure(failed, case, name, e, "time_providers")
-                continue
-            out[name] = {"y50": y50 * 1e-3, "y20": y20 * 1e-3, "y80": y80 * 1e-3}
-        return out
+        return _time_do_bench(do_bench, fns, failed, case)
     calls = {}
     for name, fn in fns.items():
         try:
@@ -115,6 +108,28 @@ def time_providers(fns: Dict[str, Callable[[], object]], device: str = "cpu", re
                 del calls[name], samples[name]
                 continue
             samples[name].append((time.perf_counter() - t0) / n)
+    return {name: _quantiles(v) for name, v in samples.items()}
+
+
+#: do_bench rounds per provider, interleaved, and the milliseconds each round samples.
+DO_BENCH_ROUNDS, DO_BENCH_ROUND_MS = 4, 25
+
+
+def _time_do_bench(do_bench, fns, failed, case) -> Dict[str, Dict[str, float]]:
+    """do_bench in rounds, the providers taking turns (``DO_BENCH_ROUNDS`` rounds of
+    ``DO_BENCH_ROUND_MS``, as much GPU time as one default do_bench call): a GPU's clocks
+    drift over a run (heat, power), and one provider timed wholly after another would carry
+    all of the drift. Quantiles over the pooled single-call times."""
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for r in range(DO_BENCH_ROUNDS):
+        for name in list(samples):
+            try:
+                ms = do_bench(fns[name], warmup=25 if r == 0 else 5, rep=DO_BENCH_ROUND_MS, return_mode="all")
+            except Exception as e:  # noqa: BLE001 - recorded, not raised
+                record_failure(failed, case, name, e, "time_providers")
+                del samples[name]
+                continue
+            samples[name].extend(t * 1e-3 for t in ms)
     return {name: _quantiles(v) for name, v in samples.items()}
 
 

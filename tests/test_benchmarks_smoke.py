@@ -65,3 +65,33 @@ def test_a_failing_engine_provider_is_left_out_and_recorded():
     kept = bench.working({"good": (lambda: None, 1), "bad": (broken, 1)}, failed, "seed")
     assert list(kept) == ["good"]
     assert failed == [{"case": "seed", "provider": "bad", "error": "RuntimeError: no kernel image"}]
+
+
+def test_do_bench_takes_the_providers_in_turns_and_pools_their_samples(monkeypatch):
+    # A GPU's clocks drift over a run; one provider timed wholly after another carries it all.
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import harness
+    finally:
+        sys.path.pop(0)
+    calls = []
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        assert return_mode == "all" and rep == harness.DO_BENCH_ROUND_MS
+        name = fn()
+        calls.append(name)
+        if name == "bad" and calls.count("bad") == 2:
+            raise RuntimeError("launch failed")
+        return {"a": [1.0, 3.0], "b": [2.0, 2.0, 8.0], "bad": [1.0]}[name]  # milliseconds
+
+    monkeypatch.setattr(harness, "_do_bench", lambda: fake_do_bench)
+    failed = []
+    out = harness.time_providers({"a": lambda: "a", "b": lambda: "b", "bad": lambda: "bad"}, device="cuda",
+                                 failed=failed, case="mm")
+    rounds = harness.DO_BENCH_ROUNDS
+    assert calls[:6] == ["a", "b", "bad", "a", "b", "bad"]  # in turns; "bad" drops out in round 2
+    assert calls.count("a") == calls.count("b") == rounds and calls.count("bad") == 2
+    assert set(out) == {"a", "b"}
+    assert out["a"]["y50"] == pytest.approx(2.0e-3)  # median of [1, 3] * rounds
+    assert out["b"]["y50"] == pytest.approx(2.0e-3) and out["b"]["y80"] == pytest.approx(8.0e-3)
+    assert failed == [{"case": "mm", "provider": "bad", "error": "RuntimeError: launch failed"}]

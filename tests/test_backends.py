@@ -6,6 +6,7 @@ Without a GPU the Triton kernels run in Triton's interpreter (conftest sets TRIT
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -198,3 +199,51 @@ def test_modules_and_optimizer_follow_the_backend():
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         assert_close(b, a, torch.float32, backend=TRITON)
+
+
+def test_interpreter_runs_loops_over_scalar_arguments_with_a_current_numpy(tmp_path):
+    # Triton's interpreter up to 3.6 (which torch 2.11 pins) converts a scalar argument to an
+    # int with int() of a one-element array, which NumPy 2.4 refuses (triton-lang/triton#9171):
+    # any range(0, n, BLOCK) in a kernel failed. aiaas_fast.triton mends that at import. The
+    # old conversion is put back here by hand, so the test fails without the mend whatever
+    # Triton this machine has.
+    pytest.importorskip("triton")
+    import numpy as np
+
+    try:
+        int(np.zeros(1))
+        pytest.skip("this NumPy still converts one-element arrays to int")
+    except TypeError:
+        pass
+    code = textwrap.dedent("""
+        import torch, triton, triton.language as tl
+        from triton.runtime import interpreter
+        real = interpreter._patch_lang_tensor
+        def triton_3_6(tensor, *args, **kwargs):  # the old conversion
+            real(tensor, *args, **kwargs)
+            tensor.__index__ = lambda self: int(self.handle.data)
+        interpreter._patch_lang_tensor = triton_3_6
+
+        @triton.jit
+        def total(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+            acc = tl.zeros((BLOCK,), dtype=tl.float32)
+            for start in range(0, n, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+            tl.store(out_ptr, tl.sum(acc))
+
+        x, out = torch.arange(10, dtype=torch.float32), torch.zeros(1)
+        try:
+            total[(1,)](x, out, 10, BLOCK=4)
+            print("old conversion ran")
+        except Exception as e:
+            print("old conversion failed:", type(e).__name__)
+        import aiaas_fast.triton  # noqa: F401  (mends the interpreter)
+        total[(1,)](x, out, 10, BLOCK=4)
+        print("mended:", out.item())
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "old conversion failed" in proc.stdout, proc.stdout  # the test can fail
+    assert "mended: 45.0" in proc.stdout, proc.stdout

@@ -10,6 +10,45 @@ import torch
 #: Read once, as ``triton.jit`` reads it when our kernels are decorated (at import).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+
+def _mend_interpreter_index() -> bool:
+    """Triton's interpreter up to 3.6 turns a scalar kernel argument into a Python int with
+    ``int()`` of a one-element array, which NumPy 2.4 refuses ("only 0-dimensional arrays
+    can be converted to Python scalars", triton-lang/triton#9171, fixed upstream after 3.6):
+    every ``range(0, K, BLOCK)`` over an argument fails. torch 2.11 pins Triton 3.6, so with
+    a current NumPy the interpreted kernels could not run at all. Where the interpreter has
+    that conversion and NumPy refuses it, wrap the interpreter's tensor patching so that
+    ``__index__`` takes the array's single element. Returns whether it did."""
+    import numpy as np
+
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return False  # an older NumPy still converts: nothing to mend
+    except TypeError:
+        pass
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_aiaas_fast_mended", False):
+        return False
+
+    def patch_lang_tensor(tensor, *args, **kwargs):
+        original(tensor, *args, **kwargs)
+        # Set after the original's own patch, which records and later restores the old value.
+        tensor.__index__ = lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]) \
+            if np.size(self.handle.data) == 1 else int(self.handle.data)
+
+    patch_lang_tensor._aiaas_fast_mended = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    return True
+
+
+if INTERPRET:
+    _mend_interpreter_index()
+
 #: What the Triton kernels take: 16- and 32-bit floats (no float64: use native or reference).
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import aiaas_fast
 from aiaas_fast.engine import Engine, UnsupportedModel, mlp_layers, unsupported_reason
@@ -255,6 +256,97 @@ def test_unsupported_models_are_named():
     assert "not exactly the model's" in unsupported_reason(m, torch.optim.Adam(sequential([2, 1]).parameters()))
 
 
+def _models_the_engine_would_train_wrongly():
+    """Models that look like MLPs but whose forward() is not the plain chain of layers: the
+    engine would train another function than the one the model computes."""
+    class Scaled(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 10.0
+
+    class Clamped(nn.Linear):
+        def forward(self, x):
+            return super().forward(x).clamp(-1, 1)
+
+    hooked = sequential([3, 4, 1])
+    hooked[0].register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    shared_layer = nn.Linear(4, 4)
+    shared_weight = sequential([4, 4, 4, 1])
+    shared_weight[2].weight = shared_weight[0].weight
+    pruned = sequential([3, 4, 1])
+    prune.l1_unstructured(pruned[0], "weight", amount=0.5)
+    return [
+        (Scaled(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)), "Scaled overrides Sequential.forward"),
+        (nn.Sequential(Clamped(3, 4), nn.ReLU(), nn.Linear(4, 1)), "0: Clamped overrides Linear.forward"),
+        (hooked, "0 has forward pre hooks"),
+        (nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.ReLU(), nn.Linear(4, 1)),
+         "0 has parametrizations"),
+        (nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(3, 4)), nn.Linear(4, 1)),
+         "0 has parametrizations"),
+        (pruned, "0 has forward pre hooks"),
+        (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), shared_layer, nn.ReLU(), shared_layer, nn.ReLU(), nn.Linear(4, 1)),
+         "4: the layer 2 used a second time"),
+        (shared_weight, "2.weight is the same tensor as 0.weight"),
+    ]
+
+
+def test_models_whose_forward_the_engine_would_not_reproduce_are_refused():
+    for model, message in _models_the_engine_would_train_wrongly():
+        with pytest.raises(UnsupportedModel, match=message):
+            Engine(model)
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
+    try:
+        assert "global module hooks" in unsupported_reason(sequential([2, 1]))
+    finally:
+        handle.remove()
+    assert unsupported_reason(sequential([2, 1])) is None
+
+
+def test_fit_auto_falls_back_for_them_and_trains_what_the_model_computes():
+    x, y, _ = fit_data(120)
+    for model, message in _models_the_engine_would_train_wrongly()[:2]:
+        ref = copy.deepcopy(model)
+        h = aiaas_fast.fit(model, x, y, epochs=2, batch_size=32, progress=False)
+        assert h.engine == "ops" and message.split(":")[-1].strip() in h.engine_note
+        h_ref = aiaas_fast.fit(ref, x, y, epochs=2, batch_size=32, progress=False, engine="ops")
+        assert h["train_loss"] == h_ref["train_loss"]
+
+
+def test_optimizer_changes_after_the_engine_is_built_are_followed_or_refused():
+    model = sequential([3, 8, 1])
+    ref = copy.deepcopy(model)
+    opt, ref_opt = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(ref.parameters(), lr=1e-2)
+    engine = Engine(model, opt)
+    data = batches(6, 8, 3, 1)
+    for i, (x, y) in enumerate(data):
+        for o in (opt, ref_opt):  # each change the engine has to see, one step each
+            g = o.param_groups[0]
+            if i == 1:
+                g["betas"] = (0.9, 0.9)
+            elif i == 2:
+                g["eps"] = 1e-3
+            elif i == 3:
+                g["maximize"] = True
+            elif i == 4:
+                g["maximize"], g["weight_decay"] = False, 0.1
+        engine.step(x, y)
+        torch_steps(ref, [(x, y)], ref_opt)
+        assert_same_weights(model, ref)
+    opt.param_groups[0]["amsgrad"] = True
+    with pytest.raises(RuntimeError, match="amsgrad was changed"):
+        engine.step(*data[0])
+    opt.param_groups[0]["amsgrad"] = False
+    engine.step(*data[0])
+    # One lr per group (a LambdaLR with a lambda per group) is not something the engine runs.
+    model = sequential([3, 8, 1])
+    opt = torch.optim.Adam([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=1e-2)
+    engine = Engine(model, opt)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda e: 1.0, lambda e: 0.5 ** e])
+    engine.step(*data[0])
+    sched.step()
+    with pytest.raises(UnsupportedModel, match="parameter groups have different hyperparameters"):
+        engine.step(*data[1])
+
+
 def test_bad_data_is_a_clear_error():
     engine = Engine(sequential([4, 8, 2]))
     with pytest.raises(RuntimeError, match="x has 5 columns .* but the model takes 4"):
@@ -320,6 +412,22 @@ def test_ensemble_forward_and_members_agree():
         torch.testing.assert_close(out[k], ens.member(k)(x), rtol=1e-5, atol=1e-6)
     again = aiaas_fast.Ensemble.from_models([ens.member(k) for k in range(5)])
     torch.testing.assert_close(again(x), out)
+
+
+def test_ensemble_refuses_models_and_inputs_it_would_compute_wrongly():
+    no_relu = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    relu_out = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1), nn.ReLU())
+    no_bias = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 1))
+    for model, message in [(no_relu, "model 0 has ReLU after layers \\[\\]"),
+                           (relu_out, "ReLU after layers \\[0, 1\\]"), (no_bias, "model 0 has a layer without bias")]:
+        with pytest.raises(ValueError, match=message):
+            aiaas_fast.Ensemble.from_models([model])
+    ens = aiaas_fast.Ensemble(3, 4, 8, 1)
+    for x, message in [(torch.randn(4), "must be \\(rows, 4\\) or \\(3, rows, 4\\), got shape \\[4\\]"),
+                       (torch.randn(5, 6), "got shape \\[5, 6\\]"), (torch.randn(2, 5, 4), "got shape \\[2, 5, 4\\]"),
+                       (torch.randn(5, 4, dtype=torch.float64), "x is torch.float64 on cpu, the ensemble torch.float32")]:
+        with pytest.raises(ValueError, match=message):
+            ens(x)
 
 
 @pytest.mark.parametrize("path", ["small", "blas"])

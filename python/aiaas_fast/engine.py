@@ -39,22 +39,79 @@ def _flatten(module: nn.Module, prefix: str) -> List[Tuple[str, nn.Module]]:
         return _flatten(module.layers, f"{prefix}layers.")
     if isinstance(module, nn.Sequential):
         out = []
-        for name, child in module.named_children():
-            out += _flatten(child, f"{prefix}{name}.")
+        for name, child in module._modules.items():  # as forward() runs them: a module used twice twice
+            if child is not None:
+                out += _flatten(child, f"{prefix}{name}.")
         return out
     return [(prefix.rstrip("."), module)]
 
 
+#: The forward() of each module kind the engine reproduces, by class: a subclass that
+#: overrides forward computes something else, which the engine would not see.
+_KNOWN_FORWARDS = {nn.Sequential: nn.Sequential.forward, MLP: MLP.forward, nn.Linear: nn.Linear.forward,
+                   LinearReLU: LinearReLU.forward, nn.ReLU: nn.ReLU.forward, nn.Identity: nn.Identity.forward}
+
+
+def _unseen_behaviour(name: str, m: nn.Module) -> Optional[str]:
+    """Why running m's arithmetic in the engine would not be m's own forward (None: it would)."""
+    base = next((k for k in (LinearReLU, MLP, nn.Linear, nn.ReLU, nn.Identity, nn.Sequential) if isinstance(m, k)), None)
+    label = name or "the model"
+    if base is not None and type(m).forward is not _KNOWN_FORWARDS[base]:
+        return (f"{label}: {type(m).__name__} overrides {base.__name__}.forward(), which the compiled engine "
+                "would not run")
+    hooks = [h for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+             if getattr(m, h, None)]
+    if hooks:
+        return (f"{label} has {hooks[0].strip('_').replace('_', ' ')} (e.g. pruning, spectral_norm or your own), "
+                "which the compiled engine would not run")
+    if getattr(m, "parametrizations", None) is not None:
+        return f"{label} has parametrizations (e.g. weight_norm), which the compiled engine would not run"
+    if isinstance(m, nn.Linear):
+        for pname in ("weight", "bias"):
+            t = getattr(m, pname)
+            if t is not None and m._parameters.get(pname) is not t:
+                return (f"{label}.{pname} is computed, not a parameter of its own (e.g. weight_norm), which the "
+                        "compiled engine would not recompute")
+    return None
+
+
+def _global_hooks() -> Optional[str]:
+    from torch.nn.modules import module as _module
+
+    for h in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+              "_global_backward_pre_hooks"):
+        if getattr(_module, h, None):
+            return f"global module hooks are registered ({h.strip('_')}), which the compiled engine would not run"
+    return None
+
+
 def mlp_layers(model: nn.Module) -> List[Tuple[nn.Linear, bool]]:
     """The model's layers as (Linear, followed by ReLU); raises :class:`UnsupportedModel` with
-    the reason when it is not a plain MLP the engine can run."""
+    the reason when it is not a plain MLP the engine can run exactly as its forward() would:
+    no subclass with its own forward(), no hooks or parametrizations, no layer or parameter
+    used twice."""
+    reason = _global_hooks() or _unseen_behaviour("", model)
+    if reason:
+        raise UnsupportedModel(reason)
     if isinstance(model, nn.Linear):
-        return [(model, isinstance(model, LinearReLU))]
-    if not isinstance(model, (nn.Sequential, MLP)):
+        layers = [[model, isinstance(model, LinearReLU)]]
+        seen_layers = {id(model): ""}
+    elif not isinstance(model, (nn.Sequential, MLP)):
         raise UnsupportedModel(
             f"the compiled engine runs aiaas_fast.nn.MLP or nn.Sequential of Linear/ReLU layers; got "
             f"{type(model).__name__}, whose forward() it cannot see")
+    else:
+        layers, seen_layers = _sequential_layers(model)
+    return _checked(model, layers, seen_layers)
+
+
+def _sequential_layers(model: nn.Module):
+    for name, m in model.named_modules(remove_duplicate=False):
+        reason = _unseen_behaviour(name, m)
+        if reason:
+            raise UnsupportedModel(reason)
     layers: List[List] = []
+    seen_layers = {}
     for name, m in _flatten(model, ""):
         if isinstance(m, nn.Identity):
             continue
@@ -63,12 +120,27 @@ def mlp_layers(model: nn.Module) -> List[Tuple[nn.Linear, bool]]:
                 raise UnsupportedModel(f"{name}: a ReLU that does not follow a Linear layer")
             layers[-1][1] = True
         elif isinstance(m, nn.Linear):
+            if id(m) in seen_layers:
+                raise UnsupportedModel(f"{name}: the layer {seen_layers[id(m)]} used a second time (shared weights)")
+            seen_layers[id(m)] = name
             layers.append([m, isinstance(m, LinearReLU)])
         else:
             raise UnsupportedModel(f"{name}: {type(m).__name__} is not a layer the compiled engine runs "
                                    "(Linear, ReLU, Identity)")
     if not layers:
         raise UnsupportedModel("the model has no Linear layers")
+    return layers, seen_layers
+
+
+def _checked(model: nn.Module, layers: List[List], seen_layers: dict) -> List[Tuple[nn.Linear, bool]]:
+    owners = {}
+    for lin, _ in layers:
+        for pname, p in lin.named_parameters():
+            pname = f"{seen_layers[id(lin)]}.{pname}".lstrip(".")
+            if id(p) in owners:
+                raise UnsupportedModel(f"{pname} is the same tensor as {owners[id(p)]} (shared weights): the engine "
+                                       "would update it twice a step")
+            owners[id(p)] = pname
     known = {id(p) for lin, _ in layers for p in lin.parameters()}
     for pname, p in model.named_parameters():
         if id(p) not in known:
@@ -108,6 +180,15 @@ def _optimizer_hyper(optimizer, params: Sequence[Tensor]) -> dict:
     if seen != ids:
         raise UnsupportedModel("the optimizer's parameters are not exactly the model's")
     return hyper
+
+
+def _groups_signature(optimizer) -> tuple:
+    """What the engine reads from the optimizer's param_groups, cheaply (every step): a change
+    (a scheduler's lr, new betas, a group added) makes it read them again. Tensor values as
+    floats: a scheduler changes a tensor lr in place."""
+    return tuple((float(g["lr"]), tuple(float(b) for b in g["betas"]), g["eps"], g["weight_decay"], g["amsgrad"], g.get("maximize"),
+                  g.get("decoupled_weight_decay"), g.get("capturable"), g.get("differentiable"), len(g["params"]))
+                 for g in optimizer.param_groups)
 
 
 def unsupported_reason(model: nn.Module, optimizer=None, loss_fn=None) -> Optional[str]:
@@ -156,6 +237,7 @@ class Engine:
                 params.append(lin.bias)
         if optimizer is not None:
             self._hyper = _optimizer_hyper(optimizer, params)
+            self._signature = _groups_signature(optimizer)
             state = [self._optimizer_state(p, self._hyper["amsgrad"]) for p in params]
         else:
             self._hyper = dict(lr=float(lr), beta1=float(betas[0]), beta2=float(betas[1]), eps=float(eps),
@@ -208,10 +290,13 @@ class Engine:
         # The engine steps for the optimizer: tell a learning-rate scheduler so (it checks
         # this flag, set by its wrapper of optimizer.step, to warn about a wrong call order).
         self.optimizer._opt_called = True
-        group = self.optimizer.param_groups[0]
-        if float(group["lr"]) != self._hyper["lr"] or group["betas"][0] != self._hyper["beta1"] \
-                or float(group["weight_decay"]) != self._hyper["weight_decay"]:
-            self._hyper = _optimizer_hyper(self.optimizer, [p for g in self.optimizer.param_groups for p in g["params"]])
+        signature = _groups_signature(self.optimizer)
+        if signature != self._signature:
+            hyper = _optimizer_hyper(self.optimizer, self._params)
+            if hyper["amsgrad"] != self._hyper["amsgrad"]:
+                raise RuntimeError("aiaas_fast.Engine: amsgrad was changed in the optimizer after the engine was built; "
+                                   "build a new Engine for it")
+            self._hyper, self._signature = hyper, signature
             self._core.set_hyperparameters(**self._hyper)
 
     @property

@@ -64,6 +64,16 @@ class Ensemble(nn.Module):
                     nn.init.uniform_(b[k], -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: (rows, in) for every model, or (K, rows, in) one batch per model; (K, rows, out)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"Ensemble: x must be a tensor, got {type(x).__name__}")
+        ok = (x.dim() == 2 or (x.dim() == 3 and x.shape[0] == self.num_models)) and x.shape[-1] == self.widths[0]
+        if not ok:
+            raise ValueError(f"Ensemble: x must be (rows, {self.widths[0]}) or ({self.num_models}, rows, "
+                             f"{self.widths[0]}), got shape {list(x.shape)}")
+        w0 = self.weights[0]
+        if x.dtype != w0.dtype or x.device != w0.device:
+            raise ValueError(f"Ensemble: x is {x.dtype} on {x.device}, the ensemble {w0.dtype} on {w0.device}")
         h = x.expand(self.num_models, *x.shape) if x.dim() == 2 else x
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
@@ -97,8 +107,20 @@ class Ensemble(nn.Module):
         if any(s != shapes[0] for s in shapes):
             raise ValueError(f"Ensemble.from_models: the models differ in shape: {shapes[0]} vs "
                              f"{next(s for s in shapes if s != shapes[0])}")
+        # An Ensemble is ReLU after every hidden layer, none after the last, every layer with bias.
+        for i, layers in enumerate(layer_lists):
+            relus = [relu for _, relu in layers]
+            if relus != [True] * (len(layers) - 1) + [False]:
+                raise ValueError(f"Ensemble.from_models: model {i} has ReLU after layers {[j for j, r in enumerate(relus) if r]}; "
+                                 "an Ensemble has one after every layer but the last")
+            if any(lin.bias is None for lin, _ in layers):
+                raise ValueError(f"Ensemble.from_models: model {i} has a layer without bias; an Ensemble's layers all have one")
+        first = layer_lists[0][0][0].weight
+        if any(lin.weight.dtype != first.dtype or lin.weight.device != first.device for layers in layer_lists
+               for lin, _ in layers):
+            raise ValueError("Ensemble.from_models: the models differ in dtype or device")
         widths = [shapes[0][0][1]] + [s[0] for s in shapes[0]]
-        ens = cls(len(models), widths[0], widths[1:-1], widths[-1], device=layer_lists[0][0][0].weight.device)
+        ens = cls(len(models), widths[0], widths[1:-1], widths[-1], device=first.device, dtype=first.dtype)
         with torch.no_grad():
             for i in range(len(widths) - 1):
                 ens.weights[i].copy_(torch.stack([layers[i][0].weight for layers in layer_lists]))

@@ -103,6 +103,42 @@ def test_convert_nested_inplace_and_losses():
         aiaas_fast.convert("model")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_convert_leaves_modules_that_do_more_than_their_forward(caplog):
+    # Swapping these would drop what they add: weight_norm's and spectral_norm's parameters,
+    # pruning's mask, a user's hook. They stay, each with a warning that names why.
+    from torch.nn.utils import prune
+
+    calls = []
+    hooked = nn.Linear(4, 4)
+    hooked.register_forward_hook(lambda m, i, o: calls.append(1))
+    pruned = nn.Linear(4, 4)
+    prune.l1_unstructured(pruned, "weight", amount=0.5)
+    loss = nn.MSELoss()
+    loss.register_forward_pre_hook(lambda m, args: calls.append(2))
+    cases = [(nn.utils.weight_norm(nn.Linear(4, 4)), "forward pre hooks"),
+             (nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)), "parametrizations"),
+             (nn.utils.spectral_norm(nn.Linear(4, 4)), "forward pre hooks"),
+             (pruned, "forward pre hooks"), (hooked, "forward hooks")]
+    for layer, why in cases:
+        model = nn.Sequential(layer, nn.ReLU(), nn.Linear(4, 1), loss).eval()  # spectral_norm: no power step
+        x = torch.randn(3, 4)
+        keys, expected = list(model[:3].state_dict()), model[:3](x)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="aiaas_fast"):
+            out = aiaas_fast.convert(model, inplace=True)  # the old weight_norm cannot be deep-copied after a forward
+        assert out[0].__class__ is layer.__class__ and out.aiaas_fast_conversions == []
+        assert list(out[:3].state_dict()) == keys
+        torch.testing.assert_close(out[:3](x), expected)
+        assert f"0+1: Linear + ReLU left as they are: it has {why}" in caplog.text
+        assert "3: MSELoss left as it is: it has forward pre hooks" in caplog.text
+    calls.clear()
+    aiaas_fast.convert(nn.Sequential(hooked, nn.ReLU()), inplace=True)(torch.randn(2, 4))
+    assert calls == [1]  # the hook still fires
+    with pytest.raises(RuntimeError, match="aiaas_fast.convert: the model cannot be copied .*inplace=True"):
+        aiaas_fast.convert(nn.Sequential(cases[0][0], nn.ReLU()))
+
+
 def test_seed_example_gives_pytorch_losses():
     spec = importlib.util.spec_from_file_location("seed_network", os.path.join(ROOT, "examples", "seed_network.py"))
     example = importlib.util.module_from_spec(spec)

@@ -27,10 +27,33 @@ def _fused_linear_relu(linear: nn.Linear) -> LinearReLU:
     return fused
 
 
+def _why_not_plain(module: nn.Module) -> str:
+    """Why swapping ``module`` would lose something it does (empty: nothing)."""
+    if getattr(module, "parametrizations", None) is not None:
+        return "it has parametrizations (e.g. weight_norm)"
+    for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+              "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+        if getattr(module, h, None):
+            return f"it has {h.strip('_').replace('_', ' ')} (e.g. pruning, spectral_norm or your own)"
+    if isinstance(module, nn.Linear):
+        own = {"weight", "bias"}
+        if any(module._parameters.get(n) is not getattr(module, n) for n in own):
+            return "its weight or bias is computed, not a parameter of its own (e.g. weight_norm)"
+        extra = [n for n, t in [*module._parameters.items(), *module._buffers.items()] if n not in own and t is not None]
+        if extra or module._modules:
+            return f"it holds more than a weight and a bias ({', '.join(extra + list(module._modules))})"
+    return ""
+
+
 def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
     """Replaces, anywhere in ``model``, each ``nn.Linear`` directly followed by ``nn.ReLU``
     inside an ``nn.Sequential`` with ``LinearReLU`` plus ``nn.Identity`` (so indices and
     ``state_dict`` keys stay the same), and each ``nn.MSELoss`` with ``aiaas_fast.nn.MSELoss``.
+
+    Modules that do more than their plain forward (hooks, as pruning and the old
+    ``weight_norm``/``spectral_norm`` add; parametrizations; computed weights; extra
+    parameters or buffers) are left as they are, with a warning naming the reason: swapping
+    them would drop what they do.
 
     Returns the converted model (a deep copy unless ``inplace``). What was replaced is logged
     on the ``aiaas_fast`` logger, printed with ``verbose=True``, and kept as a list of strings
@@ -39,20 +62,33 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
     if not isinstance(model, nn.Module):
         raise TypeError(f"aiaas_fast.convert: expected an nn.Module, got {type(model).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except RuntimeError as e:  # e.g. the old weight_norm after a forward: a computed weight
+            raise RuntimeError(f"aiaas_fast.convert: the model cannot be copied ({e}); convert it in place with "
+                               "inplace=True, or convert a copy made another way") from e
     replaced: List[str] = []
+    skipped: List[str] = []
 
     def visit(module: nn.Module, prefix: str) -> None:
         if isinstance(module, nn.Sequential):
             names = list(module._modules.keys())
             for a, b in zip(names[:-1], names[1:]):
                 first, second = module._modules[a], module._modules[b]
-                if type(first) is nn.Linear and type(second) is nn.ReLU:
+                parametrized = isinstance(first, nn.Linear) and getattr(first, "parametrizations", None) is not None
+                if (type(first) is nn.Linear or parametrized) and type(second) is nn.ReLU:
+                    why = _why_not_plain(first) or _why_not_plain(second)
+                    if why:
+                        skipped.append(f"{prefix}{a}+{prefix}{b}: Linear + ReLU left as they are: {why}")
+                        continue
                     module._modules[a] = _fused_linear_relu(first)
                     module._modules[b] = nn.Identity()
                     replaced.append(f"{prefix}{a}+{prefix}{b}: Linear({first.in_features}, {first.out_features}) + ReLU -> LinearReLU + Identity")
         for name, child in list(module._modules.items()):
             if child is None:
+                continue
+            if type(child) is nn.MSELoss and _why_not_plain(child):
+                skipped.append(f"{prefix}{name}: MSELoss left as it is: {_why_not_plain(child)}")
                 continue
             if type(child) is nn.MSELoss:
                 module._modules[name] = MSELoss(reduction=child.reduction)
@@ -60,12 +96,16 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
                 continue
             visit(child, f"{prefix}{name}.")
 
-    if type(model) is nn.MSELoss:
+    if type(model) is nn.MSELoss and not _why_not_plain(model):
         model, replaced = MSELoss(reduction=model.reduction), ["MSELoss -> aiaas_fast.nn.MSELoss"]
     else:
         visit(model, "")
     for line in replaced:
         log.info("aiaas_fast.convert: %s", line)
+        if verbose:
+            print(f"aiaas_fast.convert: {line}")
+    for line in skipped:  # a warning: the user may have expected these fused
+        log.warning("aiaas_fast.convert: %s", line)
         if verbose:
             print(f"aiaas_fast.convert: {line}")
     if not replaced and verbose:

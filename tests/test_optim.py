@@ -130,3 +130,41 @@ def test_cached_buckets_follow_changes_in_which_params_have_grads_and_loaded_sta
         r.step()
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["clear", "pop one", "replace exp_avg", "replace step", "new state object"])
+def test_cached_buckets_follow_state_changed_by_hand(change):
+    # Resetting the optimizer's state by hand (state.clear(), a moment tensor replaced) is
+    # seen at the next step, as torch.optim.Adam sees it; the cache would update old tensors.
+    ours, ref = make_params(), make_params()
+    o, r = Adam(ours, lr=0.01), torch.optim.Adam(ref, lr=0.01)
+    for s in range(5):
+        set_grads(ours, s)
+        set_grads(ref, s)
+        if s == 3:
+            for opt, params in ((o, ours), (r, ref)):
+                if change == "clear":
+                    opt.state.clear()
+                elif change == "pop one":
+                    opt.state.pop(params[0])
+                elif change == "replace exp_avg":
+                    opt.state[params[1]]["exp_avg"] = torch.zeros_like(params[1])
+                elif change == "replace step":
+                    opt.state[params[2]]["step"] = torch.tensor(0.0)
+                else:
+                    opt.state[params[3]] = {k: v.clone() for k, v in opt.state[params[3]].items()}
+        o.step()
+        r.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert sorted(map(str, o.state_dict()["state"].items())) == sorted(map(str, r.state_dict()["state"].items()))
+
+
+def test_a_sparse_gradient_after_dense_steps_is_refused_clearly():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    o = Adam([p])
+    p.grad = torch.randn(4, 3)
+    o.step()
+    p.grad = torch.randn(4, 3).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        o.step()

@@ -27,9 +27,11 @@ class _FusedAdamStep:
     """The step shared by Adam and AdamW; ``_decoupled`` says which weight decay applies.
 
     Per parameter group, the (device, dtype) buckets of state tensors are built once and
-    reused while the same parameters have gradients: the state tensors are updated in place,
-    so only the gradients are gathered again each step (a tiny seed network's step is mostly
-    this Python). ``load_state_dict`` and ``add_param_group`` drop the cache."""
+    reused while the same parameters have gradients and ``self.state`` holds the same tensors:
+    the state tensors are updated in place, so only the gradients are gathered again each step
+    (a tiny seed network's step is mostly this Python). ``load_state_dict`` and
+    ``add_param_group`` drop the cache; a state changed by hand (``state.clear()``, a moment
+    tensor replaced) is seen at the next step."""
 
     _decoupled = False
 
@@ -53,7 +55,7 @@ class _FusedAdamStep:
 
     def _build_buckets(self, group, params):
         name = type(self).__name__
-        buckets = {}
+        buckets, witness = {}, []
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError(f"aiaas_fast.optim.{name} does not support sparse gradients")
@@ -73,7 +75,20 @@ class _FusedAdamStep:
             if group["amsgrad"]:
                 lists[3].append(state["max_exp_avg_sq"])
             lists[4].append(state["step"])
-        return list(buckets.values())
+            witness.append((p, state, tuple(state.items())))
+        return list(buckets.values()), witness
+
+    def _state_unchanged(self, witness) -> bool:
+        """Whether self.state still holds, for each parameter, the dict and tensors the cached
+        buckets update (a few dict lookups per parameter)."""
+        state = self.state
+        for p, d, items in witness:
+            if state.get(p) is not d or len(d) != len(items):
+                return False
+            for k, t in items:
+                if d.get(k) is not t:
+                    return False
+        return True
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -88,8 +103,8 @@ class _FusedAdamStep:
                 continue
             key = (tuple(map(id, params)), bool(group["amsgrad"]))
             cached = cache.get(index)
-            if cached is None or cached[0] != key:
-                cached = cache[index] = (key, self._build_buckets(group, params))
+            if cached is None or cached[0] != key or not self._state_unchanged(cached[2]):
+                cached = cache[index] = (key, *self._build_buckets(group, params))
             beta1, beta2 = group["betas"]
             hyper = dict(lr=_scalar(group["lr"], "lr"), beta1=_scalar(beta1, "beta1"), beta2=_scalar(beta2, "beta2"),
                          weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
@@ -97,6 +112,8 @@ class _FusedAdamStep:
                          decoupled_weight_decay=self._decoupled or bool(group.get("decoupled_weight_decay", False)))
             for bucket_params, exp_avgs, exp_avg_sqs, max_sqs, steps in cached[1]:
                 grads = [p.grad for p in bucket_params]
+                if any(g.is_sparse for g in grads):
+                    raise RuntimeError(f"aiaas_fast.optim.{type(self).__name__} does not support sparse gradients")
                 ops.adam_(bucket_params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, **hyper)
         return loss
 

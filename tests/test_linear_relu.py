@@ -104,6 +104,31 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(lambda x, w: linear_relu(x, w), (x, w))
 
 
+def test_second_derivatives_match_pytorch(backend):
+    # backward(create_graph=True), as a gradient penalty or a physics-informed loss needs:
+    # the fused backward op has no derivative, so the op's backward must then record one.
+    if backend.supports(torch.float64):
+        x = rand(4, 3, 6, dtype=torch.float64, requires_grad=True, device=backend.device)
+        w = rand(5, 6, dtype=torch.float64, requires_grad=True, device=backend.device)
+        b = rand(5, dtype=torch.float64, requires_grad=True, device=backend.device)
+        assert torch.autograd.gradgradcheck(linear_relu, (x, w, b))
+    head = rand(1, 5, device=backend.device)
+
+    def penalty(f, x, w, b):
+        out = F.linear(f(x, w, b), head.to(x.dtype))
+        gx, = torch.autograd.grad(out.sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum() + out.pow(2).sum(), (w, b))
+
+    x = rand(7, 6, requires_grad=True, device=backend.device)
+    w = rand(5, 6, requires_grad=True, device=backend.device)
+    b = rand(5, requires_grad=True, device=backend.device)
+    ours = penalty(linear_relu, x, w, b)
+    ref = penalty(lambda x, w, b: F.relu(F.linear(x, w, b)), *(t.detach().double().requires_grad_() for t in (x, w, b)))
+    assert ours[0].abs().sum() > 0  # the penalty's weight gradient is not zero
+    for o, r in zip(ours, ref):
+        assert_close(o, r, torch.float32, backend=backend)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck(dtype):
     samples = [

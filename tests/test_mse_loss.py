@@ -69,6 +69,29 @@ def test_gradcheck_float64(backend, reduction):
     assert torch.autograd.gradcheck(lambda a, b: mse_loss(a, b, reduction), (x, tb))
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_second_derivatives_match_pytorch(backend, reduction):
+    # backward(create_graph=True): the gradient must itself have a derivative.
+    if backend.supports(torch.float64):
+        x = rand(3, 5, dtype=torch.float64, requires_grad=True, device=backend.device)
+        t = rand(3, 5, dtype=torch.float64, requires_grad=True, device=backend.device)
+        assert torch.autograd.gradgradcheck(lambda a, b: mse_loss(a, b, reduction), (x, t))
+    w = rand(4, 3, requires_grad=True, device=backend.device)
+    x = rand(6, 3, requires_grad=True, device=backend.device)
+    t = rand(6, 4, device=backend.device)
+
+    def penalty(f, w, x):
+        loss = f(x @ w.t(), t).sum()
+        gx, = torch.autograd.grad(loss, x, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), w)[0]
+
+    ours = penalty(lambda a, b: mse_loss(a, b, reduction), w, x)
+    ref = penalty(lambda a, b: F.mse_loss(a, b.double(), reduction=reduction),
+                  w.detach().double().requires_grad_(), x.detach().double().requires_grad_())
+    assert ours.abs().sum() > 0
+    assert_close(ours, ref, torch.float32, backend=backend)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck(dtype):
     for reduction in REDUCTIONS:

@@ -115,8 +115,25 @@ class LinearReluFunction : public torch::autograd::Function<LinearReluFunction> 
     const auto saved = ctx->get_saved_variables();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
+    if (at::GradMode::is_enabled()) return differentiable_backward(grads[0], saved[0], saved[1], saved[2], mask);
     auto [gx, gw, gb] = linear_relu_backward(grads[0], saved[0], saved[1], saved[2], mask);
     return {gx.value_or(at::Tensor()), gw.value_or(at::Tensor()), gb.value_or(at::Tensor())};
+  }
+
+  // backward(create_graph=True), for a gradient penalty or a second derivative: the same
+  // formula in ATen ops that autograd records (the fused backward op has no derivative).
+  // The mask is piecewise constant: no gradient flows through it.
+  static torch::autograd::variable_list differentiable_backward(const at::Tensor& g, const at::Tensor& x,
+                                                                const at::Tensor& weight, const at::Tensor& out,
+                                                                const std::array<bool, 3>& mask) {
+    const int64_t in_f = weight.size(1), out_f = weight.size(0);
+    const at::Tensor gm = g * (out > 0).to(g.scalar_type());
+    const at::Tensor gm2 = gm.reshape({-1, out_f});
+    at::Tensor gx, gw, gb;
+    if (mask[0]) gx = gm.matmul(weight);
+    if (mask[1]) gw = gm2.t().matmul(x.reshape({-1, in_f}));
+    if (mask[2]) gb = gm2.sum(0);
+    return {gx, gw, gb};
   }
 };
 

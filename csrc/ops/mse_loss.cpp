@@ -103,6 +103,15 @@ class MseLossFunction : public torch::autograd::Function<MseLossFunction> {
     const bool mean = ctx->saved_data["mean"].toBool();
     // Read grad_output where that is free (CPU) or pays (a large gradient on a GPU: the
     // sync costs less than a pass over it); once, as on a GPU each read is a sync.
+    if (at::GradMode::is_enabled()) {
+      // backward(create_graph=True): the gradient from ATen ops that autograd records, so
+      // that it has a derivative (the saved one, computed in the forward pass, has none).
+      const double n = static_cast<double>(c10::multiply_integers(checks::mse_loss_args(input, target)));
+      const double scale = mean ? 2.0 / n : 2.0;
+      const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      const at::Tensor grad = ((input.to(acc) - target.to(acc)) * (grad_loss.to(acc) * scale)).to(input.scalar_type());
+      return sum_back(ctx, grad);
+    }
     const bool readable = detail::may_read_scalar(grad_loss, saved_grad.defined() ? saved_grad.numel() : 0);
     const double g = readable ? grad_loss.item<double>() : 0.0;
     at::Tensor grad;
@@ -123,6 +132,12 @@ class MseLossFunction : public torch::autograd::Function<MseLossFunction> {
     } else {
       grad = saved_grad * grad_loss;
     }
+    return sum_back(ctx, grad);
+  }
+
+  // The input's and target's gradients from the elementwise one, summed back to each shape
+  // where they were broadcast.
+  static torch::autograd::variable_list sum_back(torch::autograd::AutogradContext* ctx, const at::Tensor& grad) {
     const bool broadcast = ctx->saved_data.count("input_sizes") > 0;
     at::Tensor grad_input, grad_target;
     if (ctx->needs_input_grad(0))

@@ -210,6 +210,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, weight, out = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    if torch.is_grad_enabled():  # backward(create_graph=True): ops autograd records (the kernels have no derivative)
+        gm = grad * (out > 0).to(grad.dtype)
+        gm2 = gm.reshape(-1, weight.shape[0])
+        return (gm @ weight if mask[0] else None, gm2.t() @ x.reshape(-1, weight.shape[1]) if mask[1] else None,
+                gm2.sum(0) if mask[2] else None)
     gx, gw, gb = torch.ops.aiaas_fast.triton_linear_relu_backward(grad.contiguous(), x, weight, out, mask)
     return gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None
 

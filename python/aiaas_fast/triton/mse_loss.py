@@ -127,7 +127,9 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     if grad_loss is None:
         return None, None, None, None
     input, target, saved = ctx.saved_tensors
-    if not ctx.has_grad or (ctx.mean and input.dtype == torch.float16):
+    if torch.is_grad_enabled() or not ctx.has_grad or (ctx.mean and input.dtype == torch.float16):
+        # (With grad enabled, backward(create_graph=True): from ops autograd records, so the
+        # gradient has a derivative; the saved one has none.)
         diff = input.float() - target.float()
         grad = (diff * (grad_loss.float() * (2.0 / max(ctx.numel, 1) if ctx.mean else 2.0))).to(input.dtype)
     elif _grad_output_value(grad_loss, saved.numel()) == 1.0:

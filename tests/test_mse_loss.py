@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from aiaas_fast.ops import mse_loss
 from helpers import DTYPES, assert_close, rand
 
+# Broadcast shapes are tested on purpose here; the warning itself by test_warns_and_promotes_as_torch.
+pytestmark = pytest.mark.filterwarnings("ignore:Using a target size")
+
 REDUCTIONS = ["mean", "sum", "none"]
 # (input shape, target shape): odd sizes, leading dims, empty, several reduction blocks, broadcasting.
 SHAPES = [
@@ -169,6 +172,26 @@ def test_nan_and_inf_propagate_as_pytorch(backend):
         assert_close(mse_loss(x, t, reduction), F.mse_loss(x, t, reduction=reduction), torch.float32, backend=backend)
 
 
+def test_warns_and_promotes_as_torch(backend):
+    # A target of another size warns as F.mse_loss does; mixed dtypes (a float64 target from
+    # NumPy, integer labels) compute in the promoted dtype as F.mse_loss does.
+    x = rand(4, 1, requires_grad=True, device=backend.device)
+    with pytest.warns(UserWarning, match=r"Using a target size \(torch.Size\(\[4\]\)\) that is different to the input size"):
+        mse_loss(x, rand(4, device=backend.device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mse_loss(x, rand(4, 1, device=backend.device))  # same size: no warning
+    for t in (rand(4, 1, dtype=torch.float64, device=backend.device), torch.arange(4, device=backend.device)[:, None]):
+        if not backend.supports(torch.result_type(x, t)):
+            continue
+        ours, ref = mse_loss(x, t), F.mse_loss(x, t)
+        assert ours.dtype == ref.dtype
+        torch.testing.assert_close(ours, ref)
+        g, = torch.autograd.grad(ours, x)
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, torch.autograd.grad(ref, x)[0])
+
+
 def test_empty_input_reductions(backend):
     x, t = torch.empty(0, device=backend.device), torch.empty(0, device=backend.device)
     assert torch.isnan(mse_loss(x, t, "mean"))  # as torch: mean of nothing
@@ -197,7 +220,7 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(RuntimeError, match=r"reduction must be 'none', 'mean' or 'sum', got 'avg'"):
         mse_loss(x, x, "avg")
     with pytest.raises(RuntimeError, match=r"input and target must have the same dtype.*torch.float32.*torch.float64"):
-        mse_loss(x, x.double())
+        torch.ops.aiaas_fast.mse_loss(x, x.double())  # the operator; the wrapper promotes, as F.mse_loss
     with pytest.raises(RuntimeError, match=r"supports float32, float64, bfloat16 and float16"):
         mse_loss(x.long(), x.long())
     with pytest.raises(RuntimeError, match=r"same device"):

@@ -9,6 +9,7 @@ PyTorch reference (``reference.py``).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -56,7 +57,19 @@ def _linear_relu_backward_fake(grad_out, x, weight, out, output_mask):
 # ---------------------------------------------------------------- mse_loss
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Same values as ``torch.nn.functional.mse_loss``. When a gradient will be needed,
-    the forward pass also writes it, so the backward pass only scales it."""
+    the forward pass also writes it, so the backward pass only scales it.
+
+    As ``F.mse_loss``: a target of another size warns (broadcasting, a common mistake), and
+    input and target of different dtypes compute in their promoted dtype (the operator
+    itself takes one dtype)."""
+    if isinstance(input, Tensor) and isinstance(target, Tensor):
+        if target.size() != input.size():
+            warnings.warn(f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
+                          "This will likely lead to incorrect results due to broadcasting. Please ensure they have "
+                          "the same size.", stacklevel=2)
+        if target.dtype != input.dtype:
+            common = torch.result_type(input, target)
+            input, target = input.to(common), target.to(common)
     backend = _backend.resolve("mse_loss", input.device)
     if backend == "reference":
         return reference.mse_loss(input, target, reduction)

@@ -87,11 +87,21 @@ def test_early_stopping_keeps_the_best_weights():
     (dict(batch_size=-1), "invalid batch_size=-1"),
     (dict(lr=float("nan")), "invalid lr=nan"),
     (dict(val_split=1.0), "invalid val_split=1.0"),
+    (dict(batch_size=True), "invalid batch_size=True"),
+    (dict(min_delta=float("nan")), "invalid min_delta=nan"),
+    (dict(seed=None), "invalid seed=None"),
+    (dict(seed=-1), "invalid seed=-1"),
 ])
 def test_bad_hyperparameters(kwargs, message):
     x, y = data(50)
     with pytest.raises(ValueError, match=message):
         aiaas_fast.fit(model(), x, y, **kwargs)
+
+
+def test_numpy_integers_are_counts():
+    x, y = data(60)
+    h = aiaas_fast.fit(model(), x, y, epochs=np.int64(2), batch_size=np.int32(16), progress=False)
+    assert len(h) == 2
 
 
 def test_bad_data_is_named():
@@ -137,3 +147,43 @@ def test_progress_bar_shows_loss_and_samples_per_second(capsys):
     assert "aiaas_fast.fit" in err and "loss=" in err and "samples_s=" in err
     aiaas_fast.fit(model(), x, y, epochs=2, progress=False)
     assert capsys.readouterr().err == ""  # quiet when asked (and by default outside a terminal)
+
+
+def test_columns_far_from_zero_keep_their_variation():
+    # A timestamp or totaliser column (1e9 + k): cast to float32 before standardising, its
+    # steps of 1 vanish (float32 steps are 64 apart there). Standardised in float64 they stay.
+    k = torch.arange(400, dtype=torch.float64)
+    y = torch.sin(k / 20)[:, None]
+    near, far = k[:, None], (k + 1e9)[:, None]
+    r2 = []
+    for x in (near, far):
+        torch.manual_seed(0)
+        m = MLP(1, [32, 32], 1)
+        h = aiaas_fast.fit(m, x, y, epochs=60, batch_size=32, lr=3e-3, progress=False)
+        r2.append(h["val_r2"][-1])
+        torch.testing.assert_close(aiaas_fast.predict(m, x[:5]), aiaas_fast.predict(m, x[:5]))
+    assert r2[1] > 0.9 and abs(r2[0] - r2[1]) < 0.02, r2
+    ens = aiaas_fast.Ensemble(2, 1, [32, 32], 1)
+    hm = aiaas_fast.fit_many(ens, far, y, epochs=60, batch_size=32, lr=3e-3, val_split=0.2, progress=False)
+    assert float(hm.val_rmse.max()) < 0.3, hm.val_rmse  # y spans [-1, 1]
+
+
+def test_a_float64_model_trains_in_float64():
+    x, y = data(200)
+    torch.manual_seed(0)
+    m = MLP(4, [8], 2).double()
+    h = aiaas_fast.fit(m, x, y, epochs=3, progress=False)
+    assert h.engine == "ops" and "float64" in h.engine_note
+    assert m.layers[0].weight.dtype == torch.float64
+    assert aiaas_fast.predict(m, x[:3]).dtype == torch.float64
+
+
+def test_a_model_whose_output_does_not_match_y_is_refused_before_training():
+    x, y = data(100)
+    m = MLP(4, [8], 1)
+    before = [p.clone() for p in m.parameters()]
+    with pytest.raises(ValueError, match=r"y has 2 column\(s\), but the model gives output of shape \[1, 1\]"):
+        aiaas_fast.fit(m, x, y, epochs=2, engine="ops", progress=False)
+    with pytest.raises(ValueError, match=r"y has 1 column\(s\), but the model gives output of shape \[1, 2\]"):
+        aiaas_fast.fit(model(), x, y[:, :1], epochs=2, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # nothing trained

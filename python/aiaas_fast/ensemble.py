@@ -225,7 +225,8 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
         raise ValueError(f"aiaas_fast.fit_many: runs on the compiled engine (float32, on the CPU or CUDA); the "
                          f"ensemble is {w0.dtype} on {w0.device}")
     device = w0.device
-    _check_hyperparameters("aiaas_fast.fit_many", epochs, batch_size, lr, val_split, patience)
+    _check_hyperparameters("aiaas_fast.fit_many", epochs, batch_size, lr, val_split, patience, min_delta, seed)
+    epochs, batch_size = int(epochs), int(batch_size)
     x_all, y_all = _as_tensor("X", X), _as_tensor("y", y)
     n, K = len(x_all), ensemble.num_models
     if len(y_all) != n:
@@ -270,8 +271,10 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
         base = train_rows[0]
         train_rows = [base[torch.randint(len(base), (len(base),), generator=gen)] for _ in range(K)]
     row_model = ids if ids is not None else torch.zeros(n, dtype=torch.int64)
-    xs = ((x_all - scalers["x"].mean[row_model]) / scalers["x"].std[row_model]).contiguous().to(device)
-    ys = ((y_all - scalers["y"].mean[row_model]) / scalers["y"].std[row_model]).contiguous().to(device)
+    # In float64, then the ensemble's float32 (see Scaler).
+    xs = ((x_all.double() - scalers["x"].mean[row_model].double()) / scalers["x"].std[row_model].double()).float()
+    ys = ((y_all.double() - scalers["y"].mean[row_model].double()) / scalers["y"].std[row_model].double()).float()
+    xs, ys = xs.contiguous().to(device), ys.contiguous().to(device)
 
     params = [p for pair in zip(ensemble.weights, ensemble.biases) for p in pair]
     core, _ = ensemble_engine(ensemble, lr=lr, weight_decay=weight_decay)
@@ -371,22 +374,24 @@ def predict_many(ensemble: Ensemble, X, groups=None, batch_size: int = 4096):
     elif groups is not None:
         raise ValueError("aiaas_fast.predict_many: this ensemble was not trained with groups; leave groups out")
     outs = []
+    dtype = ensemble.weights[0].dtype
+    d64 = lambda t: t.to(device, torch.float64)  # noqa: E731  (standardised in float64: see Scaler)
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size].to(device)
             if ensemble.group_values is not None:
                 ib = ids[i:i + batch_size].to(device)
                 if scalers:
-                    xb = (xb - scalers["x"].mean.to(device)[ib]) / scalers["x"].std.to(device)[ib]
-                pred = ensemble(xb)[ib, torch.arange(len(xb), device=device)]
+                    xb = (xb.double() - d64(scalers["x"].mean)[ib]) / d64(scalers["x"].std)[ib]
+                pred = ensemble(xb.to(dtype))[ib, torch.arange(len(xb), device=device)]
                 if scalers:
-                    pred = pred * scalers["y"].std.to(device)[ib] + scalers["y"].mean.to(device)[ib]
+                    pred = (pred.double() * d64(scalers["y"].std)[ib] + d64(scalers["y"].mean)[ib]).to(dtype)
             else:
                 if scalers:  # one scaler for every member: row 0 of the stack
-                    xb = (xb - scalers["x"].mean[0].to(device)) / scalers["x"].std[0].to(device)
-                pred = ensemble(xb)
+                    xb = (xb.double() - d64(scalers["x"].mean[0])) / d64(scalers["x"].std[0])
+                pred = ensemble(xb.to(dtype))
                 if scalers:
-                    pred = pred * scalers["y"].std[:, None, :].to(device) + scalers["y"].mean[:, None, :].to(device)
+                    pred = (pred.double() * d64(scalers["y"].std)[:, None, :] + d64(scalers["y"].mean)[:, None, :]).to(dtype)
             outs.append(pred.cpu())
     if ensemble.group_values is not None:
         return torch.cat(outs) if outs else torch.empty(0, ensemble.widths[-1])

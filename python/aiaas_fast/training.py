@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import sys
 import time
@@ -30,7 +31,11 @@ CHECKPOINT_FORMAT = "aiaas_fast.fit/1"
 
 @dataclass
 class Scaler:
-    """Per-column standardisation: (v - mean) / std, with std 1 for constant columns."""
+    """Per-column standardisation: (v - mean) / std, with std 1 for constant columns.
+
+    Fitted and applied in float64, the result cast after: a column far from zero (a
+    timestamp, a totaliser count of 1e9) keeps its variation, which float32 would round
+    away before the mean is taken off."""
 
     mean: Tensor
     std: Tensor
@@ -40,13 +45,15 @@ class Scaler:
         d = data.double()
         std = d.std(0, unbiased=False) if len(d) > 1 else torch.ones(d.shape[1:], dtype=torch.float64)
         std = torch.where(std > 0, std, torch.ones_like(std))
-        return cls(d.mean(0).float(), std.float())
+        return cls(d.mean(0), std)
 
-    def transform(self, v: Tensor) -> Tensor:
-        return (v - self.mean.to(v.device)) / self.std.to(v.device)
+    def transform(self, v: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        mean, std = self.mean.to(v.device, torch.float64), self.std.to(v.device, torch.float64)
+        return ((v.double() - mean) / std).to(dtype)
 
     def inverse(self, v: Tensor) -> Tensor:
-        return v * self.std.to(v.device) + self.mean.to(v.device)
+        mean, std = self.mean.to(v.device, torch.float64), self.std.to(v.device, torch.float64)
+        return (v.double() * std + mean).to(v.dtype)
 
     def state_dict(self) -> dict:
         return {"mean": self.mean.cpu(), "std": self.std.cpu()}
@@ -85,7 +92,8 @@ def _as_tensor(name: str, value) -> Tensor:
         value = value.unsqueeze(1)
     if value.dim() != 2:
         raise ValueError(f"aiaas_fast.fit: {name} must be 1-D or 2-D (rows, columns), got shape {list(value.shape)}")
-    value = value.float()
+    # float64 (and integers, which may be large) stay float64 until standardised: see Scaler.
+    value = value.double() if value.dtype == torch.float64 or not value.is_floating_point() else value.float()
     bad = ~torch.isfinite(value)
     if bad.any():
         row, col = (int(i) for i in bad.nonzero()[0])
@@ -125,30 +133,52 @@ def _progress(enabled: Optional[bool], total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="epoch", leave=False)
 
 
-def _check_hyperparameters(who: str, epochs, batch_size, lr, val_split, patience) -> None:
+def _check_hyperparameters(who: str, epochs, batch_size, lr, val_split, patience, min_delta=0.0, seed=0) -> None:
     """fit's and fit_many's shared refusals, naming the argument and its value."""
-    for name, v, ok in (("epochs", epochs, isinstance(epochs, int) and epochs >= 1),
-                        ("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1),
+    def count(v):  # an int, NumPy's included, but not a bool
+        return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+    for name, v, ok in (("epochs", epochs, count(epochs) and epochs >= 1),
+                        ("batch_size", batch_size, count(batch_size) and batch_size >= 1),
                         ("lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0),
                         ("val_split", val_split, isinstance(val_split, (int, float)) and 0 <= val_split < 1),
-                        ("patience", patience, patience is None or (isinstance(patience, int) and patience >= 1))):
+                        ("patience", patience, patience is None or (count(patience) and patience >= 1)),
+                        ("min_delta", min_delta, isinstance(min_delta, (int, float)) and math.isfinite(min_delta)
+                         and min_delta >= 0),
+                        ("seed", seed, count(seed) and 0 <= seed < 2**63)):
         if not ok:
             raise ValueError(f"{who}: invalid {name}={v!r}")
+
+
+def _check_output_width(model: nn.Module, x1: Tensor, targets: int) -> None:
+    """One row through the model (eval, no grad) before training: a model whose output does
+    not match y's columns would train on a broadcast loss, silently."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x1)
+    finally:
+        model.train(was_training)
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[1] != targets:
+        got = f"output of shape {list(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+        raise ValueError(f"aiaas_fast.fit: y has {targets} column(s), but the model gives {got} for a batch of "
+                         f"shape {list(x1.shape)}; it must give (rows, {targets})")
 
 
 def predict(model: nn.Module, X, batch_size: int = 4096) -> Tensor:
     """The model's predictions in the targets' units, using the scalers ``fit`` kept."""
     x = _as_tensor("X", X)
     scalers = getattr(model, "aiaas_fast_scalers", None)
-    device = next(model.parameters()).device
+    first = next(model.parameters())
+    device, dtype = first.device, first.dtype if first.is_floating_point() else torch.float32
     outs = []
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size].to(device)
-            if scalers:
-                xb = scalers["x"].transform(xb)
+            xb = scalers["x"].transform(xb, dtype) if scalers else xb.to(dtype)
             out = model(xb)
             outs.append(scalers["y"].inverse(out) if scalers else out)
     model.train(was_training)
@@ -195,7 +225,8 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
         raise ValueError(f"aiaas_fast.fit: X has {len(x_all)} rows but y has {len(y_all)}")
     if len(x_all) == 0:
         raise ValueError("aiaas_fast.fit: no rows to train on")
-    _check_hyperparameters("aiaas_fast.fit", epochs, batch_size, lr, val_split, patience)
+    _check_hyperparameters("aiaas_fast.fit", epochs, batch_size, lr, val_split, patience, min_delta, seed)
+    epochs, batch_size = int(epochs), int(batch_size)
     params = list(model.parameters())
     if not params:
         raise ValueError("aiaas_fast.fit: the model has no parameters")
@@ -229,8 +260,10 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
     else:
         scalers = {"x": Scaler(torch.zeros(x_tr.shape[1]), torch.ones(x_tr.shape[1])),
                    "y": Scaler(torch.zeros(y_tr.shape[1]), torch.ones(y_tr.shape[1]))}
-    xs_tr, ys_tr = scalers["x"].transform(x_tr).to(device), scalers["y"].transform(y_tr).to(device)
-    xs_va, ys_va = scalers["x"].transform(x_va).to(device), scalers["y"].transform(y_va).to(device)
+    dtype = params[0].dtype if params[0].is_floating_point() else torch.float32  # the model's (float64 too)
+    xs_tr, ys_tr = (scalers[k].transform(v, dtype).to(device) for k, v in (("x", x_tr), ("y", y_tr)))
+    xs_va, ys_va = (scalers[k].transform(v, dtype).to(device) for k, v in (("x", x_va), ("y", y_va)))
+    _check_output_width(model, xs_tr[:1], ys_tr.shape[1])
 
     loss_fn = loss_fn if loss_fn is not None else MSELoss()
     opt = optimizer if optimizer is not None else Adam(model.parameters(), lr=lr, weight_decay=weight_decay)

@@ -93,6 +93,11 @@ def test_nothing_is_overwritten_without_force(tmp_path):
     ("a,b\n1,2\nnan,4\n", "line 3, column 'a': 'nan' is not a finite number"),
     ("a,b\n1,2,3\n", "line 2 has 3 cells but the header has 2"),
     ("a,a\n1,2\n", "column 'a' appears more than once"),
+    ("a,b\n1,2\n\n3,x\n", "line 4, column 'b': 'x' is not a number"),  # file lines, blank lines counted
+    ('a,b\n"1\n",2\n3,x\n', "line 4, column 'b'"),  # a quoted cell over two lines
+    ("a,b\n1,2\n,\n3,4\n", "line 3, column 'a': empty cell"),  # a record of empty cells is not dropped
+    ("a;b\n1;2\n", "must be comma-separated"),
+    ("a,,b\n1,2,3\n", "column 2 of the header has no name"),
 ])
 def test_bad_csv_files_get_one_line_with_row_and_column(tmp_path, content, message):
     path = tmp_path / "bad.csv"
@@ -202,3 +207,136 @@ def test_backend_triton_without_a_gpu_or_the_interpreter_says_why(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the Triton backend can run")
     assert r.returncode == 2 and "--backend triton cannot run on cpu" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def main(*args):
+    """The command in this process (faster than a subprocess); (status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_out_is_checked_before_training_and_never_an_input(tmp_path):
+    path, feats, targets = plant_csv(tmp_path, 60)
+    original = open(path).read()
+    train = ["train", "--data", path, "--target", targets[0], "--epochs", "1"]
+    for out, message in [(str(tmp_path / "nodir" / "m.pt"), "does not exist"), (str(tmp_path), "is a directory"),
+                         (path, "is the input file"), ("", "--out: empty file name")]:
+        code, stdout, err = main(*train, "--out", out, "--force")
+        assert code == 2 and message in err and "trained" not in stdout, (out, err)
+    assert open(path).read() == original
+    model = str(tmp_path / "m.pt")
+    stray = tmp_path / "m.pt.tmp"
+    stray.write_text("someone's file")
+    assert main(*train, "--out", model)[0] == 0
+    assert stray.read_text() == "someone's file"  # the save's temporary file is a fresh one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.pt.tmp", "plant.csv"]
+    for out in (path, model):
+        code, _, err = main("predict", "--model", model, "--data", path, "--out", out, "--force")
+        assert code == 2 and "is the input file" in err
+    assert open(path).read() == original and torch.load(model, weights_only=True)["format"] == cli.MODEL_FORMAT
+
+
+def test_predict_reads_only_the_columns_the_model_needs(tmp_path):
+    path, feats, targets = plant_csv(tmp_path, 60)
+    model = str(tmp_path / "m.pt")
+    assert main("train", "--data", path, "--target", ",".join(targets), "--epochs", "1", "--out", model)[0] == 0
+    x, *_ = datasets.cstr(5, seed=4)
+    new = write(tmp_path / "new.csv", ["timestamp"] + feats + targets,
+                [[f"2024-01-01T00:0{i}"] + list(r) + [""] * len(targets) for i, r in enumerate(x)])
+    code, out, err = main("predict", "--model", model, "--data", new)
+    assert code == 0 and len(out.splitlines()) == 6, err
+
+
+def test_group_labels_may_be_text_and_are_shown_as_written(tmp_path):
+    x, y, feats, targets = datasets.cstr(240, seed=3)
+    for units, shown in ((["R-101", "R-102", "R-103"], "unit=R-10"), ([1000001, 1000002, 1000003], "unit=100000")):
+        rows = [[units[i % 3]] + list(x[i]) + list(y[i, :1]) for i in range(240)]
+        path = write(tmp_path / "u.csv", ["unit"] + feats + targets[:1], rows)
+        model = str(tmp_path / "u.pt")
+        code, out, err = main("train", "--data", path, "--target", targets[0], "--group-by", "unit", "--hidden", "8",
+                              "--epochs", "2", "--out", model, "--force")
+        assert code == 0 and shown in out and "e+06" not in out, err
+        code, out, err = main("predict", "--model", model, "--data", path)
+        assert code == 0 and len(out.splitlines()) == 241, err
+        bad = write(tmp_path / "bad.csv", ["unit"] + feats, [[units[0]] + list(x[0]), ["R-999"] + list(x[1])])
+        code, out, err = main("predict", "--model", model, "--data", bad)
+        assert code == 2 and "line 3, column 'unit': R-999 is a group no model was trained for" in err, err
+
+
+def test_a_group_without_validation_rows_is_named_not_counted_as_perfect(tmp_path):
+    x, y, feats, targets = datasets.cstr(61, seed=3)
+    unit = [1] * 30 + [2] * 30 + [7]
+    path = write(tmp_path / "g.csv", ["unit"] + feats + targets[:1],
+                 [[unit[i]] + list(x[i]) + list(y[i, :1]) for i in range(61)])
+    code, out, err = main("train", "--data", path, "--target", targets[0], "--group-by", "unit", "--hidden", "8",
+                          "--epochs", "2")
+    assert code == 0, err
+    assert "no validation rows (too few rows to hold any out): unit=7" in out
+    mean = float(out.split("validation RMSE: mean ")[1].split(",")[0])
+    assert mean > 0.0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--target", " , "], "--target ' , ': no column names"),
+    (["--target", "y,y"], "--target: column 'y' is named twice"),
+    (["--target", "y", "--seed", "99999999999999999999"], "argument --seed: must be in [0, 2^63)"),
+    (["--target", "y", "--val-split", "-0.1"], "argument --val-split: must be in [0, 1), got -0.1"),
+    (["--target", "y", "--rows", "100"], "--rows sets the size of the built-in data"),
+])
+def test_bad_target_and_option_values(tmp_path, args, message):
+    path = write(tmp_path / "d.csv", ["a", "y"], [[i, 2 * i] for i in range(20)])
+    code, out, err = main("train", "--data", path, *args)
+    assert code == 2 and message in err, err
+
+
+def test_a_diverged_run_is_an_error_and_saves_nothing(tmp_path):
+    path, feats, targets = plant_csv(tmp_path, 60)
+    model = tmp_path / "m.pt"
+    code, out, err = main("train", "--data", path, "--target", targets[0], "--epochs", "2", "--lr", "1e30",
+                          "--out", str(model))
+    assert code == 1 and "training diverged" in err and "nothing was saved" in err and not model.exists()
+
+
+def test_several_targets_get_their_own_metrics(tmp_path):
+    path, feats, targets = plant_csv(tmp_path, 100)
+    code, out, err = main("train", "--data", path, "--target", ",".join(targets), "--epochs", "2")
+    assert code == 0 and "(all targets pooled)" in out, err
+    for t in targets:
+        assert f"  {t}: RMSE " in out
+
+
+def test_early_stopping_reports_the_kept_epoch(tmp_path):
+    path, feats, targets = plant_csv(tmp_path, 100)
+    code, out, err = main("train", "--data", path, "--target", targets[0], "--epochs", "60", "--lr", "0.05",
+                          "--patience", "2", "--hidden", "4")
+    assert code == 0 and "stopped early" in out, err
+    kept = int(out.split("kept the weights of epoch ")[1].split(",")[0])
+    trained = int(out.split("trained ")[1].split(" epochs")[0])
+    assert kept == trained - 2  # patience 2: the two epochs after the best did not improve
+
+
+def test_an_incomplete_model_file_is_named(tmp_path):
+    path, feats, targets = plant_csv(tmp_path, 20)
+    model = tmp_path / "m.pt"
+    torch.save({"format": cli.MODEL_FORMAT, "widths": [5, 1]}, model)
+    code, out, err = main("predict", "--model", str(model), "--data", path)
+    assert code == 2 and "an incomplete model file (no features, targets, state_dict, scalers)" in err, err
+
+
+def test_output_into_a_closed_pipe_is_quiet(tmp_path):
+    path, feats, targets = plant_csv(tmp_path, 300)
+    model = str(tmp_path / "m.pt")
+    assert main("train", "--data", path, "--target", targets[0], "--epochs", "1", "--out", model)[0] == 0
+    r = subprocess.run(f"{sys.executable} -m aiaas_fast.cli predict --model {model} --data {path} 2>{tmp_path}/err | head -2",
+                       shell=True, capture_output=True, text=True, timeout=300)
+    assert len(r.stdout.splitlines()) == 2 and (tmp_path / "err").read_text() == ""
+    model2 = tmp_path / "m2.pt"
+    r = subprocess.run(f"{sys.executable} -m aiaas_fast.cli train --data {path} --target {targets[0]} --epochs 1 "
+                       f"--out {model2} 2>{tmp_path}/err | head -1", shell=True, capture_output=True, text=True,
+                       timeout=300)
+    assert model2.exists() and (tmp_path / "err").read_text() == ""  # the work finishes: the model is saved

@@ -135,7 +135,8 @@ class Ensemble(nn.Module):
 class ManyHistory:
     """Per epoch and model: ``train_loss`` (epochs, K) and, with a validation split,
     ``val_loss`` (epochs, K), both MSE on standardised targets; ``seconds`` per epoch;
-    ``rows`` each model trained on; ``val_rmse`` per model (targets' units) at the end."""
+    ``rows`` each model trained on; ``val_rmse`` per model (targets' units) at the end, NaN
+    for a group with no validation rows (as its val_loss)."""
 
     train_loss: Tensor
     val_loss: Optional[Tensor]
@@ -293,7 +294,7 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
             return ((pred - ys[val_rows[0].to(device)]) ** 2).mean(dim=(1, 2)).double().cpu()
         rows = torch.arange(len(val_index), device=device)
         err = ((pred[val_model.to(device), rows] - ys[val_index.to(device)]) ** 2).mean(1).double().cpu()
-        return torch.zeros(K, dtype=torch.float64).index_add_(0, val_model, err) / torch.bincount(val_model, minlength=K).clamp(min=1)
+        return _mean_per_model(err, val_model, K)
 
     def on_epoch(epoch, step, steps, epoch_end, losses):
         if not epoch_end:
@@ -307,7 +308,9 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
         clock[0] = time.perf_counter()
         if patience is None:
             return False
-        monitored = val_losses[-1] if has_val else torch.tensor(losses, dtype=torch.float64)
+        monitored = torch.tensor(losses, dtype=torch.float64)
+        if has_val:  # a group without validation rows (NaN) is watched on its training loss
+            monitored = torch.where(torch.isnan(val_losses[-1]), monitored, val_losses[-1])
         improved = monitored < best["loss"] - min_delta
         best["loss"] = torch.where(improved, monitored, best["loss"])
         best["bad"] = torch.where(improved, torch.zeros_like(best["bad"]), best["bad"] + 1)
@@ -345,10 +348,16 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
         if groups is None:
             history.val_rmse = ((pred.members - target) ** 2).mean(dim=(1, 2)).sqrt().double()
         else:
-            sq = ((pred - target) ** 2).mean(1).double()
-            history.val_rmse = (torch.zeros(K, dtype=torch.float64).index_add_(0, val_model, sq)
-                                / torch.bincount(val_model, minlength=K).clamp(min=1)).sqrt()
+            history.val_rmse = _mean_per_model(((pred - target) ** 2).mean(1).double(), val_model, K).sqrt()
     return history
+
+
+def _mean_per_model(values: Tensor, model: Tensor, K: int) -> Tensor:
+    """Mean of values per model index; NaN for a model with no values (a group whose rows
+    were too few to hold any out for validation), never a 0 that looks like a perfect fit."""
+    counts = torch.bincount(model, minlength=K).double()
+    sums = torch.zeros(K, dtype=torch.float64).index_add_(0, model, values)
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, math.nan))
 
 
 def _engine_note(device: torch.device, K: int) -> str:

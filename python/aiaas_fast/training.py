@@ -114,11 +114,18 @@ def _from_loader(loader) -> tuple:
 
 
 def _metrics(pred: Tensor, target: Tensor) -> Dict[str, float]:
-    err = (pred - target).double()
-    ss_res = (err**2).sum()
-    ss_tot = ((target.double() - target.double().mean(0)) ** 2).sum()
-    return {"val_rmse": math.sqrt((err**2).mean().item()), "val_mae": err.abs().mean().item(),
-            "val_r2": (1 - ss_res / ss_tot).item() if ss_tot > 0 else float("nan")}
+    """RMSE, MAE and R^2 over all targets pooled; with several targets (in their own units,
+    which pooling mixes) also each target's, as lists ``val_rmse_by_target`` etc."""
+    err = (pred.double() - target.double())
+    ss_res = (err**2).sum(0)
+    ss_tot = ((target.double() - target.double().mean(0)) ** 2).sum(0)
+    out = {"val_rmse": math.sqrt((err**2).mean().item()), "val_mae": err.abs().mean().item(),
+           "val_r2": (1 - ss_res.sum() / ss_tot.sum()).item() if ss_tot.sum() > 0 else float("nan")}
+    if err.shape[1] > 1:
+        out["val_rmse_by_target"] = (err**2).mean(0).sqrt().tolist()
+        out["val_mae_by_target"] = err.abs().mean(0).tolist()
+        out["val_r2_by_target"] = [(1 - r / t).item() if t > 0 else float("nan") for r, t in zip(ss_res, ss_tot)]
+    return out
 
 
 def _progress(enabled: Optional[bool], total: int, desc: str):

@@ -347,6 +347,17 @@ def test_optimizer_changes_after_the_engine_is_built_are_followed_or_refused():
         engine.step(*data[1])
 
 
+def test_run_refuses_fractional_rows_and_bad_seeds():
+    model = sequential([3, 4, 1])
+    engine = Engine(model)
+    (x, y), = batches(1, 10, 3, 1)
+    with pytest.raises(ValueError, match="rows must be integer row indices, got torch.float32"):
+        engine.run(x, y, epochs=1, rows=torch.tensor([0.5, 1.7]))
+    with pytest.raises(ValueError, match="seed must be an int in \\[0, 2\\^64\\), got -1"):
+        engine.run(x, y, epochs=1, seed=-1)
+    assert engine.run(x, y, epochs=1, rows=[3, 1, 2]).shape == (1,)
+
+
 def test_bad_data_is_a_clear_error():
     engine = Engine(sequential([4, 8, 2]))
     with pytest.raises(RuntimeError, match="x has 5 columns .* but the model takes 4"):

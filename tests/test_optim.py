@@ -168,3 +168,9 @@ def test_a_sparse_gradient_after_dense_steps_is_refused_clearly():
     p.grad = torch.randn(4, 3).to_sparse()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         o.step()
+
+
+def test_a_group_added_later_is_checked_as_the_constructor_checks():
+    o = Adam(make_params()[:2])
+    with pytest.raises(RuntimeError, match="capturable=True is not supported"):
+        o.add_param_group({"params": make_params()[2:], "capturable": True})

@@ -369,9 +369,14 @@ class Engine:
         self._sync()
         if not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"Engine.run: epochs must be an int >= 0, got {epochs!r}")
+        if not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"Engine.run: seed must be an int in [0, 2^64), got {seed!r}")
         offsets = None
         if rows is not None:
-            rows = torch.as_tensor(rows, dtype=torch.int64)
+            rows = torch.as_tensor(rows)
+            if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+                raise ValueError(f"Engine.run: rows must be integer row indices, got {rows.dtype}")
+            rows = rows.to(torch.int64)
             offsets = torch.tensor([0, rows.numel()], dtype=torch.int64)
         if self._on_cuda:
             return self._core.run(X, Y, epochs=epochs, batch_size=batch_size, seed=seed, shuffle=shuffle,

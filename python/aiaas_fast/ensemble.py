@@ -228,7 +228,7 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
     device = w0.device
     _check_hyperparameters("aiaas_fast.fit_many", epochs, batch_size, lr, val_split, patience, min_delta, seed)
     epochs, batch_size = int(epochs), int(batch_size)
-    x_all, y_all = _as_tensor("X", X), _as_tensor("y", y)
+    x_all, y_all = _as_tensor("X", X, "aiaas_fast.fit_many"), _as_tensor("y", y, "aiaas_fast.fit_many")
     n, K = len(x_all), ensemble.num_models
     if len(y_all) != n:
         raise ValueError(f"aiaas_fast.fit_many: X has {n} rows but y has {len(y_all)}")
@@ -372,7 +372,7 @@ def predict_many(ensemble: Ensemble, X, groups=None, batch_size: int = 4096):
     An ensemble trained with ``groups``: each row goes to its group's model (``groups``
     required, one value per row); returns (rows, out). Otherwise: every model predicts every
     row; returns :class:`EnsemblePrediction` (members (K, rows, out), mean, std)."""
-    x = _as_tensor("X", X)
+    x = _as_tensor("X", X, "aiaas_fast.predict_many")
     scalers = getattr(ensemble, "aiaas_fast_scalers", None)
     K, device = ensemble.num_models, ensemble.weights[0].device
     if ensemble.group_values is not None:

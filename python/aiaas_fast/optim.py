@@ -48,6 +48,7 @@ class _FusedAdamStep:
     def add_param_group(self, param_group):
         self._drop_bucket_cache()
         super().add_param_group(param_group)
+        self._check_supported()  # a group added later is refused as the constructor refuses one
 
     def load_state_dict(self, state_dict):
         self._drop_bucket_cache()

@@ -81,23 +81,23 @@ class History:
         return len(self.epochs)
 
 
-def _as_tensor(name: str, value) -> Tensor:
+def _as_tensor(name: str, value, who: str = "aiaas_fast.fit") -> Tensor:
     if isinstance(value, np.ndarray):
         if not np.issubdtype(value.dtype, np.number):
-            raise ValueError(f"aiaas_fast.fit: {name} must be numeric, got a NumPy array of dtype {value.dtype}")
+            raise ValueError(f"{who}: {name} must be numeric, got a NumPy array of dtype {value.dtype}")
         value = torch.from_numpy(np.ascontiguousarray(value))
     if not isinstance(value, Tensor):
-        raise TypeError(f"aiaas_fast.fit: {name} must be a tensor, a NumPy array or a DataLoader, got {type(value).__name__}")
+        raise TypeError(f"{who}: {name} must be a tensor, a NumPy array or a DataLoader, got {type(value).__name__}")
     if value.dim() == 1:
         value = value.unsqueeze(1)
     if value.dim() != 2:
-        raise ValueError(f"aiaas_fast.fit: {name} must be 1-D or 2-D (rows, columns), got shape {list(value.shape)}")
+        raise ValueError(f"{who}: {name} must be 1-D or 2-D (rows, columns), got shape {list(value.shape)}")
     # float64 (and integers, which may be large) stay float64 until standardised: see Scaler.
     value = value.double() if value.dtype == torch.float64 or not value.is_floating_point() else value.float()
     bad = ~torch.isfinite(value)
     if bad.any():
         row, col = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"aiaas_fast.fit: {name} has a non-finite value ({value[row, col].item()}) at row {row}, column {col}")
+        raise ValueError(f"{who}: {name} has a non-finite value ({value[row, col].item()}) at row {row}, column {col}")
     return value
 
 
@@ -175,7 +175,7 @@ def _check_output_width(model: nn.Module, x1: Tensor, targets: int) -> None:
 
 def predict(model: nn.Module, X, batch_size: int = 4096) -> Tensor:
     """The model's predictions in the targets' units, using the scalers ``fit`` kept."""
-    x = _as_tensor("X", X)
+    x = _as_tensor("X", X, "aiaas_fast.predict")
     scalers = getattr(model, "aiaas_fast_scalers", None)
     first = next(model.parameters())
     device, dtype = first.device, first.dtype if first.is_floating_point() else torch.float32

@@ -98,6 +98,7 @@ def test_nothing_is_overwritten_without_force(tmp_path):
     ("a,b\n1,2\n,\n3,4\n", "line 3, column 'a': empty cell"),  # a record of empty cells is not dropped
     ("a;b\n1;2\n", "must be comma-separated"),
     ("a,,b\n1,2,3\n", "column 2 of the header has no name"),
+    ("1,2\n3,4\n", "the first line (1,2) is numbers; the file needs a header row"),
 ])
 def test_bad_csv_files_get_one_line_with_row_and_column(tmp_path, content, message):
     path = tmp_path / "bad.csv"

@@ -47,6 +47,8 @@ def test_mlp_layout_and_bad_widths():
     assert list(m.state_dict()) == ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
     with pytest.raises(ValueError, match="MLP: every width must be a positive int, got 0"):
         MLP(10, [20, 0], 1)
+    with pytest.raises(ValueError, match="MLP: every width must be a positive int, got True"):
+        MLP(4, True, 1)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -79,6 +79,9 @@ def read_csv(path: str, numeric: Optional[Sequence[str]] = None, label: Optional
         raise UsageError(f"{path}: column '{dup}' appears more than once in the header")
     if any(not h for h in header):
         raise UsageError(f"{path}: column {header.index('') + 1} of the header has no name")
+    if all(_is_number(h) for h in header):
+        raise UsageError(f"{path}: the first line ({','.join(header[:4])}{',...' if len(header) > 4 else ''}) is "
+                         "numbers; the file needs a header row naming the columns")
     if len(header) == 1 and any(d in header[0] for d in ";\t|"):
         raise UsageError(f"{path}: one column named '{header[0]}': the file must be comma-separated")
     wanted = [j for j, h in enumerate(header) if (h in numeric if numeric is not None else h != label)]
@@ -107,6 +110,14 @@ def read_csv(path: str, numeric: Optional[Sequence[str]] = None, label: Optional
             labels.append(text)
         lines.append(line)
     return Table(header, data, lines, labels)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def group_values(labels: List[str]) -> list:

@@ -38,7 +38,7 @@ class MLP(nn.Module):
         hidden = [hidden_features] if isinstance(hidden_features, int) else list(hidden_features)
         widths = [in_features, *hidden]
         for w in [*widths, out_features]:
-            if not isinstance(w, int) or w < 1:
+            if not isinstance(w, int) or isinstance(w, bool) or w < 1:
                 raise ValueError(f"MLP: every width must be a positive int, got {w!r} "
                                  f"(in_features={in_features}, hidden_features={hidden_features}, out_features={out_features})")
         kw = dict(bias=bias, device=device, dtype=dtype)

@@ -8,6 +8,8 @@
 #
 #   scripts/check_cuda_torch_build.sh            # a venv in $VENV (default /tmp/aiaas-fast-cuda-venv)
 #   TORCH="torch==2.14.1" ARCHS=90 VENV=... scripts/check_cuda_torch_build.sh
+#   TORCH=/tmp/torch-2.11.0-cp312-...whl PYTHON=python3.12 VENV=... scripts/check_cuda_torch_build.sh
+#                                                 # the GPU machine's stack (torch 2.11, Python 3.12)
 #
 # Needs a CUDA wheel of torch that pip can install (about 5.5 GB in the venv; this project's
 # CI machine has torch 2.14.1+cu130 on its local disk) and about 10 minutes on 2 cores.
@@ -25,7 +27,7 @@ step() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
 fail() { echo "FAILED: $*"; status=1; }
 
 step "venv $VENV with $TORCH (a CUDA build) and the build requirements"
-[[ -x $VENV/bin/python ]] || python3 -m venv "$VENV" || { echo "FAILED: venv"; exit 1; }
+[[ -x $VENV/bin/python ]] || "${PYTHON:-python3}" -m venv "$VENV" || { echo "FAILED: venv"; exit 1; }
 PY=$VENV/bin/python
 "$PY" -m pip install -q "$TORCH" -r requirements-build.txt pytest tqdm || { echo "FAILED: pip install"; exit 1; }
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda); assert torch.version.cuda, 'not a CUDA build of torch'" ||

@@ -129,6 +129,42 @@ def test_second_derivatives_match_pytorch(backend):
         assert_close(o, r, torch.float32, backend=backend)
 
 
+def test_autocast_runs_the_op_in_its_dtype_as_linear(backend):
+    # Under torch.autocast the op computes in the autocast dtype, as F.linear does; the float32
+    # parameters get float32 gradients. A layer after an autocast nn.Linear (a bfloat16 x, a
+    # float32 weight) was an error before.
+    low = torch.bfloat16 if backend.device == "cpu" else torch.float16
+    if not backend.supports(low):
+        pytest.skip(f"{backend.name} takes no {low}")
+    w = rand(5, 6, requires_grad=True, device=backend.device)
+    b = rand(5, requires_grad=True, device=backend.device)
+    x = rand(4, 6, device=backend.device)
+    with torch.autocast(backend.device, dtype=low):
+        ours = linear_relu(x, w, b)
+        ref = F.relu(F.linear(x, w, b))
+        after_linear = linear_relu(F.linear(x, rand(6, 6, device=backend.device)), w, b)
+    assert ours.dtype == ref.dtype == after_linear.dtype == low
+    assert_close(ours, ref, low, backend=backend)
+    ours.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    # The gradients of sum(out) through our own output's mask (an output that rounds to 0 in
+    # one computation and not the other flips the mask: compare the backward, not rounding).
+    mask = (ours > 0).double()
+    assert_close(w.grad, mask.t() @ x.to(low).double(), low, backend=backend)
+    assert_close(b.grad, mask.sum(0), low, backend=backend)
+    with torch.autocast(backend.device, dtype=low, enabled=False):
+        assert linear_relu(x, w, b).dtype == torch.float32
+
+    def autocast_layer(x):
+        with torch.autocast(backend.device, dtype=low):
+            return linear_relu(x, w, b)
+
+    if backend.name != "triton" or backend.device != "cpu":  # interpreted Triton ops are opaque to tracing
+        compiled = torch.compile(autocast_layer, fullgraph=True)(x)
+        assert compiled.dtype == low
+        assert_close(compiled, autocast_layer(x), low, backend=backend)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck(dtype):
     samples = [

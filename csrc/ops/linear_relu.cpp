@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -147,6 +148,17 @@ at::Tensor linear_relu_autograd(const at::Tensor& x, const at::Tensor& weight, c
   return LinearReluFunction::apply(x, weight, bias);
 }
 
+// torch.autocast: as aten::linear, the op runs in the autocast dtype (bfloat16 or float16);
+// the casts are autograd ops, so float32 parameters get float32 gradients. Without this, a
+// layer after an autocast nn.Linear got a bfloat16 x and float32 weight: an error.
+template <c10::DeviceType device>
+at::Tensor linear_relu_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device));
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
+  return linear_relu(at::autocast::cached_cast(dtype, x, device), at::autocast::cached_cast(dtype, weight, device),
+                     at::autocast::cached_cast(dtype, bias, device));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(aiaas_fast, m) {
@@ -162,6 +174,14 @@ TORCH_LIBRARY_IMPL(aiaas_fast, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(aiaas_fast, Autograd, m) { m.impl("linear_relu", &linear_relu_autograd); }
+
+TORCH_LIBRARY_IMPL(aiaas_fast, AutocastCPU, m) {
+  m.impl("linear_relu", &linear_relu_autocast<c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(aiaas_fast, AutocastCUDA, m) {
+  m.impl("linear_relu", &linear_relu_autocast<c10::DeviceType::CUDA>);
+}
 
 at::Tensor linear_relu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   static auto op = c10::Dispatcher::singleton()

@@ -30,9 +30,21 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     backend = _backend.resolve("linear_relu", x.device)
     if backend == "native":
         return _ops.linear_relu.default(x, weight, bias)
+    x, weight, bias = _autocast(x, weight, bias)
     if backend == "triton":
         return _ops.triton_linear_relu.default(x, weight, bias)
     return reference.linear_relu(x, weight, bias)
+
+
+def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """Under ``torch.autocast``, the inputs in its dtype, as aten::linear takes them (the
+    native op does this in C++, registered for the Autocast keys)."""
+    device = x.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    cast = (lambda t: t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t)
+    return cast(x), cast(weight), cast(bias)
 
 
 # The same refusals as csrc/ops/checks.cpp, for tracing with fake tensors.

@@ -98,7 +98,8 @@ def test_nothing_is_overwritten_without_force(tmp_path):
     ("a,b\n1,2\n,\n3,4\n", "line 3, column 'a': empty cell"),  # a record of empty cells is not dropped
     ("a;b\n1;2\n", "must be comma-separated"),
     ("a,,b\n1,2,3\n", "column 2 of the header has no name"),
-    ("1,2\n3,4\n", "the first line (1,2) is numbers; the file needs a header row"),
+    ("1,2\n3,4\n", "no column named 'b' (columns: 1, 2); the first line is all numbers: does the file have a header"),
+    ("a,b\n1,2\n,\n3,4\n,\n,\n", "line 3, column 'a': empty cell"),  # only trailing ones are dropped
 ])
 def test_bad_csv_files_get_one_line_with_row_and_column(tmp_path, content, message):
     path = tmp_path / "bad.csv"
@@ -319,6 +320,28 @@ def test_early_stopping_reports_the_kept_epoch(tmp_path):
     kept = int(out.split("kept the weights of epoch ")[1].split(",")[0])
     trained = int(out.split("trained ")[1].split(" epochs")[0])
     assert kept == trained - 2  # patience 2: the two epochs after the best did not improve
+
+
+def test_without_an_early_stop_the_last_epoch_is_what_is_reported_and_saved(tmp_path):
+    path, feats, targets = plant_csv(tmp_path, 100)
+    code, out, err = main("train", "--data", path, "--target", targets[0], "--epochs", "3", "--patience", "50")
+    assert code == 0 and "stopped early" not in out and "kept the weights" not in out, out
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    path, feats, targets = plant_csv(tmp_path, 40)
+    old = os.umask(0o022)
+    try:
+        model, preds = tmp_path / "m.pt", tmp_path / "p.csv"
+        assert main("train", "--data", path, "--target", targets[0], "--epochs", "1", "--out", str(model))[0] == 0
+        assert main("predict", "--model", str(model), "--data", path, "--out", str(preds))[0] == 0
+        assert (model.stat().st_mode & 0o777, preds.stat().st_mode & 0o777) == (0o644, 0o644)
+        os.chmod(model, 0o640)  # replacing a file keeps its mode
+        assert main("train", "--data", path, "--target", targets[0], "--epochs", "1", "--out", str(model),
+                    "--force")[0] == 0
+        assert model.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
 
 
 def test_an_incomplete_model_file_is_named(tmp_path):

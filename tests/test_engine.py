@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -356,6 +357,7 @@ def test_run_refuses_fractional_rows_and_bad_seeds():
     with pytest.raises(ValueError, match="seed must be an int in \\[0, 2\\^64\\), got -1"):
         engine.run(x, y, epochs=1, seed=-1)
     assert engine.run(x, y, epochs=1, rows=[3, 1, 2]).shape == (1,)
+    assert engine.run(x, y, epochs=1, seed=np.int64(3)).shape == (1,)  # NumPy ints are ints
 
 
 def test_bad_data_is_a_clear_error():
@@ -439,6 +441,8 @@ def test_ensemble_refuses_models_and_inputs_it_would_compute_wrongly():
                        (torch.randn(5, 4, dtype=torch.float64), "x is torch.float64 on cpu, the ensemble torch.float32")]:
         with pytest.raises(ValueError, match=message):
             ens(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # x from an autocast layer: autocast decides
+        assert ens(torch.randn(5, 4).bfloat16()).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("path", ["small", "blas"])

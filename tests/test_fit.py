@@ -187,3 +187,20 @@ def test_a_model_whose_output_does_not_match_y_is_refused_before_training():
     with pytest.raises(ValueError, match=r"y has 1 column\(s\), but the model gives output of shape \[1, 2\]"):
         aiaas_fast.fit(model(), x, y[:, :1], epochs=2, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # nothing trained
+
+
+def test_a_custom_loss_may_take_other_output_shapes():
+    # Quantile regression: 3 outputs for 1 target, with a pinball loss. The output-width check
+    # is for MSE, where a mismatch broadcasts silently; a custom loss decides its own shapes.
+    x, y = data(120)
+    y = y[:, :1]
+    q = torch.tensor([0.1, 0.5, 0.9])
+
+    def pinball(pred, target):
+        d = target - pred
+        return torch.maximum(q * d, (q - 1) * d).mean()
+
+    torch.manual_seed(0)
+    h = aiaas_fast.fit(MLP(4, [8], 3), x, y, epochs=2, loss_fn=pinball, progress=False, seed=np.int64(1),
+                       min_delta=np.float32(0.0))
+    assert len(h) == 2 and h.engine == "ops"

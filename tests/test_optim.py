@@ -174,3 +174,4 @@ def test_a_group_added_later_is_checked_as_the_constructor_checks():
     o = Adam(make_params()[:2])
     with pytest.raises(RuntimeError, match="capturable=True is not supported"):
         o.add_param_group({"params": make_params()[2:], "capturable": True})
+    assert len(o.param_groups) == 1  # refused, not added

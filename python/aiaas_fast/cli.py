@@ -69,6 +69,8 @@ def read_csv(path: str, numeric: Optional[Sequence[str]] = None, label: Optional
         raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 CSV") from None
     except csv.Error as e:
         raise UsageError(f"{path}: not a readable CSV file ({e})") from None
+    while records and not any(c.strip() for c in records[-1][1]):
+        records.pop()  # trailing records of empty cells (",,," at the end of a spreadsheet export)
     if not records:
         raise UsageError(f"{path}: the file is empty")
     header = [h.strip() for h in records[0][1]]
@@ -79,9 +81,6 @@ def read_csv(path: str, numeric: Optional[Sequence[str]] = None, label: Optional
         raise UsageError(f"{path}: column '{dup}' appears more than once in the header")
     if any(not h for h in header):
         raise UsageError(f"{path}: column {header.index('') + 1} of the header has no name")
-    if all(_is_number(h) for h in header):
-        raise UsageError(f"{path}: the first line ({','.join(header[:4])}{',...' if len(header) > 4 else ''}) is "
-                         "numbers; the file needs a header row naming the columns")
     if len(header) == 1 and any(d in header[0] for d in ";\t|"):
         raise UsageError(f"{path}: one column named '{header[0]}': the file must be comma-separated")
     wanted = [j for j, h in enumerate(header) if (h in numeric if numeric is not None else h != label)]
@@ -118,6 +117,11 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _header_hint(header: Sequence[str]) -> str:
+    """For a column not found: a first line of numbers is likely data, not a header."""
+    return "; the first line is all numbers: does the file have a header row?" if all(map(_is_number, header)) else ""
 
 
 def group_values(labels: List[str]) -> list:
@@ -160,6 +164,15 @@ def replace_atomically(path: str, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                dir=os.path.dirname(os.path.abspath(path)))
     try:
+        # mkstemp makes it private (0600); the file gets the mode a plain open() would give it,
+        # or, replacing one, that file's mode.
+        if os.path.exists(path):
+            mode = os.stat(path).st_mode & 0o7777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
@@ -356,7 +369,8 @@ def cmd_train(args) -> int:
         header = table.header
         missing = [t for t in targets if t not in header]
         if missing:
-            raise UsageError(f"{args.data}: no column named '{missing[0]}' (columns: {', '.join(header)})")
+            raise UsageError(f"{args.data}: no column named '{missing[0]}' (columns: {', '.join(header)})"
+                             + _header_hint(header))
         if args.group_by is not None:
             if args.group_by not in header:
                 raise UsageError(f"{args.data}: no column named '{args.group_by}' to group by (columns: {', '.join(header)})")
@@ -414,7 +428,7 @@ def cmd_train(args) -> int:
                              "Try a smaller --lr.")
     say(f"final train loss (standardised MSE): {last['train_loss']:.5f}")
     kept = last
-    if args.patience is not None and history.best_epoch is not None and history.best_epoch != last["epoch"]:
+    if history.stopped_early and history.best_epoch is not None and history.best_epoch != last["epoch"]:
         kept = next(e for e in history.epochs if e["epoch"] == history.best_epoch)
         say(f"kept the weights of epoch {history.best_epoch + 1}, the best on validation "
             f"(train loss {kept['train_loss']:.5f})")
@@ -537,7 +551,7 @@ def cmd_predict(args) -> int:
     missing = [f for f in features if f not in table.header]
     if missing:
         raise UsageError(f"{args.data}: no column named '{missing[0]}', which the model needs "
-                         f"(features: {', '.join(features)})")
+                         f"(features: {', '.join(features)})" + _header_hint(table.header))
     x = torch.as_tensor(table.columns(features), dtype=torch.float64)
     if kind in ("ensemble", "groups"):
         ens = aiaas_fast.Ensemble(payload["num_models"], payload["widths"][0], payload["widths"][1:-1],

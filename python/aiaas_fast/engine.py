@@ -19,6 +19,7 @@ op-by-op path.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -186,9 +187,13 @@ def _groups_signature(optimizer) -> tuple:
     """What the engine reads from the optimizer's param_groups, cheaply (every step): a change
     (a scheduler's lr, new betas, a group added) makes it read them again. Tensor values as
     floats: a scheduler changes a tensor lr in place."""
-    return tuple((float(g["lr"]), tuple(float(b) for b in g["betas"]), g["eps"], g["weight_decay"], g["amsgrad"], g.get("maximize"),
+    return tuple((_value(g["lr"]), g["betas"], g["eps"], g["weight_decay"], g["amsgrad"], g.get("maximize"),
                   g.get("decoupled_weight_decay"), g.get("capturable"), g.get("differentiable"), len(g["params"]))
                  for g in optimizer.param_groups)
+
+
+def _value(v):
+    return float(v) if isinstance(v, Tensor) else v
 
 
 def unsupported_reason(model: nn.Module, optimizer=None, loss_fn=None) -> Optional[str]:
@@ -369,8 +374,9 @@ class Engine:
         self._sync()
         if not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"Engine.run: epochs must be an int >= 0, got {epochs!r}")
-        if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**64:
             raise ValueError(f"Engine.run: seed must be an int in [0, 2^64), got {seed!r}")
+        seed = int(seed)
         offsets = None
         if rows is not None:
             rows = torch.as_tensor(rows)

@@ -72,7 +72,7 @@ class Ensemble(nn.Module):
             raise ValueError(f"Ensemble: x must be (rows, {self.widths[0]}) or ({self.num_models}, rows, "
                              f"{self.widths[0]}), got shape {list(x.shape)}")
         w0 = self.weights[0]
-        if x.dtype != w0.dtype or x.device != w0.device:
+        if x.device != w0.device or (x.dtype != w0.dtype and not torch.is_autocast_enabled(x.device.type)):
             raise ValueError(f"Ensemble: x is {x.dtype} on {x.device}, the ensemble {w0.dtype} on {w0.device}")
         h = x.expand(self.num_models, *x.shape) if x.dim() == 2 else x
         last = len(self.weights) - 1
@@ -227,7 +227,7 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
                          f"ensemble is {w0.dtype} on {w0.device}")
     device = w0.device
     _check_hyperparameters("aiaas_fast.fit_many", epochs, batch_size, lr, val_split, patience, min_delta, seed)
-    epochs, batch_size = int(epochs), int(batch_size)
+    epochs, batch_size, seed, min_delta = int(epochs), int(batch_size), int(seed), float(min_delta)
     x_all, y_all = _as_tensor("X", X, "aiaas_fast.fit_many"), _as_tensor("y", y, "aiaas_fast.fit_many")
     n, K = len(x_all), ensemble.num_models
     if len(y_all) != n:
@@ -384,21 +384,21 @@ def predict_many(ensemble: Ensemble, X, groups=None, batch_size: int = 4096):
         raise ValueError("aiaas_fast.predict_many: this ensemble was not trained with groups; leave groups out")
     outs = []
     dtype = ensemble.weights[0].dtype
-    d64 = lambda t: t.to(device, torch.float64)  # noqa: E731  (standardised in float64: see Scaler)
+    d64 = lambda t: t.cpu().double()  # noqa: E731  (scaled on the CPU in float64: see Scaler; MPS has none)
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size].to(device)
+            xb = x[i:i + batch_size]
             if ensemble.group_values is not None:
-                ib = ids[i:i + batch_size].to(device)
+                ib = ids[i:i + batch_size]
                 if scalers:
                     xb = (xb.double() - d64(scalers["x"].mean)[ib]) / d64(scalers["x"].std)[ib]
-                pred = ensemble(xb.to(dtype))[ib, torch.arange(len(xb), device=device)]
+                pred = ensemble(xb.to(device, dtype))[ib.to(device), torch.arange(len(xb), device=device)].cpu()
                 if scalers:
                     pred = (pred.double() * d64(scalers["y"].std)[ib] + d64(scalers["y"].mean)[ib]).to(dtype)
             else:
                 if scalers:  # one scaler for every member: row 0 of the stack
                     xb = (xb.double() - d64(scalers["x"].mean[0])) / d64(scalers["x"].std[0])
-                pred = ensemble(xb.to(dtype))
+                pred = ensemble(xb.to(device, dtype)).cpu()
                 if scalers:
                     pred = (pred.double() * d64(scalers["y"].std)[:, None, :] + d64(scalers["y"].mean)[:, None, :]).to(dtype)
             outs.append(pred.cpu())

@@ -150,7 +150,7 @@ def _check_hyperparameters(who: str, epochs, batch_size, lr, val_split, patience
                         ("lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0),
                         ("val_split", val_split, isinstance(val_split, (int, float)) and 0 <= val_split < 1),
                         ("patience", patience, patience is None or (count(patience) and patience >= 1)),
-                        ("min_delta", min_delta, isinstance(min_delta, (int, float)) and math.isfinite(min_delta)
+                        ("min_delta", min_delta, isinstance(min_delta, numbers.Real) and math.isfinite(min_delta)
                          and min_delta >= 0),
                         ("seed", seed, count(seed) and 0 <= seed < 2**63)):
         if not ok:
@@ -184,9 +184,9 @@ def predict(model: nn.Module, X, batch_size: int = 4096) -> Tensor:
     model.eval()
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size].to(device)
-            xb = scalers["x"].transform(xb, dtype) if scalers else xb.to(dtype)
-            out = model(xb)
+            xb = x[i:i + batch_size]  # scaled on the CPU, in float64 (a device may have none: MPS)
+            xb = (scalers["x"].transform(xb, dtype) if scalers else xb.to(dtype)).to(device)
+            out = model(xb).cpu()
             outs.append(scalers["y"].inverse(out) if scalers else out)
     model.train(was_training)
     return torch.cat(outs).cpu() if outs else torch.empty(0, 0)
@@ -233,7 +233,7 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
     if len(x_all) == 0:
         raise ValueError("aiaas_fast.fit: no rows to train on")
     _check_hyperparameters("aiaas_fast.fit", epochs, batch_size, lr, val_split, patience, min_delta, seed)
-    epochs, batch_size = int(epochs), int(batch_size)
+    epochs, batch_size, seed, min_delta = int(epochs), int(batch_size), int(seed), float(min_delta)
     params = list(model.parameters())
     if not params:
         raise ValueError("aiaas_fast.fit: the model has no parameters")
@@ -270,7 +270,8 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
     dtype = params[0].dtype if params[0].is_floating_point() else torch.float32  # the model's (float64 too)
     xs_tr, ys_tr = (scalers[k].transform(v, dtype).to(device) for k, v in (("x", x_tr), ("y", y_tr)))
     xs_va, ys_va = (scalers[k].transform(v, dtype).to(device) for k, v in (("x", x_va), ("y", y_va)))
-    _check_output_width(model, xs_tr[:1], ys_tr.shape[1])
+    if loss_fn is None or isinstance(loss_fn, nn.MSELoss):  # a custom loss may take other shapes (quantiles)
+        _check_output_width(model, xs_tr[:1], ys_tr.shape[1])
 
     loss_fn = loss_fn if loss_fn is not None else MSELoss()
     opt = optimizer if optimizer is not None else Adam(model.parameters(), lr=lr, weight_decay=weight_decay)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -22,11 +23,13 @@ def _mend_interpreter_index() -> bool:
     ``__index__`` takes the array's single element. Returns whether it did."""
     import numpy as np
 
-    try:
-        int(np.zeros(1, dtype=np.int32))
-        return False  # an older NumPy still converts: nothing to mend
-    except TypeError:
-        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # NumPy 1.25-2.3 deprecates it: mend there too
+        try:
+            int(np.zeros(1, dtype=np.int32))
+            return False  # an older NumPy still converts: nothing to mend
+        except (TypeError, DeprecationWarning):
+            pass
     try:
         from triton.runtime import interpreter
     except ImportError:

@@ -246,3 +246,13 @@ def test_triton_adam_refuses_graph_capture(backend):
     with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
         with torch.cuda.graph(graph):
             adam_(p, g, m, v, [], steps, lr=1e-2, beta1=0.9, beta2=0.999)
+
+
+def test_empty_lists_are_nothing_to_do_and_a_meta_tensor_is_checked():
+    adam_([], [], [], [], [], [], lr=0.1, beta1=0.9, beta2=0.999)  # as torch's functional Adam
+    p, m, v, s = torch.ones(3), torch.zeros(3), torch.zeros(3), torch.tensor(0.0)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has shape \[7\] but params\[0\] has shape \[3\]"):
+        adam_([p], [torch.ones(7, device="meta")], [m], [v], [], [s], lr=0.1, beta1=0.9, beta2=0.999)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] is on meta but params\[0\] is on cpu"):
+        adam_([p], [torch.ones(3, device="meta")], [m], [v], [], [s], lr=0.1, beta1=0.9, beta2=0.999)
+    assert torch.equal(p, torch.ones(3)) and s.item() == 0.0

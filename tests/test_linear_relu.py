@@ -199,6 +199,47 @@ def test_empty_batch_gives_empty_output_and_zero_weight_grads(backend):
     assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
 
 
+@pytest.mark.parametrize("in_f,out_f", [(0, 3), (4, 0), (0, 0)])
+def test_zero_features_match_pytorch(backend, in_f, out_f):
+    # No input features: relu(bias) on every row, as F.linear gives; no outputs: empty.
+    x = rand(5, in_f, requires_grad=True, device=backend.device)
+    w, b = rand(out_f, in_f, requires_grad=True, device=backend.device), rand(out_f, requires_grad=True, device=backend.device)
+    out = linear_relu(x, w, b)
+    ref = F.relu(F.linear(x, w, b))
+    assert out.shape == ref.shape == (5, out_f)
+    assert_close(out, ref, torch.float32, backend=backend)
+    out.sum().backward()
+    grads = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    ref.sum().backward()
+    for g, t in zip(grads, (x, w, b)):
+        assert_close(g, t.grad, torch.float32, backend=backend)
+
+
+def test_forward_mode_ad_is_refused_not_dropped():
+    # No jvp formula: a clear error, never a zero tangent (torch.func.jvp gave zeros before).
+    import torch.autograd.forward_ad as fwAD
+
+    x, w = rand(4, 3, dtype=torch.float64), rand(5, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="forward-mode AD .* is not supported"):
+        torch.func.jvp(lambda x: linear_relu(x, w), (x,), (torch.ones_like(x),))
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD .* is not supported"):
+        linear_relu(fwAD.make_dual(x, torch.ones_like(x)), w)
+
+
+def test_second_derivative_path_passes_nan_as_the_first():
+    # backward(create_graph=True) takes another code path; a NaN output passes its gradient
+    # there too, as threshold_backward does.
+    x = torch.tensor([[float("nan"), 1.0]], dtype=torch.float64, requires_grad=True)
+    w = torch.ones(2, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    plain, = torch.autograd.grad(linear_relu(x, w, b).sum(), b)
+    graph, = torch.autograd.grad(linear_relu(x, w, b).sum(), b, create_graph=True)
+    ref, = torch.autograd.grad(F.relu(F.linear(x, w, b)).sum(), b)
+    assert torch.equal(plain, ref) and torch.equal(graph.detach(), ref)
+
+
 def test_bias_gradient_is_deterministic_across_thread_counts():
     x, w = rand(5000, 33), rand(65, 33)
     g = rand(5000, 65)

@@ -194,6 +194,16 @@ def test_warns_and_promotes_as_torch(backend):
         torch.testing.assert_close(g, torch.autograd.grad(ref, x)[0])
 
 
+def test_forward_mode_ad_is_refused_and_a_broadcast_target_compiles():
+    x = rand(4, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="forward-mode AD .* is not supported"):
+        torch.func.jvp(lambda a: mse_loss(a, torch.zeros_like(a)), (x,), (torch.ones_like(x),))
+    # The size warning is not issued while compiling (Dynamo cannot trace it): fullgraph holds.
+    f = torch.compile(lambda a, b: mse_loss(a, b), fullgraph=True)
+    a, t = rand(5, 1), rand(3)
+    assert_close(f(a, t), F.mse_loss(a, t.expand(5, 3)), torch.float32)
+
+
 def test_empty_input_reductions(backend):
     x, t = torch.empty(0, device=backend.device), torch.empty(0, device=backend.device)
     assert torch.isnan(mse_loss(x, t, "mean"))  # as torch: mean of nothing

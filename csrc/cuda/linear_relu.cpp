@@ -79,7 +79,7 @@ at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside record no graph
   const int64_t in_f = weight.size(1), out_f = weight.size(0);
-  const at::Tensor x2 = x.reshape({-1, in_f});
+  const at::Tensor x2 = checks::as_rows(x, in_f);
   const int64_t rows = x2.size(0);
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
@@ -140,8 +140,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t in_f = weight.size(1), out_f = weight.size(0);
-  const at::Tensor g = grad_out.reshape({-1, out_f}).contiguous();
-  const at::Tensor o = out.reshape({-1, out_f}).contiguous();
+  const at::Tensor g = checks::as_rows(grad_out, out_f).contiguous();
+  const at::Tensor o = checks::as_rows(out, out_f).contiguous();
   const int64_t rows = g.size(0);
   const auto dtype = cuda_glue::dtype_of(x, op);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -158,7 +158,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
                                    mask[2] ? grad_b->data_ptr() : nullptr,
                                    mask[2] ? workspace.data_ptr() : nullptr, rows, out_f, stream));
   }
-  const at::Tensor x2 = x.reshape({-1, in_f});
+  const at::Tensor x2 = checks::as_rows(x, in_f);
   if (mask[0]) grad_x = at::mm(gm, weight).view(x.sizes());
   if (mask[1]) grad_w = at::mm(gm.t(), x2);
   return {grad_x, grad_w, grad_b};

@@ -14,6 +14,14 @@ void linear_relu_args(const at::Tensor& x, const at::Tensor& weight, const std::
 void linear_relu_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& out);
 
+// t as a (rows, cols) matrix, rows the product of its leading sizes: also for cols == 0,
+// where reshape({-1, 0}) cannot infer the rows.
+inline at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return t.reshape({rows, cols});
+}
+
 enum class Reduction { none, mean, sum };
 Reduction parse_reduction(std::string_view op, std::string_view reduction);
 // The broadcast shape of input and target, or a clear error.

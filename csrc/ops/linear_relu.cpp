@@ -4,11 +4,13 @@
 // masked gradient and accumulates the bias gradient, then two products.
 // Autograd is registered here in C++, once for every device: the same formula through
 // torch.library.register_autograd cost about 50 us more per forward+backward in Python.
+#include <initializer_list>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -28,7 +30,7 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   checks::linear_relu_args(x, weight, bias);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside record no graph
   const int64_t in_f = weight.size(1), out_f = weight.size(0);
-  const at::Tensor x2 = x.reshape({-1, in_f});
+  const at::Tensor x2 = checks::as_rows(x, in_f);
   const int64_t rows = x2.size(0);
   at::Tensor out = at::empty({rows, out_f}, x.options());
   at::mm_out(out, x2, weight.t());
@@ -51,8 +53,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
   checks::linear_relu_backward_args(grad_out, x, weight, out);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside record no graph
   const int64_t in_f = weight.size(1), out_f = weight.size(0);
-  const at::Tensor g = grad_out.reshape({-1, out_f}).contiguous();
-  const at::Tensor o = out.reshape({-1, out_f}).contiguous();
+  const at::Tensor g = checks::as_rows(grad_out, out_f).contiguous();
+  const at::Tensor o = checks::as_rows(out, out_f).contiguous();
   const int64_t rows = g.size(0);
   const bool need_gm = mask[0] || mask[1];
   at::Tensor gm = need_gm ? at::empty_like(g) : at::Tensor();
@@ -90,7 +92,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
   });
 
   // (Running the two products side by side, one thread each, measured no faster at 256x64x64.)
-  const at::Tensor x2 = x.reshape({-1, in_f});
+  const at::Tensor x2 = checks::as_rows(x, in_f);
   if (mask[0]) grad_x = at::mm(gm, weight).view(x.sizes());
   if (mask[1]) grad_w = at::mm(gm.t(), x2);
   return {grad_x, grad_w, grad_b};
@@ -128,17 +130,28 @@ class LinearReluFunction : public torch::autograd::Function<LinearReluFunction> 
                                                                 const at::Tensor& weight, const at::Tensor& out,
                                                                 const std::array<bool, 3>& mask) {
     const int64_t in_f = weight.size(1), out_f = weight.size(0);
-    const at::Tensor gm = g * (out > 0).to(g.scalar_type());
-    const at::Tensor gm2 = gm.reshape({-1, out_f});
+    const at::Tensor gm = g * out.le(0).logical_not().to(g.scalar_type());  // NaN passes, as threshold_backward
+    const at::Tensor gm2 = checks::as_rows(gm, out_f);
     at::Tensor gx, gw, gb;
     if (mask[0]) gx = gm.matmul(weight);
-    if (mask[1]) gw = gm2.t().matmul(x.reshape({-1, in_f}));
+    if (mask[1]) gw = gm2.t().matmul(checks::as_rows(x, in_f));
     if (mask[2]) gb = gm2.sum(0);
     return {gx, gw, gb};
   }
 };
 
+// Forward-mode AD (torch.func.jvp, fwAD dual tensors) has no formula here: refused, not a
+// tangent silently dropped.
+void refuse_forward_ad(const char* op, std::initializer_list<const at::Tensor*> inputs) {
+  for (const at::Tensor* t : inputs)
+    TORCH_CHECK(!t->defined() || !t->_fw_grad(/*level=*/0).defined(), op,
+                ": forward-mode AD (torch.func.jvp, dual tensors) is not supported; use the reference backend "
+                "(aiaas_fast.use_backend(\"reference\")) for it");
+}
+
 at::Tensor linear_relu_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const at::Tensor no_bias;
+  refuse_forward_ad("aiaas_fast.linear_relu", {&x, &weight, bias.has_value() ? &*bias : &no_bias});
   const bool needs_graph = at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() ||
                                                           (bias.has_value() && bias->defined() && bias->requires_grad()));
   if (!needs_graph) {  // inference: no node, no saved tensors

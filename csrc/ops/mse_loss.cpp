@@ -150,6 +150,10 @@ class MseLossFunction : public torch::autograd::Function<MseLossFunction> {
 
 std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss_autograd(const at::Tensor& input, const at::Tensor& target,
                                                                    c10::string_view reduction, bool compute_grad) {
+  // Forward-mode AD has no formula here: refused, not a tangent silently dropped.
+  TORCH_CHECK(!input._fw_grad(/*level=*/0).defined() && !target._fw_grad(/*level=*/0).defined(),
+              "aiaas_fast.mse_loss: forward-mode AD (torch.func.jvp, dual tensors) is not supported; use the "
+              "reference backend (aiaas_fast.use_backend(\"reference\")) for it");
   const bool needs_graph = at::GradMode::is_enabled() && (input.requires_grad() || target.requires_grad());
   if (!needs_graph) {
     at::AutoDispatchBelowADInplaceOrView guard;

@@ -75,7 +75,7 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     input and target of different dtypes compute in their promoted dtype (the operator
     itself takes one dtype)."""
     if isinstance(input, Tensor) and isinstance(target, Tensor):
-        if target.size() != input.size():
+        if target.size() != input.size() and not torch.compiler.is_compiling():  # (Dynamo cannot trace warn)
             warnings.warn(f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
                           "This will likely lead to incorrect results due to broadcasting. Please ensure they have "
                           "the same size.", stacklevel=2)
@@ -126,6 +126,8 @@ def adam_(
     """One Adam (AdamW with ``decoupled_weight_decay``) step on every tensor of a group,
     in place, including the step counters. Same math as ``torch.optim.Adam``."""
     params = list(params)
+    if not params and not any(map(len, (grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps))):
+        return  # nothing to update (the operator itself needs a tensor to dispatch on)
     backend = _backend.resolve("adam_", params[0].device if params else torch.device("cpu"))
     args = (params, list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps))
     hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps),
@@ -141,4 +143,8 @@ def adam_(
 @torch.library.register_fake("aiaas_fast::adam_")
 def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
                weight_decay, eps, amsgrad, maximize, decoupled_weight_decay):
+    # Also the kernel for a call with a tensor on "meta": the same refusals (a device mismatch
+    # among them), not a silent no-op.
+    _checks.adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
+                         state_dtypes=(torch.float32,))
     return None

@@ -19,6 +19,8 @@ by default (float32 products, no TF32), ``"tf32"`` when the user allows TF32.
 """
 from __future__ import annotations
 
+import math
+
 from typing import List, Optional, Tuple
 
 import torch
@@ -153,7 +155,7 @@ def triton_linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Ten
     _checks.linear_relu_args(x, weight, bias, DTYPES, "triton")
     check_device(OP, x)
     in_f, out_f = weight.shape[1], weight.shape[0]
-    x2 = x.reshape(-1, in_f)
+    x2 = _rows(x, in_f)
     out = torch.empty((x2.shape[0], out_f), dtype=x.dtype, device=x.device)
     if in_f == 0:  # an empty product: relu(bias)
         out.copy_(torch.relu(bias).expand_as(out) if bias is not None else torch.zeros_like(out))
@@ -169,9 +171,9 @@ def triton_linear_relu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, out
     _checks.linear_relu_backward_args(grad_out, x, weight, out, DTYPES, "triton")
     check_device(OP, x)
     in_f, out_f = weight.shape[1], weight.shape[0]
-    g = grad_out.reshape(-1, out_f)
-    o = out.reshape(-1, out_f)
-    x2 = x.reshape(-1, in_f)
+    g = _rows(grad_out, out_f)
+    o = _rows(out, out_f)
+    x2 = _rows(x, in_f)
     grad_x, grad_w, grad_b = (x.new_empty((0,)) for _ in range(3))  # outputs may not alias each other
     if output_mask[0]:
         grad_x = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
@@ -201,6 +203,12 @@ def triton_linear_relu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, out
     return grad_x, grad_w, grad_b
 
 
+def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
+    """t as (rows, cols), rows the product of its leading sizes: also for cols == 0, where
+    reshape(-1, 0) cannot infer the rows."""
+    return t.reshape(math.prod(t.shape[:-1]), cols)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias = inputs
     ctx.save_for_backward(x, weight, output)  # the ReLU mask is read back from the output
@@ -211,9 +219,9 @@ def _backward(ctx, grad):
     x, weight, out = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
     if torch.is_grad_enabled():  # backward(create_graph=True): ops autograd records (the kernels have no derivative)
-        gm = grad * (out > 0).to(grad.dtype)
-        gm2 = gm.reshape(-1, weight.shape[0])
-        return (gm @ weight if mask[0] else None, gm2.t() @ x.reshape(-1, weight.shape[1]) if mask[1] else None,
+        gm = grad * out.le(0).logical_not().to(grad.dtype)  # NaN passes, as threshold_backward
+        gm2 = _rows(gm, weight.shape[0])
+        return (gm @ weight if mask[0] else None, gm2.t() @ _rows(x, weight.shape[1]) if mask[1] else None,
                 gm2.sum(0) if mask[2] else None)
     gx, gw, gb = torch.ops.aiaas_fast.triton_linear_relu_backward(grad.contiguous(), x, weight, out, mask)
     return gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None

@@ -240,6 +240,16 @@ def test_second_derivative_path_passes_nan_as_the_first():
     assert torch.equal(plain, ref) and torch.equal(graph.detach(), ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_forward_is_rounded_once_as_linear(dtype):
+    # The bias joins the product's float32 accumulator (as F.linear's), so the output is
+    # rounded once: the same bits as torch on the CPU. Rounding the product first and adding
+    # the bias after rounded twice (a largest error of 0.034 against torch's 0.023 in float16).
+    x, w, b = rand(512, 64), rand(128, 64) / 8, rand(128)
+    x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    assert torch.equal(torch.ops.aiaas_fast.linear_relu(x, w, b), F.relu(F.linear(x, w, b)))
+
+
 def test_bias_gradient_is_deterministic_across_thread_counts():
     x, w = rand(5000, 33), rand(65, 33)
     g = rand(5000, 65)

@@ -1,6 +1,6 @@
 // aiaas_fast::linear_relu: relu(x @ weight.T + bias), and its backward from the saved output.
 // CPU kernel: the product through ATen (MKL/oneDNN) into the output buffer, then bias and
-// ReLU in one vectorized pass over it. Backward: one pass over (grad_out, out) writes the
+// ReLU in one vectorized pass over it (16-bit types: the bias in the product, then ReLU). Backward: one pass over (grad_out, out) writes the
 // masked gradient and accumulates the bias gradient, then two products.
 // Autograd is registered here in C++, once for every device: the same formula through
 // torch.library.register_autograd cost about 50 us more per forward+backward in Python.
@@ -33,12 +33,21 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const at::Tensor x2 = checks::as_rows(x, in_f);
   const int64_t rows = x2.size(0);
   at::Tensor out = at::empty({rows, out_f}, x.options());
-  at::mm_out(out, x2, weight.t());
   const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  // 16-bit types: the bias goes into the product (added to its float32 accumulator, as
+  // F.linear does), so the result is rounded once; rounding the product first and adding the
+  // bias after would round twice. float32 and float64: the product, then bias and ReLU in the
+  // one pass (addmm would first copy the bias into every row: a pass more).
+  const bool bias_in_product = has_bias && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf);
+  if (bias_in_product) {
+    at::addmm_out(out, *bias, x2, weight.t());
+  } else {
+    at::mm_out(out, x2, weight.t());
+  }
+  const at::Tensor b = has_bias && !bias_in_product ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "aiaas_fast.linear_relu", [&] {
     auto* o = kernel_ptr<scalar_t>(out);
-    const auto* bp = has_bias ? kernel_ptr<scalar_t>(b) : nullptr;
+    const auto* bp = b.defined() ? kernel_ptr<scalar_t>(b) : nullptr;  // nullptr: ReLU only
     const auto& k = cpu_kernels<scalar_t>();
     at::parallel_for(0, rows, grain_rows(out_f), [&](int64_t r0, int64_t r1) { k.bias_relu(o, bp, r0, r1, out_f); });
   });

@@ -25,6 +25,13 @@ void same_dtype_device(const char* op, const char* name_a, const at::Tensor& a, 
 
 }  // namespace
 
+void no_forward_ad(std::string_view op, std::initializer_list<at::Tensor> inputs) {
+  for (const at::Tensor& t : inputs)
+    TORCH_CHECK(!t.defined() || !t._fw_grad(/*level=*/0).defined(), op,
+                ": forward-mode AD (torch.func.jvp, dual tensors) is not supported; use the reference backend "
+                "(aiaas_fast.use_backend(\"reference\")) for it");
+}
+
 void linear_relu_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "aiaas_fast.linear_relu";
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ",

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <array>
+#include <initializer_list>
 #include <optional>
 #include <string_view>
 
@@ -21,6 +22,10 @@ inline at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
   for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
   return t.reshape({rows, cols});
 }
+
+// Forward-mode AD (torch.func.jvp, dual tensors): the ops have no formula for it, so a dual
+// input is refused with a clear error rather than its tangent silently dropped.
+void no_forward_ad(std::string_view op, std::initializer_list<at::Tensor> inputs);
 
 enum class Reduction { none, mean, sum };
 Reduction parse_reduction(std::string_view op, std::string_view reduction);

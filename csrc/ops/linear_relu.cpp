@@ -1,11 +1,10 @@
 // aiaas_fast::linear_relu: relu(x @ weight.T + bias), and its backward from the saved output.
 // CPU kernel: the product through ATen (MKL/oneDNN) into the output buffer, then bias and
-// ReLU in one vectorized pass over it (16-bit types: the bias in the product, then ReLU). Backward: one pass over (grad_out, out) writes the
-// masked gradient and accumulates the bias gradient, then two products.
+// ReLU in one vectorized pass over it (16-bit types: the bias in the product, then ReLU).
+// Backward: one pass over (grad_out, out) writes the masked gradient and accumulates the bias
+// gradient, then two products.
 // Autograd is registered here in C++, once for every device: the same formula through
 // torch.library.register_autograd cost about 50 us more per forward+backward in Python.
-#include <initializer_list>
-
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -149,18 +148,8 @@ class LinearReluFunction : public torch::autograd::Function<LinearReluFunction> 
   }
 };
 
-// Forward-mode AD (torch.func.jvp, fwAD dual tensors) has no formula here: refused, not a
-// tangent silently dropped.
-void refuse_forward_ad(const char* op, std::initializer_list<const at::Tensor*> inputs) {
-  for (const at::Tensor* t : inputs)
-    TORCH_CHECK(!t->defined() || !t->_fw_grad(/*level=*/0).defined(), op,
-                ": forward-mode AD (torch.func.jvp, dual tensors) is not supported; use the reference backend "
-                "(aiaas_fast.use_backend(\"reference\")) for it");
-}
-
 at::Tensor linear_relu_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  const at::Tensor no_bias;
-  refuse_forward_ad("aiaas_fast.linear_relu", {&x, &weight, bias.has_value() ? &*bias : &no_bias});
+  checks::no_forward_ad("aiaas_fast.linear_relu", {x, weight, bias.value_or(at::Tensor())});
   const bool needs_graph = at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() ||
                                                           (bias.has_value() && bias->defined() && bias->requires_grad()));
   if (!needs_graph) {  // inference: no node, no saved tensors

@@ -101,25 +101,19 @@ class MseLossFunction : public torch::autograd::Function<MseLossFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &input = saved[0], &target = saved[1], &saved_grad = saved[2];
     const bool mean = ctx->saved_data["mean"].toBool();
+    // backward(create_graph=True): the gradient from ATen ops that autograd records (the
+    // tensor formula below), so that it has a derivative; the saved one has none.
+    const bool graph = at::GradMode::is_enabled();
     // Read grad_output where that is free (CPU) or pays (a large gradient on a GPU: the
     // sync costs less than a pass over it); once, as on a GPU each read is a sync.
-    if (at::GradMode::is_enabled()) {
-      // backward(create_graph=True): the gradient from ATen ops that autograd records, so
-      // that it has a derivative (the saved one, computed in the forward pass, has none).
-      const double n = static_cast<double>(c10::multiply_integers(checks::mse_loss_args(input, target)));
-      const double scale = mean ? 2.0 / n : 2.0;
-      const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      const at::Tensor grad = ((input.to(acc) - target.to(acc)) * (grad_loss.to(acc) * scale)).to(input.scalar_type());
-      return sum_back(ctx, grad);
-    }
-    const bool readable = detail::may_read_scalar(grad_loss, saved_grad.defined() ? saved_grad.numel() : 0);
+    const bool readable = !graph && detail::may_read_scalar(grad_loss, saved_grad.defined() ? saved_grad.numel() : 0);
     const double g = readable ? grad_loss.item<double>() : 0.0;
     at::Tensor grad;
     if (readable && g == 1.0 && saved_grad.defined()) {
       // The saved gradient is the answer. Autograd frees this node's saved tensors before
       // accumulating, so AccumulateGrad can take it without a copy (with retain_graph it copies).
       grad = saved_grad;
-    } else if (!saved_grad.defined() || (mean && input.scalar_type() == at::kHalf)) {
+    } else if (graph || !saved_grad.defined() || (mean && input.scalar_type() == at::kHalf)) {
       // In float32 (double for double), rounded once at the end: with a float16 grad_output
       // tensor, grad_output * 2 / n would itself be a float16, subnormal past n = 32768.
       const double n = static_cast<double>(c10::multiply_integers(checks::mse_loss_args(input, target)));
@@ -150,10 +144,7 @@ class MseLossFunction : public torch::autograd::Function<MseLossFunction> {
 
 std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss_autograd(const at::Tensor& input, const at::Tensor& target,
                                                                    c10::string_view reduction, bool compute_grad) {
-  // Forward-mode AD has no formula here: refused, not a tangent silently dropped.
-  TORCH_CHECK(!input._fw_grad(/*level=*/0).defined() && !target._fw_grad(/*level=*/0).defined(),
-              "aiaas_fast.mse_loss: forward-mode AD (torch.func.jvp, dual tensors) is not supported; use the "
-              "reference backend (aiaas_fast.use_backend(\"reference\")) for it");
+  checks::no_forward_ad("aiaas_fast.mse_loss", {input, target});
   const bool needs_graph = at::GradMode::is_enabled() && (input.requires_grad() || target.requires_grad());
   if (!needs_graph) {
     at::AutoDispatchBelowADInplaceOrView guard;

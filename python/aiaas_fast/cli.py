@@ -40,9 +40,6 @@ class Table:
     def __init__(self, header: List[str], data: np.ndarray, lines: List[int], labels: Optional[List[str]]):
         self.header, self.data, self.lines, self.labels = header, data, lines, labels
 
-    def column(self, name: str) -> np.ndarray:
-        return self.data[:, self.header.index(name)]
-
     def columns(self, names: Sequence[str]) -> np.ndarray:
         return self.data[:, [self.header.index(n) for n in names]]
 
@@ -144,6 +141,8 @@ def label(v) -> str:
 def check_writable(path: str, inputs: Sequence[str], force: bool) -> None:
     """Before any work: --out must be a file we may write, not one of the inputs, and not
     an existing file unless --force."""
+    if not path.strip():
+        raise UsageError("--out: empty file name")
     if os.path.isdir(path):
         raise UsageError(f"--out {path}: is a directory; give a file name")
     for given in inputs:
@@ -182,15 +181,19 @@ def replace_atomically(path: str, write) -> None:
         raise
 
 
-def write_csv(path: str, header: Sequence[str], data: np.ndarray, force: bool) -> None:
-    if os.path.exists(path) and not force:
-        raise UsageError(f"{path}: already exists; pass --force to overwrite it")
+def write_rows(f, header: Sequence[str], data: np.ndarray) -> None:
+    """The header and the numbers (7 significant digits) as CSV, to a text stream."""
+    w = csv.writer(f)
+    w.writerow(header)
+    w.writerows([[f"{v:.7g}" for v in row] for row in data])
+
+
+def write_csv(path: str, header: Sequence[str], data: np.ndarray) -> None:
+    """Through replace_atomically; ``path`` was checked by check_writable before any work."""
 
     def write(f):
         text = io.TextIOWrapper(f, newline="", encoding="utf-8")
-        w = csv.writer(text)
-        w.writerow(header)
-        w.writerows([[f"{v:.7g}" for v in row] for row in data])
+        write_rows(text, header, data)
         text.flush()
         text.detach()
 
@@ -350,8 +353,6 @@ def cmd_train(args) -> int:
             if bad:
                 raise UsageError(f"{what} trains on the compiled many-model engine; {flag} does not apply to it")
     if args.out is not None:
-        if not args.out.strip():
-            raise UsageError("--out: empty file name")
         check_writable(args.out, [args.data], args.force)
     if args.data and args.rows is not None:
         raise UsageError("--rows sets the size of the built-in data; with --data every row of the file is used")
@@ -530,8 +531,6 @@ def cmd_predict(args) -> int:
     if not os.path.exists(args.model):
         raise UsageError(f"{args.model}: no such file")
     if args.out is not None:
-        if not args.out.strip():
-            raise UsageError("--out: empty file name")
         check_writable(args.out, [args.data, args.model], args.force)
     try:
         payload = torch.load(args.model, map_location="cpu", weights_only=True)
@@ -590,13 +589,11 @@ def cmd_predict(args) -> int:
 
 def _write_predictions(args, names, pred) -> int:
     if args.out:
-        write_csv(args.out, names, pred, args.force)
+        write_csv(args.out, names, pred)
         say(f"wrote {len(pred)} predictions to {args.out}")
     else:
         try:
-            w = csv.writer(sys.stdout)
-            w.writerow(names)
-            w.writerows([[f"{v:.7g}" for v in row] for row in pred])
+            write_rows(sys.stdout, names, pred)
             sys.stdout.flush()
         except BrokenPipeError:  # | head: the reader has what it wanted
             _silence_stdout()

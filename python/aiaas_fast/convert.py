@@ -8,6 +8,7 @@ from typing import List
 
 from torch import nn
 
+from ._module_checks import RUN_HOOKS, extra_behaviour
 from .nn import LinearReLU, MSELoss
 
 __all__ = ["convert"]
@@ -28,18 +29,15 @@ def _fused_linear_relu(linear: nn.Linear) -> LinearReLU:
 
 
 def _why_not_plain(module: nn.Module) -> str:
-    """Why swapping ``module`` would lose something it does (empty: nothing)."""
-    if getattr(module, "parametrizations", None) is not None:
-        return "it has parametrizations (e.g. weight_norm)"
-    for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-              "_state_dict_hooks", "_load_state_dict_pre_hooks"):
-        if getattr(module, h, None):
-            return f"it has {h.strip('_').replace('_', ' ')} (e.g. pruning, spectral_norm or your own)"
+    """Why swapping ``module`` would lose something it does (empty: nothing): what
+    :func:`extra_behaviour` names (its state-dict hooks included: they would stop applying),
+    or parameters and buffers besides a Linear's weight and bias."""
+    why = extra_behaviour(module, RUN_HOOKS + ("_state_dict_hooks", "_load_state_dict_pre_hooks"))
+    if why:
+        return f"it {why}"
     if isinstance(module, nn.Linear):
-        own = {"weight", "bias"}
-        if any(module._parameters.get(n) is not getattr(module, n) for n in own):
-            return "its weight or bias is computed, not a parameter of its own (e.g. weight_norm)"
-        extra = [n for n, t in [*module._parameters.items(), *module._buffers.items()] if n not in own and t is not None]
+        extra = [n for n, t in [*module._parameters.items(), *module._buffers.items()]
+                 if n not in ("weight", "bias") and t is not None]
         if extra or module._modules:
             return f"it holds more than a weight and a bias ({', '.join(extra + list(module._modules))})"
     return ""
@@ -87,12 +85,13 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
         for name, child in list(module._modules.items()):
             if child is None:
                 continue
-            if type(child) is nn.MSELoss and _why_not_plain(child):
-                skipped.append(f"{prefix}{name}: MSELoss left as it is: {_why_not_plain(child)}")
-                continue
             if type(child) is nn.MSELoss:
-                module._modules[name] = MSELoss(reduction=child.reduction)
-                replaced.append(f"{prefix}{name}: MSELoss -> aiaas_fast.nn.MSELoss")
+                why = _why_not_plain(child)
+                if why:
+                    skipped.append(f"{prefix}{name}: MSELoss left as it is: {why}")
+                else:
+                    module._modules[name] = MSELoss(reduction=child.reduction)
+                    replaced.append(f"{prefix}{name}: MSELoss -> aiaas_fast.nn.MSELoss")
                 continue
             visit(child, f"{prefix}{name}.")
 

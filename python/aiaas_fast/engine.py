@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _C
+from ._module_checks import extra_behaviour
 from .nn import LinearReLU, MLP
 
 __all__ = ["Engine", "UnsupportedModel", "mlp_layers", "unsupported_reason"]
@@ -60,20 +61,8 @@ def _unseen_behaviour(name: str, m: nn.Module) -> Optional[str]:
     if base is not None and type(m).forward is not _KNOWN_FORWARDS[base]:
         return (f"{label}: {type(m).__name__} overrides {base.__name__}.forward(), which the compiled engine "
                 "would not run")
-    hooks = [h for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-             if getattr(m, h, None)]
-    if hooks:
-        return (f"{label} has {hooks[0].strip('_').replace('_', ' ')} (e.g. pruning, spectral_norm or your own), "
-                "which the compiled engine would not run")
-    if getattr(m, "parametrizations", None) is not None:
-        return f"{label} has parametrizations (e.g. weight_norm), which the compiled engine would not run"
-    if isinstance(m, nn.Linear):
-        for pname in ("weight", "bias"):
-            t = getattr(m, pname)
-            if t is not None and m._parameters.get(pname) is not t:
-                return (f"{label}.{pname} is computed, not a parameter of its own (e.g. weight_norm), which the "
-                        "compiled engine would not recompute")
-    return None
+    why = extra_behaviour(m)
+    return f"{label} {why}, which the compiled engine would not run" if why else None
 
 
 def _global_hooks() -> Optional[str]:

@@ -272,10 +272,8 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
         base = train_rows[0]
         train_rows = [base[torch.randint(len(base), (len(base),), generator=gen)] for _ in range(K)]
     row_model = ids if ids is not None else torch.zeros(n, dtype=torch.int64)
-    # In float64, then the ensemble's float32 (see Scaler).
-    xs = ((x_all.double() - scalers["x"].mean[row_model].double()) / scalers["x"].std[row_model].double()).float()
-    ys = ((y_all.double() - scalers["y"].mean[row_model].double()) / scalers["y"].std[row_model].double()).float()
-    xs, ys = xs.contiguous().to(device), ys.contiguous().to(device)
+    xs, ys = (_rows_scaler(scalers[k], row_model).transform(v).contiguous().to(device)
+              for k, v in (("x", x_all), ("y", y_all)))
 
     params = [p for pair in zip(ensemble.weights, ensemble.biases) for p in pair]
     core, _ = ensemble_engine(ensemble, lr=lr, weight_decay=weight_decay)
@@ -352,6 +350,11 @@ def fit_many(ensemble: Ensemble, X, y, *, groups=None, bootstrap: Optional[bool]
     return history
 
 
+def _rows_scaler(stacked: Scaler, model: Tensor) -> Scaler:
+    """Per-model scalers stacked (K, cols) as one scaler per row: row r scaled by model[r]'s."""
+    return Scaler(stacked.mean[model], stacked.std[model])
+
+
 def _mean_per_model(values: Tensor, model: Tensor, K: int) -> Tensor:
     """Mean of values per model index; NaN for a model with no values (a group whose rows
     were too few to hold any out for validation), never a 0 that looks like a perfect fit."""
@@ -384,23 +387,19 @@ def predict_many(ensemble: Ensemble, X, groups=None, batch_size: int = 4096):
         raise ValueError("aiaas_fast.predict_many: this ensemble was not trained with groups; leave groups out")
     outs = []
     dtype = ensemble.weights[0].dtype
-    d64 = lambda t: t.cpu().double()  # noqa: E731  (scaled on the CPU in float64: see Scaler; MPS has none)
-    with torch.no_grad():
+    sx, sy = (scalers["x"], scalers["y"]) if scalers else (None, None)
+    with torch.no_grad():  # scaled on the CPU (see Scaler; a device may lack float64: MPS)
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size]
             if ensemble.group_values is not None:
                 ib = ids[i:i + batch_size]
-                if scalers:
-                    xb = (xb.double() - d64(scalers["x"].mean)[ib]) / d64(scalers["x"].std)[ib]
-                pred = ensemble(xb.to(device, dtype))[ib.to(device), torch.arange(len(xb), device=device)].cpu()
-                if scalers:
-                    pred = (pred.double() * d64(scalers["y"].std)[ib] + d64(scalers["y"].mean)[ib]).to(dtype)
-            else:
-                if scalers:  # one scaler for every member: row 0 of the stack
-                    xb = (xb.double() - d64(scalers["x"].mean[0])) / d64(scalers["x"].std[0])
-                pred = ensemble(xb.to(device, dtype)).cpu()
-                if scalers:
-                    pred = (pred.double() * d64(scalers["y"].std)[:, None, :] + d64(scalers["y"].mean)[:, None, :]).to(dtype)
+                xb = _rows_scaler(sx, ib).transform(xb, dtype) if sx else xb.to(dtype)
+                pred = ensemble(xb.to(device))[ib.to(device), torch.arange(len(xb), device=device)].cpu()
+                pred = _rows_scaler(sy, ib).inverse(pred) if sy else pred
+            else:  # one x scaler for every member (row 0 of the stack), each member's own y scaler
+                xb = Scaler(sx.mean[0], sx.std[0]).transform(xb, dtype) if sx else xb.to(dtype)
+                pred = ensemble(xb.to(device)).cpu()
+                pred = Scaler(sy.mean[:, None, :], sy.std[:, None, :]).inverse(pred) if sy else pred
             outs.append(pred.cpu())
     if ensemble.group_values is not None:
         return torch.cat(outs) if outs else torch.empty(0, ensemble.widths[-1])

@@ -64,8 +64,6 @@ class _FusedAdamStep:
         name = type(self).__name__
         buckets, witness = {}, ([], [], [])
         for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError(f"aiaas_fast.optim.{name} does not support sparse gradients")
             if torch.is_complex(p):
                 raise RuntimeError(f"aiaas_fast.optim.{name} does not support complex parameters")
             state = self.state[p]
@@ -119,7 +117,7 @@ class _FusedAdamStep:
                          decoupled_weight_decay=self._decoupled or bool(group.get("decoupled_weight_decay", False)))
             for bucket_params, exp_avgs, exp_avg_sqs, max_sqs, steps in cached[1]:
                 grads = [p.grad for p in bucket_params]
-                if any(g.is_sparse for g in grads):
+                if any(g.is_sparse for g in grads):  # checked every step: a gradient may turn sparse
                     raise RuntimeError(f"aiaas_fast.optim.{type(self).__name__} does not support sparse gradients")
                 ops.adam_(bucket_params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, **hyper)
         return loss

@@ -12,7 +12,6 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-
 def _mend_interpreter_index() -> bool:
     """Triton's interpreter up to 3.6 turns a scalar kernel argument into a Python int with
     ``int()`` of a one-element array, which NumPy 2.4 refuses ("only 0-dimensional arrays

@@ -20,7 +20,6 @@ by default (float32 products, no TF32), ``"tf32"`` when the user allows TF32.
 from __future__ import annotations
 
 import math
-
 from typing import List, Optional, Tuple
 
 import torch

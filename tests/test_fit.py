@@ -161,7 +161,8 @@ def test_columns_far_from_zero_keep_their_variation():
         m = MLP(1, [32, 32], 1)
         h = aiaas_fast.fit(m, x, y, epochs=60, batch_size=32, lr=3e-3, progress=False)
         r2.append(h["val_r2"][-1])
-        torch.testing.assert_close(aiaas_fast.predict(m, x[:5]), aiaas_fast.predict(m, x[:5]))
+        # predict scales in float64 too: predictions in y's units, as good as fit's validation
+        assert (aiaas_fast.predict(m, x).double() - y).pow(2).mean().sqrt() < 0.3
     assert r2[1] > 0.9 and abs(r2[0] - r2[1]) < 0.02, r2
     ens = aiaas_fast.Ensemble(2, 1, [32, 32], 1)
     hm = aiaas_fast.fit_many(ens, far, y, epochs=60, batch_size=32, lr=3e-3, val_split=0.2, progress=False)

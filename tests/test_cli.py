@@ -270,6 +270,21 @@ def test_group_labels_may_be_text_and_are_shown_as_written(tmp_path):
         assert code == 2 and "line 3, column 'unit': R-999 is a group no model was trained for" in err, err
 
 
+def test_group_labels_that_are_the_same_number_are_not_merged(tmp_path):
+    # "007" and "7" are two units written differently; as numbers they would silently merge.
+    x, y, feats, targets = datasets.cstr(240, seed=3)
+    units = ["007", "7", "8"]
+    rows = [[units[i % 3]] + list(x[i]) + list(y[i, :1]) for i in range(240)]
+    path = write(tmp_path / "u.csv", ["unit"] + feats + targets[:1], rows)
+    model = str(tmp_path / "u.pt")
+    code, out, err = main("train", "--data", path, "--target", targets[0], "--group-by", "unit", "--hidden", "8",
+                          "--epochs", "2", "--out", model)
+    assert code == 0 and "3 models, one per value of 'unit'" in out, (out, err)
+    assert torch.load(model, weights_only=True)["group_values"] == ["007", "7", "8"]
+    code, out, err = main("predict", "--model", model, "--data", path)
+    assert code == 0 and len(out.splitlines()) == 241, err
+
+
 def test_a_group_without_validation_rows_is_named_not_counted_as_perfect(tmp_path):
     x, y, feats, targets = datasets.cstr(61, seed=3)
     unit = [1] * 30 + [2] * 30 + [7]

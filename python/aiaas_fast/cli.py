@@ -123,12 +123,15 @@ def _header_hint(header: Sequence[str]) -> str:
 
 def group_values(labels: List[str]) -> list:
     """Group labels as numbers where every one is a finite number (unit 3, unit 1000003), else
-    as text (unit "R-102")."""
+    as text (unit "R-102"). Where two different labels are the same number ("007" and "7",
+    "7" and "7.0") they stay text: distinct units are not merged silently."""
     try:
         values = [float(v) for v in labels]
     except ValueError:
         return list(labels)
-    return values if all(math.isfinite(v) for v in values) else list(labels)
+    if not all(math.isfinite(v) for v in values) or len(set(values)) != len(set(labels)):
+        return list(labels)
+    return values
 
 
 def label(v) -> str:

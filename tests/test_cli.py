@@ -95,6 +95,7 @@ def test_nothing_is_overwritten_without_force(tmp_path):
     ("a,a\n1,2\n", "column 'a' appears more than once"),
     ("a,b\n1,2\n\n3,x\n", "line 4, column 'b': 'x' is not a number"),  # file lines, blank lines counted
     ('a,b\n"1\n",2\n3,x\n', "line 4, column 'b'"),  # a quoted cell over two lines
+    ('a,b\n1,2\n"3\n",x\n', "line 3, column 'b'"),  # a record over two lines: the line it starts on
     ("a,b\n1,2\n,\n3,4\n", "line 3, column 'a': empty cell"),  # a record of empty cells is not dropped
     ("a;b\n1;2\n", "must be comma-separated"),
     ("a,,b\n1,2,3\n", "column 2 of the header has no name"),

@@ -58,10 +58,12 @@ def read_csv(path: str, numeric: Optional[Sequence[str]] = None, label: Optional
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
+            last = 0  # the line a record starts on: after the previous one (a quoted cell may span lines)
             for row in reader:
+                first, last = last + 1, reader.line_num
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue  # a blank line: no record
-                records.append((reader.line_num, row))
+                records.append((first, row))
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 CSV") from None
     except csv.Error as e:

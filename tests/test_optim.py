@@ -175,3 +175,29 @@ def test_a_group_added_later_is_checked_as_the_constructor_checks():
     with pytest.raises(RuntimeError, match="capturable=True is not supported"):
         o.add_param_group({"params": make_params()[2:], "capturable": True})
     assert len(o.param_groups) == 1  # refused, not added
+
+
+@pytest.mark.parametrize("fused", [None, True], ids=["default", "fused=True"])
+def test_grad_scaler_unscales_and_skips_an_overflowing_step(fused):
+    # fused=True is accepted for torch compatibility; it must not make GradScaler hand the
+    # step scaled gradients (torch's fused kernel unscales them itself, ours does not).
+    def run(cls):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = cls(model.parameters(), lr=1e-2, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        x, y = torch.randn(16, 4), torch.randn(16, 1)
+        for i in range(5):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean() * (float("inf") if i == 2 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return model, scaler.get_scale()
+
+    ours, our_scale = run(Adam)
+    ref, ref_scale = run(lambda *a, fused=None, **k: torch.optim.Adam(*a, **k))  # torch's unfused step as oracle
+    assert our_scale == ref_scale
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -39,6 +39,9 @@ class _FusedAdamStep:
     _decoupled = False
 
     def _check_supported(self):
+        # torch sets this for fused=True: GradScaler then leaves the gradients scaled and hands
+        # grad_scale/found_inf to step(). Ours unscales first and skips an overflowing step.
+        self._step_supports_amp_scaling = False
         for group in self.param_groups:
             if group.get("differentiable"):
                 raise RuntimeError(f"aiaas_fast.optim.{type(self).__name__}: differentiable=True is not supported")

@@ -141,6 +141,23 @@ def test_convert_leaves_modules_that_do_more_than_their_forward(caplog):
         aiaas_fast.convert(nn.Sequential(cases[0][0], nn.ReLU()))
 
 
+def test_convert_leaves_a_sequential_with_its_own_forward(caplog):
+    # Its forward() may use a Linear's pre-activation: fused, seq[0] would return relu(linear).
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            h = self[0](x)
+            return self[1](h) + h
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Residual(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    x = torch.randn(5, 4)
+    with caplog.at_level("WARNING", logger="aiaas_fast"):
+        out = aiaas_fast.convert(model)
+    torch.testing.assert_close(out(x), model(x))
+    assert type(out[0][0]) is nn.Linear and type(out[1]) is aiaas_fast.nn.LinearReLU  # the plain Sequential is fused
+    assert "0.0+0.1: Linear + ReLU left as they are: Residual overrides forward()" in caplog.text
+
+
 def test_seed_example_gives_pytorch_losses():
     spec = importlib.util.spec_from_file_location("seed_network", os.path.join(ROOT, "examples", "seed_network.py"))
     example = importlib.util.module_from_spec(spec)

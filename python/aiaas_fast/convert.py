@@ -43,6 +43,14 @@ def _why_not_plain(module: nn.Module) -> str:
     return ""
 
 
+def _own_forward(seq: nn.Sequential) -> str:
+    """A Sequential subclass with its own forward() may call its layers one by one (a
+    pre-activation, a residual): fusing would change what those calls return."""
+    if type(seq).forward is nn.Sequential.forward:
+        return ""
+    return f"{type(seq).__name__} overrides forward(), which may use the layers one by one"
+
+
 def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
     """Replaces, anywhere in ``model``, each ``nn.Linear`` directly followed by ``nn.ReLU``
     inside an ``nn.Sequential`` with ``LinearReLU`` plus ``nn.Identity`` (so indices and
@@ -52,6 +60,11 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
     ``weight_norm``/``spectral_norm`` add; parametrizations; computed weights; extra
     parameters or buffers) are left as they are, with a warning naming the reason: swapping
     them would drop what they do.
+
+    The fused layer returns the activation: code that calls a Sequential's Linear on its
+    own (``seq[0](x)`` for a pre-activation) gets relu(linear) after conversion. Sequential
+    subclasses that override ``forward()`` are therefore left alone, with a warning; a plain
+    Sequential indexed from outside cannot be seen, so convert such a model by hand.
 
     Returns the converted model (a deep copy unless ``inplace``). What was replaced is logged
     on the ``aiaas_fast`` logger, printed with ``verbose=True``, and kept as a list of strings
@@ -75,7 +88,7 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
                 first, second = module._modules[a], module._modules[b]
                 parametrized = isinstance(first, nn.Linear) and getattr(first, "parametrizations", None) is not None
                 if (type(first) is nn.Linear or parametrized) and type(second) is nn.ReLU:
-                    why = _why_not_plain(first) or _why_not_plain(second)
+                    why = _why_not_plain(first) or _why_not_plain(second) or _own_forward(module)
                     if why:
                         skipped.append(f"{prefix}{a}+{prefix}{b}: Linear + ReLU left as they are: {why}")
                         continue

@@ -348,6 +348,41 @@ def test_optimizer_changes_after_the_engine_is_built_are_followed_or_refused():
         engine.step(*data[1])
 
 
+def test_optimizers_whose_step_does_more_are_refused():
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    # The engine does the update itself: a step() override or a step hook would be skipped.
+    class Clamped(torch.optim.Adam):
+        def step(self, closure=None):
+            loss = super().step(closure)
+            with torch.no_grad():
+                for g in self.param_groups:
+                    for p in g["params"]:
+                        p.clamp_(-0.05, 0.05)
+            return loss
+
+    model = sequential([3, 8, 1])
+    with pytest.raises(UnsupportedModel, match="Clamped overrides step"):
+        Engine(model, Clamped(model.parameters()))
+    opt = torch.optim.Adam(model.parameters())
+    engine = Engine(model, opt)
+    handle = opt.register_step_post_hook(lambda o, args, kwargs: None)
+    with pytest.raises(UnsupportedModel, match="step hooks"):
+        engine.step(*batches(1, 8, 3, 1)[0])
+    assert "step hooks" in unsupported_reason(model, opt)
+    handle.remove()
+    handle = register_optimizer_step_pre_hook(lambda o, args, kwargs: None)
+    try:
+        assert "step hooks" in unsupported_reason(model, opt)
+    finally:
+        handle.remove()
+    assert unsupported_reason(model, opt) is None and unsupported_reason(model, aiaas_fast.optim.AdamW(model.parameters())) is None
+    x, y, _ = fit_data(120)
+    h = aiaas_fast.fit(model, x, y, epochs=2, batch_size=32, progress=False, optimizer=Clamped(model.parameters(), lr=0.1))
+    assert h.engine == "ops" and "overrides step" in h.engine_note
+    assert max(p.abs().max().item() for p in model.parameters()) <= 0.05 + 1e-7  # float32 of 0.05
+
+
 def test_run_refuses_fractional_rows_and_bad_seeds():
     model = sequential([3, 4, 1])
     engine = Engine(model)

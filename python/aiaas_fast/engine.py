@@ -19,15 +19,18 @@ op-by-op path.
 """
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.optim.optimizer as _torch_optimizer  # its global step hooks (torch.optim hides the module)
 from torch import Tensor, nn
 
 from . import _C
 from ._module_checks import extra_behaviour
 from .nn import LinearReLU, MLP
+from .optim import Adam, AdamW
 
 __all__ = ["Engine", "UnsupportedModel", "mlp_layers", "unsupported_reason"]
 
@@ -150,9 +153,30 @@ def _checked(model: nn.Module, layers: List[List], seen_layers: dict) -> List[Tu
     return [(lin, relu) for lin, relu in layers]
 
 
+def _own_step(cls):
+    # torch wraps a class's step for the profiler at its first instance (_patch_step_function).
+    return inspect.unwrap(cls.step)
+
+
+_KNOWN_STEPS = (torch.optim.Adam, torch.optim.AdamW, Adam, AdamW)
+
+
+_STEP_HOOKS = "the optimizer has step hooks (register_step_pre_hook/post_hook), which the compiled engine would not call"
+
+
+def _has_step_hooks(optimizer) -> bool:
+    return bool(optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
+                or _torch_optimizer._global_optimizer_pre_hooks or _torch_optimizer._global_optimizer_post_hooks)
+
+
 def _optimizer_hyper(optimizer, params: Sequence[Tensor]) -> dict:
     if not isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, torch.optim.AdamW):
         raise UnsupportedModel(f"the compiled engine runs Adam and AdamW; got {type(optimizer).__name__}")
+    # The engine does the update itself: what a step() override or a step hook adds would be skipped.
+    if all(_own_step(type(optimizer)) is not _own_step(cls) for cls in _KNOWN_STEPS):
+        raise UnsupportedModel(f"{type(optimizer).__name__} overrides step(), which the compiled engine would not call")
+    if _has_step_hooks(optimizer):
+        raise UnsupportedModel(_STEP_HOOKS)
     ids = {id(p) for p in params}
     seen, hyper = set(), None
     for group in optimizer.param_groups:
@@ -284,6 +308,8 @@ class Engine:
         # The engine steps for the optimizer: tell a learning-rate scheduler so (it checks
         # this flag, set by its wrapper of optimizer.step, to warn about a wrong call order).
         self.optimizer._opt_called = True
+        if _has_step_hooks(self.optimizer):  # added after the engine was built
+            raise UnsupportedModel(_STEP_HOOKS)
         signature = _groups_signature(self.optimizer)
         if signature != self._signature:
             hyper = _optimizer_hyper(self.optimizer, self._params)

@@ -217,14 +217,27 @@ def test_zero_features_match_pytorch(backend, in_f, out_f):
         assert_close(g, t.grad, torch.float32, backend=backend)
 
 
-def test_forward_mode_ad_is_refused_not_dropped():
-    # No jvp formula: a clear error, never a zero tangent (torch.func.jvp gave zeros before).
+def test_torch_func_transforms_match_pytorch():
+    # Under torch.func the op runs as its PyTorch composition (functorch cannot transform a C++
+    # autograd Function, and there is no batching rule): grad, vmap, jvp, jacrev, hessian.
+    x, w, b = rand(4, 3, dtype=torch.float64), rand(5, 3, dtype=torch.float64), rand(5, dtype=torch.float64)
+    ours = lambda x, w, b: linear_relu(x, w, b).square().sum()
+    ref = lambda x, w, b: F.relu(F.linear(x, w, b)).square().sum()
+    for transform in (torch.func.grad, torch.func.jacrev, torch.func.jacfwd, torch.func.hessian):
+        torch.testing.assert_close(transform(ours, argnums=(0, 1, 2))(x, w, b), transform(ref, argnums=(0, 1, 2))(x, w, b))
+    per_row = torch.func.vmap(torch.func.grad(ours, argnums=1), in_dims=(0, None, None))
+    torch.testing.assert_close(per_row(x[:, None], w, b), torch.func.vmap(torch.func.grad(ref, argnums=1), in_dims=(0, None, None))(x[:, None], w, b))
+    t = torch.ones_like(x)
+    torch.testing.assert_close(torch.func.jvp(lambda x: linear_relu(x, w, b), (x,), (t,)),
+                               torch.func.jvp(lambda x: F.relu(F.linear(x, w, b)), (x,), (t,)))
+
+
+def test_forward_mode_ad_outside_torch_func_is_refused_not_dropped():
+    # No jvp formula: a clear error, never a zero tangent.
     import torch.autograd.forward_ad as fwAD
 
     x, w = rand(4, 3, dtype=torch.float64), rand(5, 3, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="forward-mode AD .* is not supported"):
-        torch.func.jvp(lambda x: linear_relu(x, w), (x,), (torch.ones_like(x),))
-    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD .* is not supported"):
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD .* not supported"):
         linear_relu(fwAD.make_dual(x, torch.ones_like(x)), w)
 
 

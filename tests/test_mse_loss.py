@@ -194,10 +194,15 @@ def test_warns_and_promotes_as_torch(backend):
         torch.testing.assert_close(g, torch.autograd.grad(ref, x)[0])
 
 
-def test_forward_mode_ad_is_refused_and_a_broadcast_target_compiles():
-    x = rand(4, 3, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="forward-mode AD .* is not supported"):
-        torch.func.jvp(lambda a: mse_loss(a, torch.zeros_like(a)), (x,), (torch.ones_like(x),))
+def test_forward_mode_ad_and_torch_func_and_a_broadcast_target_compiles():
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = rand(4, 3, dtype=torch.float64), rand(4, 3, dtype=torch.float64)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD .* not supported"):
+        mse_loss(fwAD.make_dual(x, torch.ones_like(x)), t)  # no jvp formula: refused, not a zero tangent
+    for transform in (torch.func.grad, torch.func.jacfwd, torch.func.hessian):  # torch.func: the composition
+        torch.testing.assert_close(transform(lambda a: mse_loss(a, t))(x), transform(lambda a: F.mse_loss(a, t))(x))
+    torch.testing.assert_close(torch.func.vmap(lambda a, b: mse_loss(a, b, "sum"))(x, t), ((x - t) ** 2).sum(1))
     # The size warning is not issued while compiling (Dynamo cannot trace it): fullgraph holds.
     f = torch.compile(lambda a, b: mse_loss(a, b), fullgraph=True)
     a, t = rand(5, 1), rand(3)

@@ -28,8 +28,9 @@ void same_dtype_device(const char* op, const char* name_a, const at::Tensor& a, 
 void no_forward_ad(std::string_view op, std::initializer_list<at::Tensor> inputs) {
   for (const at::Tensor& t : inputs)
     TORCH_CHECK(!t.defined() || !t._fw_grad(/*level=*/0).defined(), op,
-                ": forward-mode AD (torch.func.jvp, dual tensors) is not supported; use the reference backend "
-                "(aiaas_fast.use_backend(\"reference\")) for it");
+                ": forward-mode AD with dual tensors is not supported by the fused kernels; use torch.func.jvp "
+                "through aiaas_fast.ops (which runs the ops' PyTorch composition there) or the reference backend "
+                "(aiaas_fast.use_backend(\"reference\"))");
 }
 
 void linear_relu_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {

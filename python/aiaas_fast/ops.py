@@ -28,12 +28,21 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     """``relu(x @ weight.T + bias)`` in one op. ``weight`` is ``(out_features, in_features)``
     as in ``nn.Linear``; ``x`` is ``(..., in_features)``."""
     backend = _backend.resolve("linear_relu", x.device)
+    if _functorch_active():
+        backend = "reference"
     if backend == "native":
         return _ops.linear_relu.default(x, weight, bias)
     x, weight, bias = _autocast(x, weight, bias)
     if backend == "triton":
         return _ops.triton_linear_relu.default(x, weight, bias)
     return reference.linear_relu(x, weight, bias)
+
+
+def _functorch_active() -> bool:
+    """Inside torch.func transforms (grad, vjp, jacrev, jvp, vmap, hessian) the ops run as their
+    plain PyTorch composition: their autograd formulas are C++ autograd Functions, which
+    functorch cannot transform, and they have no batching rule."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -83,7 +92,7 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
             common = torch.result_type(input, target)
             input, target = input.to(common), target.to(common)
     backend = _backend.resolve("mse_loss", input.device)
-    if backend == "reference":
+    if backend == "reference" or _functorch_active():
         return reference.mse_loss(input, target, reduction)
     compute_grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
     op = _ops.mse_loss if backend == "native" else _ops.triton_mse_loss

@@ -337,3 +337,22 @@ def test_module_like_use_under_torch_compile_fullgraph(backend):
     assert_close(loss, ref, torch.float32, backend=backend)
     assert_close(gw, w.grad, torch.float32, backend=backend)
     assert_close(gb, b.grad, torch.float32, backend=backend)
+
+
+def test_flop_counter_counts_what_plain_pytorch_counts(backend):
+    # FlopCounterMode (and tools on it) sees the fused op as the product it is.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if backend.name == "triton":
+        pytest.skip("a triton_op decomposes into its kernels under a dispatch mode (not counted)")
+
+    def count(f):
+        x = rand(6, 2, 7, device=backend.device, requires_grad=True)
+        w = rand(5, 7, device=backend.device, requires_grad=True)
+        b = rand(5, device=backend.device, requires_grad=True)
+        with FlopCounterMode(display=False) as counter:
+            f(x, w, b).sum().backward()
+        return counter.get_total_flops()
+
+    ours = count(linear_relu)
+    assert ours == count(lambda x, w, b: F.relu(F.linear(x, w, b))) == 3 * 2 * 12 * 7 * 5

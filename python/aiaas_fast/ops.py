@@ -14,8 +14,10 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from . import _checks, reference
+from ._flops import linear_relu_backward_flops, linear_relu_flops
 from . import backend as _backend
 
 __all__ = ["linear_relu", "mse_loss", "adam_"]
@@ -73,6 +75,10 @@ def _linear_relu_backward_fake(grad_out, x, weight, out, output_mask):
         weight.new_empty(weight.shape) if output_mask[1] else None,
         weight.new_empty((weight.shape[0],)) if output_mask[2] else None,
     )
+
+
+register_flop_formula(_ops.linear_relu)(linear_relu_flops)
+register_flop_formula(_ops.linear_relu_backward)(linear_relu_backward_flops)
 
 
 # ---------------------------------------------------------------- mse_loss

@@ -175,3 +175,17 @@ def test_mse_loss_module_arguments():
         assert MSELoss(False).reduction == nn.MSELoss(False).reduction == "sum"  # torch's legacy order
     with pytest.raises(ValueError, match="reduction must be 'none', 'mean' or 'sum', got 'avg'"):
         MSELoss("avg")
+
+
+def test_fx_symbolic_trace_records_the_fused_ops_as_calls():
+    # FX-based tools (graph passes, FX quantization) trace converted models; the fused ops are
+    # leaves of the graph, not traced into (the backend choice cannot take proxies).
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 1))
+    model, loss = aiaas_fast.convert(plain), aiaas_fast.nn.MSELoss()
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    for module, args in ((model, (x,)), (aiaas_fast.nn.MLP(3, [4, 4], 1), (x,)), (loss, (x[:, :1], y))):
+        traced = torch.fx.symbolic_trace(module)
+        called = [n.target.__name__ for n in traced.graph.nodes if n.op == "call_function"]
+        assert called and set(called) <= {"linear_relu", "mse_loss", "linear"}  # aiaas_fast.nn.Linear: F.linear
+        torch.testing.assert_close(traced(*args), module(*args))

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
+import torch.fx
 from torch import Tensor, nn
 
-from . import ops
+from .ops import linear_relu, mse_loss
+
+# torch.fx.symbolic_trace records the fused ops as calls (leaves): tracing into them would
+# hit the backend choice, which proxies cannot take.
+torch.fx.wrap("linear_relu")
+torch.fx.wrap("mse_loss")
 
 __all__ = ["LinearReLU", "Linear", "MLP", "MSELoss"]
 
@@ -15,7 +21,7 @@ class LinearReLU(nn.Linear):
     """``nn.Linear`` followed by ReLU, in one fused op (``aiaas_fast.ops.linear_relu``)."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return ops.linear_relu(input, self.weight, self.bias)
+        return linear_relu(input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", activation=relu"
@@ -65,4 +71,4 @@ class MSELoss(nn.MSELoss):
         super().__init__(size_average=size_average, reduce=reduce, reduction=reduction)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return ops.mse_loss(input, target, self.reduction)
+        return mse_loss(input, target, self.reduction)

@@ -164,7 +164,9 @@ def select_device(name: str) -> Optional[str]:
         return None
     if "LOCAL_RANK" in os.environ:
         name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    torch.cuda.set_device(torch.device(name))
+    index = torch.device(name).index
+    # set_device needs an index: plain "cuda" (one process) is the current GPU, left as it is.
+    torch.cuda.set_device(torch.cuda.current_device() if index is None else index)
     return name
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,3 +96,28 @@ def test_do_bench_takes_the_providers_in_turns_and_pools_their_samples(monkeypat
     assert out["a"]["y50"] == pytest.approx(2.0e-3)  # median of [1, 3] * rounds
     assert out["b"]["y50"] == pytest.approx(2.0e-3) and out["b"]["y80"] == pytest.approx(8.0e-3)
     assert failed == [{"case": "mm", "provider": "bad", "error": "RuntimeError: launch failed"}]
+
+
+@pytest.mark.parametrize("name,local_rank,expected", [("cuda", None, 3), ("cuda:1", None, 1), ("cuda", "2", 2)])
+def test_select_device_makes_the_gpu_current_with_an_index(monkeypatch, name, local_rank, expected):
+    # torch.cuda.set_device refuses a device without an index ("cuda"): every GPU benchmark
+    # died at start-up on it. Checked here with torch.cuda stubbed (CI has no GPU).
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import harness
+    finally:
+        sys.path.pop(0)
+    chosen = []
+
+    def set_device(d):
+        assert isinstance(d, int), f"set_device({d!r}): torch needs an index"
+        chosen.append(d)
+
+    monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(harness.torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(harness.torch.cuda, "set_device", set_device)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert harness.select_device(name).startswith("cuda") and chosen == [expected]

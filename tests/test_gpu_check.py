@@ -113,4 +113,5 @@ def test_step_time_limits_fit_the_eight_minutes():
     # A limit and the grace before a kill: `timeout [--signal=INT] [--kill-after=K] LIMIT cmd`.
     steps = re.findall(r"\btimeout ((?:--\S+ )*)(\d+) ", script)
     limits = [int(limit) + sum(int(k) for k in re.findall(r"--kill-after=(\d+)", opts)) for opts, limit in steps]
-    assert len(limits) >= 6 and sum(limits) <= 480, limits
+    # The steps without a limit (nvidia-smi, the imports, the report) take some 15-25 s more.
+    assert len(limits) >= 6 and sum(limits) <= 455, limits

@@ -190,6 +190,19 @@ def test_nan_and_inf_propagate_as_pytorch(backend):
     assert torch.isnan(linear_relu(x, w, b)[0]).all()
 
 
+def test_a_nan_output_passes_its_gradient_as_pytorch(backend):
+    # relu's backward (threshold_backward) zeroes the gradient only where out <= 0: a NaN
+    # output lets it through. The bias gradient shows the difference (x's NaN row aside).
+    x = rand(4, 6, device=backend.device)
+    x[0, 1] = float("nan")
+    w = rand(5, 6, device=backend.device)
+    b = rand(5, device=backend.device, requires_grad=True)
+    g = rand(4, 5, device=backend.device)
+    ours, = torch.autograd.grad(linear_relu(x, w, b), b, g)
+    ref, = torch.autograd.grad(F.relu(F.linear(x, w, b)), b, g)
+    assert_close(ours, ref, torch.float32, backend=backend)
+
+
 def test_empty_batch_gives_empty_output_and_zero_weight_grads(backend):
     x = rand(0, 4, requires_grad=True, device=backend.device)
     w, b = rand(3, 4, requires_grad=True, device=backend.device), rand(3, requires_grad=True, device=backend.device)

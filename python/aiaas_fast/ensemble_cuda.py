@@ -119,7 +119,7 @@ class CudaEnsembleEngine(GraphCapture):
             self._grads[2 * i].copy_(torch.bmm(dz.transpose(1, 2), hs[i]))
             self._grads[2 * i + 1].copy_(dz.sum(dim=1))
             if i:
-                dz = torch.bmm(dz, self.weights[i]) * (hs[i] > 0)  # ReLU of the layer below
+                dz = torch.bmm(dz, self.weights[i]) * ~(hs[i] <= 0)  # ReLU of the layer below (NaN passes, as torch)
         self._adam(count > 0)
         return loss
 

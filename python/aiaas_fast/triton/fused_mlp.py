@@ -94,8 +94,9 @@ def _dot_chunks(a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, n_rows
 
 @triton.jit
 def _relu_keep(relu_ptr, l, out):
-    """Where layer l's gradient passes: everywhere without ReLU, else where its output > 0."""
-    return (tl.load(relu_ptr + l) == 0) | (out > 0)
+    """Where layer l's gradient passes: everywhere without ReLU, else where its output is not
+    <= 0 (a NaN passes, as torch's threshold_backward lets it)."""
+    return (tl.load(relu_ptr + l) == 0) | ~(out <= 0)
 
 
 # Tuned per rows bucket, width, depth, pass and precision; Triton adds the dtypes itself.

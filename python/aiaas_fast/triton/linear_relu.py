@@ -96,7 +96,7 @@ def _matmul_kernel(
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if MASK_A:
-            keep = tl.load(m_ptrs, mask=k_ok[None, :], other=0.0) > 0
+            keep = ~(tl.load(m_ptrs, mask=k_ok[None, :], other=0.0) <= 0)  # a NaN output passes, as threshold_backward
             a = tl.where(keep, a, tl.zeros_like(a))
             m_ptrs += BLOCK_K * stride_mk
         if ROWSUM:

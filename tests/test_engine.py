@@ -797,6 +797,75 @@ def test_replaced_parameters_are_refused_not_trained_silently():
         engine.predict(torch.randn(10, 3))
 
 
+def test_resized_or_reallocated_tensors_are_refused_at_every_call():
+    # The kernels write through raw pointers sized at construction: a tensor resized since
+    # would be written out of bounds (heap corruption before this check).
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    for change in (lambda m, o: setattr(m[0].weight, "data", torch.randn(2, 3)),
+                   lambda m, o: setattr(m[2].bias, "data", torch.empty(0)),
+                   lambda m, o: m[0].weight.set_(torch.randn(2, 3)),
+                   lambda m, o: o.state[m[0].weight]["exp_avg"].resize_(4)):
+        model = sequential([3, 8, 1])
+        opt = torch.optim.Adam(model.parameters())
+        engine = Engine(model, opt)
+        engine.step(x, y)
+        with torch.no_grad():
+            change(model, opt)
+        for call in (lambda: engine.step(x, y), lambda: engine._core.predict(x),
+                     lambda: engine._core.run(x, y, epochs=1, batch_size=4)):
+            with pytest.raises(RuntimeError, match="was resized or given other storage after the engine was built"):
+                call()
+
+
+def test_the_native_engine_refuses_tensors_that_share_memory():
+    # Each would get two updates a step (a step counter shared by every parameter: steps 1-4).
+    w, b = torch.randn(4, 3), torch.randn(4)
+    zeros = lambda: [torch.zeros(4, 3), torch.zeros(4), torch.zeros(4, 4), torch.zeros(4)]
+    steps = lambda: [torch.tensor(0.0) for _ in range(4)]
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                 decoupled_weight_decay=False)
+    w2 = torch.randn(4, 4)
+    with pytest.raises(RuntimeError, match="share memory"):  # one weight for two layers
+        aiaas_fast._C.MLPEngine([w, w2, w2], [b, None, None], [True, True, False],
+                                [torch.zeros(4, 3), torch.zeros(4), torch.zeros(4, 4), torch.zeros(4, 4)],
+                                [torch.zeros(4, 3), torch.zeros(4), torch.zeros(4, 4), torch.zeros(4, 4)], [],
+                                [torch.tensor(0.0) for _ in range(4)], **hyper)
+    w2 = torch.randn(4, 4)
+    one_step = torch.tensor(0.0)
+    with pytest.raises(RuntimeError, match="share memory"):
+        aiaas_fast._C.MLPEngine([w, w2], [b, b.clone()], [True, False], zeros(), zeros(), [], [one_step] * 4, **hyper)
+    state = zeros()
+    state[0] = w  # a moment that is its parameter
+    with pytest.raises(RuntimeError, match="exp_avgs\\[0\\] \\(layer 0 weight\\) share memory|layer 0 weight and exp_avgs"):
+        aiaas_fast._C.MLPEngine([w, w2], [b, b.clone()], [True, False], state, zeros(), [], steps(), **hyper)
+    aiaas_fast._C.MLPEngine([w, w2], [b, b.clone()], [True, False], zeros(), zeros(), [], steps(), **hyper)
+
+
+def test_a_batch_larger_than_the_data_is_one_batch_of_all_rows():
+    # The buffers follow the rows, not the number asked for (2**62 crashed; 1e8 ran out of memory).
+    x, y, _ = fit_data(120)
+    runs = []
+    for batch in (96, 10**8, 2**62):
+        model = sequential([x.shape[1], 8, 1])
+        runs.append(aiaas_fast.fit(model, x, y, epochs=2, batch_size=batch, val_split=0.2, progress=False)["train_loss"])
+    assert runs[0] == runs[1] == runs[2]  # 96 training rows: one batch each epoch
+
+
+def test_a_run_stopped_by_an_exception_still_tells_autograd_the_weights_changed():
+    model = sequential([3, 8, 1])
+    engine = Engine(model)
+    w = model[0].weight
+    out = (w * w).sum()
+
+    def stop(*args):
+        raise ValueError("stop here")
+
+    with pytest.raises(ValueError, match="stop here"):
+        engine.run(torch.randn(32, 3), torch.randn(32, 1), epochs=2, batch_size=8, callback=stop, callback_every=1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
 def test_captured_graphs_keep_every_tensor_they_read_alive():
     # A CUDA graph keeps addresses, not tensors: every static tensor a captured body reads or
     # writes must live as long as its replay, or the next allocation takes its memory. The

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <limits>
 #include <mutex>
 #include <numeric>
@@ -90,6 +91,16 @@ struct MLPEngine::Impl {
     bool is_bias;
   };
   std::vector<Param> params;
+  // Every tensor the kernels write through a raw pointer (parameters, Adam state), with the
+  // address and shape checked at construction: a tensor resized or given new storage since
+  // (param.data = ..., resize_, set_) is refused instead of written out of bounds.
+  struct Held {
+    at::Tensor tensor;
+    std::string name;
+    const void* ptr;
+    std::vector<int64_t> sizes;
+  };
+  std::vector<Held> held;
   std::vector<Workspace> ws;  // per thread
   // One call at a time per engine (the binding drops the GIL); recursive so that a run's
   // callback may call step() or predict() between segments.
@@ -264,6 +275,50 @@ struct MLPEngine::Impl {
     at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) { fn(ws[at::get_thread_num()], k0, k1); });
   }
 
+  void hold(const at::Tensor& t, std::string name) {
+    held.push_back({t, std::move(name), t.data_ptr(), t.sizes().vec()});
+  }
+
+  void check_unchanged(const char* call) const {
+    for (const Held& h : held)
+      TORCH_CHECK(h.tensor.data_ptr() == h.ptr && h.tensor.sizes() == at::IntArrayRef(h.sizes) &&
+                      h.tensor.scalar_type() == at::kFloat && h.tensor.is_contiguous(),
+                  kWho, ".", call, ": ", h.name, " was resized or given other storage after the engine was built (now ",
+                  h.tensor.sizes(), " ", h.tensor.scalar_type(), ", was ", at::IntArrayRef(h.sizes),
+                  " float32; e.g. param.data = ...); build a new engine for the model");
+  }
+
+  // No two tensors the engine writes may share memory: a weight used by two layers, a state
+  // tensor that is its parameter, one step counter for several parameters would each be
+  // updated twice per step.
+  void check_no_overlap() const {
+    std::vector<std::pair<const char*, size_t>> spans;  // (start, index into held)
+    for (size_t i = 0; i < held.size(); ++i)
+      if (held[i].tensor.numel() > 0) spans.emplace_back(static_cast<const char*>(held[i].ptr), i);
+    std::sort(spans.begin(), spans.end());
+    for (size_t j = 1; j < spans.size(); ++j) {
+      const Held& a = held[spans[j - 1].second];
+      const Held& b = held[spans[j].second];
+      const char* a_end = spans[j - 1].first + a.tensor.numel() * a.tensor.element_size();
+      TORCH_CHECK(spans[j].first >= a_end, kWho, ": ", a.name, " and ", b.name,
+                  " share memory; every parameter and state tensor must have its own");
+    }
+  }
+
+  // Tells autograd the tensors changed when a call ends in an exception after updating them
+  // (the normal return bumps them itself).
+  struct BumpOnError {
+    const Impl& impl;
+    const int uncaught = std::uncaught_exceptions();
+    ~BumpOnError() {
+      if (std::uncaught_exceptions() <= uncaught) return;
+      try {
+        impl.bump_versions();
+      } catch (...) {  // an inference tensor has no version counter: nothing to tell autograd
+      }
+    }
+  };
+
   void bump_versions() const {
     for (const Param& P : params) torch::autograd::impl::bump_version(P.tensor);
     for (auto* list : {&state.exp_avgs, &state.exp_avg_sqs, &state.max_exp_avg_sqs, &state.steps})
@@ -345,7 +400,8 @@ MLPEngine::MLPEngine(std::vector<EngineLayer> layers, EngineOptimizerState state
   };
   check_list(state.exp_avgs, "exp_avgs");
   check_list(state.exp_avg_sqs, "exp_avg_sqs");
-  if (options.amsgrad) check_list(state.max_exp_avg_sqs, "max_exp_avg_sqs");
+  const bool has_max = options.amsgrad || !state.max_exp_avg_sqs.empty();  // given: checked, so amsgrad may turn on later
+  if (has_max) check_list(state.max_exp_avg_sqs, "max_exp_avg_sqs");
   TORCH_CHECK(state.steps.size() == np, kWho, ": steps has ", state.steps.size(), " tensors for ", np, " parameters");
   for (size_t p = 0; p < np; ++p) {
     const at::Tensor& s = state.steps[p];
@@ -353,6 +409,16 @@ MLPEngine::MLPEngine(std::vector<EngineLayer> layers, EngineOptimizerState state
                     s.numel() == I.K,
                 kWho, ": steps[", p, "] must be a float32 CPU tensor of ", I.K, " element(s)");
   }
+  for (size_t p = 0; p < np; ++p) {
+    const Impl::Param& P = I.params[p];
+    const std::string what = "layer " + std::to_string(P.layer) + (P.is_bias ? " bias" : " weight");
+    I.hold(P.tensor, what);
+    I.hold(state.exp_avgs[p], "exp_avgs[" + std::to_string(p) + "] (" + what + ")");
+    I.hold(state.exp_avg_sqs[p], "exp_avg_sqs[" + std::to_string(p) + "] (" + what + ")");
+    if (has_max) I.hold(state.max_exp_avg_sqs[p], "max_exp_avg_sqs[" + std::to_string(p) + "] (" + what + ")");
+    I.hold(state.steps[p], "steps[" + std::to_string(p) + "] (" + what + ")");
+  }
+  I.check_no_overlap();
   I.layers = std::move(layers);
   I.state = std::move(state);
   I.path = std::move(path);
@@ -364,9 +430,13 @@ MLPEngine::~MLPEngine() = default;
 int64_t MLPEngine::num_models() const { return impl_->K; }
 int64_t MLPEngine::in_features() const { return impl_->width.front(); }
 int64_t MLPEngine::out_features() const { return impl_->width.back(); }
-const AdamOptions& MLPEngine::options() const { return impl_->opt; }
+AdamOptions MLPEngine::options() const {
+  std::lock_guard<std::recursive_mutex> lock(impl_->busy);
+  return impl_->opt;
+}
 
 void MLPEngine::set_options(const AdamOptions& o) {
+  std::lock_guard<std::recursive_mutex> lock(impl_->busy);
   checks::adam_hyperparameters(o.lr, o.beta1, o.beta2, o.weight_decay, o.eps);
   TORCH_CHECK(!o.amsgrad || impl_->state.max_exp_avg_sqs.size() == impl_->params.size(), kWho,
               ": amsgrad needs max_exp_avg_sqs for every parameter");
@@ -382,6 +452,7 @@ std::vector<std::string> MLPEngine::layer_paths(int64_t batch_size) const {
 at::Tensor MLPEngine::step(const at::Tensor& x_in, const at::Tensor& y_in) {
   Impl& I = *impl_;
   std::lock_guard<std::recursive_mutex> lock(I.busy);
+  I.check_unchanged("step");
   at::Tensor x = I.matrix(x_in, "x", I.width.front(), true);
   at::Tensor y = I.matrix(y_in, "y", I.width.back(), true);
   const int64_t batch = x.size(-2);
@@ -393,6 +464,7 @@ at::Tensor MLPEngine::step(const at::Tensor& x_in, const at::Tensor& y_in) {
   double* loss = losses.data_ptr<double>();
   const float* xp = x.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
+  const Impl::BumpOnError bump_on_error{I};  // some models may have been updated before an error
   I.for_models(batch, [&](Workspace& w, int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       if (k == k0 || x_per_model) I.mk.gather_transpose(xp + (x_per_model ? k * batch * in : 0), in, nullptr, batch, in, w.act[0], w.ld);
@@ -408,6 +480,7 @@ at::Tensor MLPEngine::run(const at::Tensor& x_in, const at::Tensor& y_in, const 
                           const at::Tensor& sample_index, const at::Tensor& sample_offsets, const RunCallback& callback) {
   Impl& I = *impl_;
   std::lock_guard<std::recursive_mutex> lock(I.busy);
+  I.check_unchanged("run");
   at::Tensor x = I.matrix(x_in, "x", I.width.front(), false);
   at::Tensor y = I.matrix(y_in, "y", I.width.back(), false);
   const int64_t n = x.size(0), in = I.width.front(), out = I.width.back();
@@ -444,7 +517,11 @@ at::Tensor MLPEngine::run(const at::Tensor& x_in, const at::Tensor& y_in, const 
       std::iota(r.begin(), r.end(), int64_t(0));
     }
   }
-  const int64_t B = o.batch_size;
+  // A batch larger than every model's rows is one batch of all of them (as a DataLoader's):
+  // the buffers are sized by the rows, not by the number asked for.
+  int64_t most_rows = 0;
+  for (const auto& r : rows) most_rows = std::max<int64_t>(most_rows, static_cast<int64_t>(r.size()));
+  const int64_t B = std::min(o.batch_size, most_rows);
   int64_t steps_in_epoch = 0;
   std::vector<int64_t> nb(I.K);
   for (int64_t k = 0; k < I.K; ++k) {
@@ -461,6 +538,8 @@ at::Tensor MLPEngine::run(const at::Tensor& x_in, const at::Tensor& y_in, const 
   double* res = result.data_ptr<double>();
   int64_t epochs_run = 0;
   bool stop = false;
+  // A callback that throws (or a kernel error): the steps before it have updated the tensors.
+  const Impl::BumpOnError bump_on_error{I};
   for (int64_t e = 0; e < o.epochs && !stop; ++e) {
     std::fill(loss_sum.begin(), loss_sum.end(), 0.0);
     std::fill(rows_seen.begin(), rows_seen.end(), 0.0);
@@ -502,6 +581,7 @@ at::Tensor MLPEngine::run(const at::Tensor& x_in, const at::Tensor& y_in, const 
 at::Tensor MLPEngine::predict(const at::Tensor& x_in) {
   Impl& I = *impl_;
   std::lock_guard<std::recursive_mutex> lock(I.busy);
+  I.check_unchanged("predict");
   at::Tensor x = I.matrix(x_in, "x", I.width.front(), false);
   const int64_t n = x.size(0), in = I.width.front(), out = I.width.back();
   at::Tensor result = at::empty({I.K, n, out}, at::kFloat);
@@ -524,6 +604,7 @@ at::Tensor MLPEngine::predict(const at::Tensor& x_in) {
 
 std::vector<at::Tensor> MLPEngine::last_gradients() const {
   const Impl& I = *impl_;
+  std::lock_guard<std::recursive_mutex> lock(I.busy);
   TORCH_CHECK(I.K == 1, kWho, ".last_gradients: only for a single model");
   TORCH_CHECK(!I.ws.empty() && I.ws[0].ld > 0, kWho, ".last_gradients: no step has run yet");
   std::vector<at::Tensor> r;

@@ -46,7 +46,10 @@ void bind_engine(py::module_& m) {
             e.set_options(AdamOptions{lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay});
           },
           py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
-          py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled_weight_decay"))
+          py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled_weight_decay"),
+          // Each call takes the engine's lock: without the GIL, so a run on another thread whose
+          // callback needs the GIL cannot deadlock with it.
+          py::call_guard<py::gil_scoped_release>())
       .def("step", &MLPEngine::step, py::arg("x"), py::arg("y"), py::call_guard<py::gil_scoped_release>())
       .def(
           "run",
@@ -70,7 +73,7 @@ void bind_engine(py::module_& m) {
           py::arg("shuffle") = true, py::arg("callback_every") = 0, py::arg("sample_index") = py::none(),
           py::arg("sample_offsets") = py::none(), py::arg("callback") = py::none())
       .def("predict", &MLPEngine::predict, py::arg("x"), py::call_guard<py::gil_scoped_release>())
-      .def("last_gradients", &MLPEngine::last_gradients);
+      .def("last_gradients", &MLPEngine::last_gradients, py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace aiaas_fast::python

@@ -364,8 +364,9 @@ class Engine:
 
     def step(self, x: Tensor, y: Tensor) -> float:
         """Forward, MSE loss, backward and the Adam update on one mini-batch; returns the loss.
-        (Not re-checked per step: after replacing the model's parameter tensors, build a new
-        Engine; run() and predict() check for it.)"""
+        A parameter given new storage or shape (``param.data = ...``) is refused at every call;
+        a parameter object replaced in the model (``load_state_dict(assign=True)``) only by
+        run() and predict(): after that, build a new Engine."""
         self._sync()
         if self._on_cuda:
             # The captured graph writes the addresses it was captured with: a parameter whose

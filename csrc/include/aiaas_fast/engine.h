@@ -8,6 +8,8 @@
 // and gradients, feature-major (features x batch), preallocated per thread.
 //
 // Calls on one engine are serialised (a mutex); a run's callback may call step()/predict().
+// The tensors it was given must keep their storage and shape (step/run/predict check it), and
+// may not share memory with each other (the constructor checks it).
 // CPU, float32. Narrow layers run on hand-vectorized kernels (kernels/cpu/mlp.h) that call no
 // BLAS; wide ones on ATen's matrix product (MKL/oneDNN). The switch is per layer.
 #pragma once
@@ -72,7 +74,7 @@ class MLPEngine {
   // "small" or "blas" for each layer at this batch size.
   std::vector<std::string> layer_paths(int64_t batch_size) const;
   void set_options(const AdamOptions& options);
-  const AdamOptions& options() const;
+  AdamOptions options() const;
 
   // One step (forward, MSE loss, backward, Adam) on one mini-batch. x: (B, in), shared by
   // every model, or (K, B, in); y: (B, out) or (K, B, out) (a 1-D y for out = 1). Returns the

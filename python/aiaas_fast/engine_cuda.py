@@ -263,6 +263,7 @@ class CudaGraphEngine(GraphCapture):
         base = base.to(self.device)
         gen = torch.Generator().manual_seed(seed)
         n, losses = len(base), []
+        batch_size = min(batch_size, n)  # one batch of all rows: buffers follow the rows, not the number asked for
         steps_in_epoch = (n + batch_size - 1) // batch_size
         graphs, order, pos, total = self._run_graphs(X, Y, n, batch_size)
         for epoch in range(epochs):

@@ -277,6 +277,7 @@ class CudaEnsembleEngine(GraphCapture):
             if not isinstance(v, int) or v < low:
                 raise RuntimeError(f"{WHO}.run: {name} must be an int >= {low}, got {v!r}")
         table, counts = self._rows(n, sample_index, sample_offsets)
+        batch_size = min(batch_size, int(counts.max()))  # buffers follow the rows, not the number asked for
         steps_in_epoch = int((counts.max() + batch_size - 1) // batch_size)
         replay, order, pos, total, seen = self._run_graph(X, Y, table, counts, batch_size, steps_in_epoch)
         gen = torch.Generator(device=self.device).manual_seed(int(seed)) if shuffle else None

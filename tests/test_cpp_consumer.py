@@ -125,3 +125,33 @@ def test_cuda_toolkit_behind_a_wrapper_script_is_found_at_its_root(tmp_path):
     assert not stub, "a toolkit is here: torch's own CUDA lookup must run"
     assert root and os.path.isfile(os.path.join(root, "bin", "nvcc")) and root != str(tmp_path), root
     assert os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")), root
+
+
+@pytest.mark.slow
+def test_find_package_refuses_another_torch_and_unknown_components(tmp_path):
+    """libaiaas_fast matches one libtorch's ABI: a consumer that found another Torch first gets
+    the reason, not link or run-time errors; a component we do not have is named."""
+    cmake = _cmake()
+    fake = tmp_path / "faketorch" / "share" / "cmake" / "Torch"
+    fake.mkdir(parents=True)
+    (fake / "TorchConfig.cmake").write_text("add_library(torch INTERFACE IMPORTED)\nset(Torch_FOUND TRUE)\n")
+    (fake / "TorchConfigVersion.cmake").write_text(
+        'set(PACKAGE_VERSION "1.0.0")\nset(PACKAGE_VERSION_COMPATIBLE TRUE)\n')
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.21)\n"
+        "project(probe LANGUAGES CXX)\n"
+        "find_package(Torch CONFIG REQUIRED)\n"
+        "find_package(aiaas_fast CONFIG)\n"
+        'message(STATUS "aiaas_fast found: ${aiaas_fast_FOUND}")\n')
+    r = _run([cmake, "-S", str(src), "-B", str(tmp_path / "b1"), f"-DCMAKE_PREFIX_PATH={tmp_path / 'faketorch'};"
+              f"{aiaas_fast.cmake_prefix_path}"], "cmake configure")
+    out = " ".join((r.stdout + r.stderr).split())
+    assert "aiaas_fast found: 0" in out and "was built against Torch" in out and "but Torch 1.0.0 was found" in out, out
+    (src / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.21)\n"
+        "project(probe LANGUAGES CXX)\n"
+        "find_package(aiaas_fast CONFIG COMPONENTS gpu)\n")
+    r = _configure(cmake, src, tmp_path / "b2")
+    assert "aiaas_fast has no components (asked for 'gpu')" in " ".join((r.stdout + r.stderr).split())

@@ -1,9 +1,11 @@
 // aiaas_fast: the public C++ API. Every function calls the registered operator
 // through the PyTorch dispatcher, so it runs the kernel for the tensors' device
-// (CPU now, CUDA where compiled in). These are the raw ops: autograd for
-// linear_relu and mse_loss is wired in Python; from C++ call the *_backward ops.
+// (CPU, and CUDA where compiled in). linear_relu and mse_loss have their autograd
+// formulas registered in C++ (the Autograd key), so backward() through them works from
+// C++ as from Python; linear_relu_backward is the fused backward kernel itself.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <optional>

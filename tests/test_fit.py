@@ -205,3 +205,32 @@ def test_a_custom_loss_may_take_other_output_shapes():
     h = aiaas_fast.fit(MLP(4, [8], 3), x, y, epochs=2, loss_fn=pinball, progress=False, seed=np.int64(1),
                        min_delta=np.float32(0.0))
     assert len(h) == 2 and h.engine == "ops"
+
+
+def test_the_scalers_fit_used_travel_in_the_state_dict():
+    # The usual checkpoint (save state_dict, load into a new model) must predict in y's units
+    # again, not silently in standardised ones.
+    import io
+
+    torch.manual_seed(0)
+    X = torch.randn(200, 3) * 50 + 300
+    y = X[:, :1] * 2 + 5
+    model = aiaas_fast.nn.MLP(3, [16], 1)
+    aiaas_fast.fit(model, X, y, epochs=3, progress=False)
+    state = model.state_dict()
+    assert {k for k in state if k.startswith("aiaas_fast_scalers.")} == {
+        "aiaas_fast_scalers.x.mean", "aiaas_fast_scalers.x.std", "aiaas_fast_scalers.y.mean", "aiaas_fast_scalers.y.std"}
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # {k: v.cpu() ...} keeps working
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    fresh = aiaas_fast.nn.MLP(3, [16], 1)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))  # strict: every key known
+    torch.testing.assert_close(aiaas_fast.predict(fresh, X[:5]), aiaas_fast.predict(model, X[:5]), rtol=0, atol=0)
+    fresh.load_state_dict(aiaas_fast.nn.MLP(3, [16], 1).state_dict())  # an unfitted model's: no scalers
+    assert not hasattr(fresh, "aiaas_fast_scalers")
+    ens = aiaas_fast.Ensemble(3, 3, [8], 1)
+    aiaas_fast.fit_many(ens, X, y, epochs=2, progress=False)
+    again = aiaas_fast.Ensemble(3, 3, [8], 1)
+    again.load_state_dict(ens.state_dict())
+    torch.testing.assert_close(aiaas_fast.predict_many(again, X[:5]).mean, aiaas_fast.predict_many(ens, X[:5]).mean)

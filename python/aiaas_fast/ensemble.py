@@ -26,12 +26,13 @@ from torch import Tensor, nn
 
 from . import _C
 from .nn import MLP
+from .scaler import KeepsScalers
 from .training import Scaler, _as_tensor, _check_hyperparameters, _progress
 
 __all__ = ["Ensemble", "fit_many", "predict_many", "ManyHistory", "EnsemblePrediction"]
 
 
-class Ensemble(nn.Module):
+class Ensemble(KeepsScalers, nn.Module):
     """K MLPs of one shape (``LinearReLU`` hidden layers, a final ``Linear``), stacked.
 
     ``forward(x)``: x of shape (batch, in) goes to every model, (K, batch, in) gives each model

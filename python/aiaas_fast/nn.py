@@ -8,6 +8,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from .ops import linear_relu, mse_loss
+from .scaler import KeepsScalers
 
 # torch.fx.symbolic_trace records the fused ops as calls (leaves): tracing into them would
 # hit the backend choice, which proxies cannot take.
@@ -33,10 +34,11 @@ class Linear(nn.Linear):
     model written against ``aiaas_fast.nn`` needs no ``torch.nn`` import."""
 
 
-class MLP(nn.Module):
+class MLP(KeepsScalers, nn.Module):
     """``LinearReLU`` layers of the given hidden widths, then a final ``Linear``.
 
-    ``hidden_features`` is one width or a sequence of widths (one layer each)."""
+    ``hidden_features`` is one width or a sequence of widths (one layer each). After
+    ``aiaas_fast.fit``, its ``state_dict`` also holds the scalers fit used (see ``KeepsScalers``)."""
 
     def __init__(self, in_features: int, hidden_features: Union[int, Sequence[int]], out_features: int,
                  bias: bool = True, device=None, dtype=None):

@@ -23,44 +23,11 @@ from torch import Tensor, nn
 
 from .nn import MSELoss
 from .optim import Adam
+from .scaler import Scaler
 
 __all__ = ["fit", "predict", "History", "Scaler"]
 
 CHECKPOINT_FORMAT = "aiaas_fast.fit/1"
-
-
-@dataclass
-class Scaler:
-    """Per-column standardisation: (v - mean) / std, with std 1 for constant columns.
-
-    Fitted and applied in float64, the result cast after: a column far from zero (a
-    timestamp, a totaliser count of 1e9) keeps its variation, which float32 would round
-    away before the mean is taken off."""
-
-    mean: Tensor
-    std: Tensor
-
-    @classmethod
-    def fit(cls, data: Tensor) -> "Scaler":
-        d = data.double()
-        std = d.std(0, unbiased=False) if len(d) > 1 else torch.ones(d.shape[1:], dtype=torch.float64)
-        std = torch.where(std > 0, std, torch.ones_like(std))
-        return cls(d.mean(0), std)
-
-    def transform(self, v: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        mean, std = self.mean.to(v.device, torch.float64), self.std.to(v.device, torch.float64)
-        return ((v.double() - mean) / std).to(dtype)
-
-    def inverse(self, v: Tensor) -> Tensor:
-        mean, std = self.mean.to(v.device, torch.float64), self.std.to(v.device, torch.float64)
-        return (v.double() * std + mean).to(v.dtype)
-
-    def state_dict(self) -> dict:
-        return {"mean": self.mean.cpu(), "std": self.std.cpu()}
-
-    @classmethod
-    def from_state_dict(cls, d: dict) -> "Scaler":
-        return cls(d["mean"], d["std"])
 
 
 @dataclass

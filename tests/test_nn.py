@@ -189,3 +189,48 @@ def test_fx_symbolic_trace_records_the_fused_ops_as_calls():
         called = [n.target.__name__ for n in traced.graph.nodes if n.op == "call_function"]
         assert called and set(called) <= {"linear_relu", "mse_loss", "linear"}  # aiaas_fast.nn.Linear: F.linear
         torch.testing.assert_close(traced(*args), module(*args))
+
+
+def test_to_torch_gives_the_same_network_in_plain_torch_nn():
+    # For deployment without aiaas_fast: no aiaas_fast class or operator left, same outputs.
+    torch.manual_seed(0)
+    x = torch.randn(6, 10)
+    plain = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 1))
+    back = aiaas_fast.to_torch(aiaas_fast.convert(plain))
+    assert [type(m) for m in back] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert list(back.state_dict()) == list(plain.state_dict())
+    torch.testing.assert_close(back(x), plain(x), rtol=0, atol=0)
+
+    mlp = aiaas_fast.nn.MLP(10, [8, 8], 2)
+    seq = aiaas_fast.to_torch(mlp)
+    assert [type(m) for m in seq] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    torch.testing.assert_close(seq(x), mlp(x), rtol=0, atol=0)
+    assert all(not type(m).__module__.startswith("aiaas_fast") for m in seq.modules())
+    ops = {str(n.target) for n in torch.export.export(seq, (x,)).graph.nodes if n.op == "call_function"}
+    assert not any("aiaas_fast" in op for op in ops), ops
+    assert mlp.layers[0].weight is not seq[0].weight  # a copy unless inplace
+
+    class Net(nn.Module):  # a LinearReLU outside a Sequential, an MSELoss
+        def __init__(self):
+            super().__init__()
+            self.body, self.loss = aiaas_fast.nn.LinearReLU(10, 3), aiaas_fast.nn.MSELoss()
+
+        def forward(self, x):
+            return self.body(x)
+
+    net = Net()
+    out = aiaas_fast.to_torch(net)
+    assert type(out.body) is nn.Sequential and type(out.loss) is nn.MSELoss
+    torch.testing.assert_close(out(x), net(x), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="an Ensemble has no plain torch.nn equivalent"):
+        aiaas_fast.to_torch(aiaas_fast.Ensemble(2, 3, [4], 1))
+
+
+def test_to_torch_of_a_fitted_model_says_how_to_scale():
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 3), torch.randn(64, 1)
+    model = aiaas_fast.nn.MLP(3, [8], 1)
+    aiaas_fast.fit(model, X, y, epochs=1, progress=False)
+    with pytest.warns(UserWarning, match="standardised data"):
+        plain = aiaas_fast.to_torch(model)
+    torch.testing.assert_close(aiaas_fast.predict(plain, X), aiaas_fast.predict(model, X), rtol=0, atol=0)

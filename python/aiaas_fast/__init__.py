@@ -27,7 +27,7 @@ from . import _C  # noqa: E402  (loads libaiaas_fast, which registers torch.ops.
 from . import ops  # noqa: E402  (fake kernels for the ops)
 from .backend import get_backend, set_backend, use_backend  # noqa: E402
 from . import nn, optim  # noqa: E402
-from .convert import convert  # noqa: E402
+from .convert import convert, to_torch  # noqa: E402
 from .training import History, fit, predict  # noqa: E402
 from . import datasets, training  # noqa: E402
 from . import engine  # noqa: E402
@@ -46,6 +46,6 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["ops", "set_backend", "get_backend", "use_backend", "nn", "optim", "convert", "fit", "predict", "History",
+__all__ = ["ops", "set_backend", "get_backend", "use_backend", "nn", "optim", "convert", "to_torch", "fit", "predict", "History",
            "datasets", "training", "engine", "Ensemble", "EnsemblePrediction", "ManyHistory", "fit_many",
            "predict_many", "build_info", "cmake_prefix_path", "__version__"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import List
 
 from torch import nn
@@ -11,7 +12,7 @@ from torch import nn
 from ._module_checks import RUN_HOOKS, extra_behaviour
 from .nn import LinearReLU, MSELoss
 
-__all__ = ["convert"]
+__all__ = ["convert", "to_torch"]
 
 log = logging.getLogger("aiaas_fast")
 
@@ -124,3 +125,90 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
         print("aiaas_fast.convert: nothing to replace")
     model.aiaas_fast_conversions = replaced
     return model
+
+
+def _plain_linear(layer: nn.Linear) -> nn.Linear:
+    plain = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(plain)
+    plain.in_features, plain.out_features = layer.in_features, layer.out_features
+    plain.weight, plain.bias = layer.weight, layer.bias  # the same Parameters (a copy unless inplace)
+    plain.train(layer.training)
+    return plain
+
+
+def to_torch(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The inverse of :func:`convert`: the same network in plain ``torch.nn`` modules, for
+    deployment where aiaas_fast is not installed (a pickled model, ``torch.jit.trace``,
+    ``torch.export`` and ONNX files then hold no ``aiaas_fast`` class or operator).
+
+    - ``LinearReLU`` + ``nn.Identity`` in a Sequential (what convert() made) -> ``nn.Linear`` +
+      ``nn.ReLU``: the same ``state_dict`` keys;
+    - ``aiaas_fast.nn.MLP`` -> ``nn.Sequential(Linear, ReLU, ..., Linear)`` (keys ``0``, ``2``, ...,
+      the usual layout of a hand-written MLP);
+    - any other ``LinearReLU`` -> ``nn.Sequential(Linear, ReLU)`` (its keys gain ``0.``);
+    - ``aiaas_fast.nn.Linear`` / ``MSELoss`` -> ``nn.Linear`` / ``nn.MSELoss``.
+
+    The outputs are the same (the fused op computes relu(linear)). A model trained by
+    ``fit`` works on standardised inputs and outputs: its scalers stay on the returned model
+    (``aiaas_fast_scalers``, for ``aiaas_fast.predict``); plain-torch code must apply them
+    around it, and a warning says so. Returns a deep copy unless ``inplace``.
+    """
+    from .ensemble import Ensemble
+    from .nn import MLP, Linear
+
+    who = "aiaas_fast.to_torch"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who}: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, Ensemble):
+        raise TypeError(f"{who}: an Ensemble has no plain torch.nn equivalent; convert its members "
+                        "(to_torch(ensemble.member(k)) for each k)")
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    def plain(module: nn.Module) -> nn.Module:
+        if type(module) is MLP:
+            layers = []
+            for layer in module.layers:
+                layers.append(_plain_linear(layer))
+                if type(layer) is LinearReLU:
+                    layers.append(nn.ReLU())
+            seq = nn.Sequential(*layers)
+            seq.train(module.training)
+            return seq
+        if type(module) is LinearReLU:
+            return nn.Sequential(_plain_linear(module), nn.ReLU())
+        if type(module) is Linear:
+            return _plain_linear(module)
+        if type(module) is MSELoss:
+            return nn.MSELoss(reduction=module.reduction)
+        return module
+
+    def visit(module: nn.Module) -> None:
+        names = list(module._modules)
+        for i, name in enumerate(names):
+            child = module._modules[name]
+            if child is None:
+                continue
+            after = module._modules[names[i + 1]] if i + 1 < len(names) else None
+            if isinstance(module, nn.Sequential) and type(child) is LinearReLU and type(after) is nn.Identity:
+                module._modules[name] = _plain_linear(child)  # convert()'s layout: keys unchanged
+                module._modules[names[i + 1]] = nn.ReLU()
+                continue
+            swapped = plain(child)
+            if swapped is child:
+                visit(child)
+            module._modules[name] = swapped
+
+    result = plain(model)
+    if result is model:
+        visit(model)
+    left = sorted({type(m).__name__ for m in result.modules() if type(m).__module__.startswith("aiaas_fast")})
+    if left:
+        warnings.warn(f"{who}: left as they are (no plain torch.nn equivalent known): {', '.join(left)}", stacklevel=2)
+    scalers = getattr(model, "aiaas_fast_scalers", None)
+    if scalers:
+        result.aiaas_fast_scalers = scalers
+        warnings.warn(f"{who}: the model was trained by aiaas_fast.fit on standardised data: plain torch code must "
+                      "compute (x - x.mean) / x.std before it and y * y.std + y.mean after it (the tensors in "
+                      "model.aiaas_fast_scalers), as aiaas_fast.predict does", stacklevel=2)
+    return result

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aiaas_fast  # noqa: E402
 from aiaas_fast.ops import adam_, linear_relu  # noqa: E402
-from harness import copy_gbps, drop_failing, select_device, time_providers  # noqa: E402
+from harness import check_out_dir, copy_gbps, drop_failing, select_device, time_providers  # noqa: E402
 
 
 def with_gemm(name, fn):
@@ -241,6 +241,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
+    check_out_dir(p, args.out)
     if not torch.cuda.is_available():
         print("benchmarks/cuda_ops.py: no CUDA GPU here (torch.cuda.is_available() is False); nothing measured",
               file=sys.stderr)

@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aiaas_fast  # noqa: E402
 from aiaas_fast.engine import Engine  # noqa: E402
 from aiaas_fast.ensemble import ensemble_engine  # noqa: E402
-from harness import Results, drop_failing, fmt_time, mm_fn, record_failure, select_device, time_providers  # noqa: E402
+from harness import (Results, check_out_dir, device_arg, drop_failing, fmt_time, mm_fn, positive_int,  # noqa: E402
+                     record_failure, select_device, time_providers)
 from train import compiled_step, make_step, mlp  # noqa: E402
 
 
@@ -194,10 +195,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, short blocks: a smoke test")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--sweep", action="store_true", help="also time the small/BLAS kernel paths over widths")
-    p.add_argument("--models", type=int, default=None, help="K for the many-model table (default 256; 16 with --quick)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--models", type=positive_int, default=None, help="K for the many-model table (default 256; 16 with --quick)")
+    p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    check_out_dir(p, args.out)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         print(f"benchmarks/engine.py: --device {device} but torch sees no CUDA GPU; nothing measured", file=sys.stderr)

@@ -7,6 +7,7 @@ providers alike; it reports the median with the 20th and 80th percentiles.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -14,6 +15,7 @@ import platform
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -152,6 +154,40 @@ def drop_failing(fns: Dict[str, Callable[[], object]], failed: list, case: str, 
         except Exception as e:  # noqa: BLE001 - recorded and reported, not raised
             record_failure(failed, case, name, e, who)
     return ok
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a count of repetitions or models)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def device_arg(text: str) -> str:
+    """argparse type: cpu, cuda or cuda:N."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"the benchmarks run on cpu or cuda, got {text!r}")
+    return text
+
+
+def check_out_dir(parser: argparse.ArgumentParser, out_dir: Optional[str]) -> None:
+    """Before any timing: the results folder can be made and written (a run of minutes is
+    not lost to a typo in --out at the end)."""
+    path = out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        parser.error(f"--out {path}: cannot write there ({e.strerror or e})")
 
 
 def select_device(name: str) -> Optional[str]:
@@ -323,6 +359,7 @@ class Results:
     def __init__(self, name: str, device: str):
         self.name, self.device = name, device
         self.env = environment(device)
+        self.env["benchmark"] = name  # summarize.py refuses to pool different benchmarks
         self._other_load = OtherLoad()
         self.rows: List[dict] = []
         self.tables: List[str] = []

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aiaas_fast   # noqa: E402
 from aiaas_fast.ops import adam_, linear_relu, mse_loss   # noqa: E402
-from harness import Results, copy_gbps, fmt_time, mm_fn, select_device, time_providers, wait_until_quiet  # noqa: E402
+from harness import (Results, check_out_dir, copy_gbps, device_arg, fmt_time, mm_fn, positive_int,  # noqa: E402
+                     select_device, time_providers, wait_until_quiet)
 
 
 def _providers(eager_fn, ours_fn, step, compile_ok):
@@ -165,14 +166,15 @@ def bench_adam(res: Results, device: str, groups, reps: int, bandwidth: float) -
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if os.environ.get("LOCAL_RANK") and torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if os.environ.get("LOCAL_RANK") and torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions: a smoke run")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
-    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--reps", type=positive_int, default=None)
     p.add_argument("--out", default=None, help="folder for the result files (default benchmarks/results)")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="on a shared machine, first wait up to SECONDS for the CPUs to be idle")
     args = p.parse_args(argv)
+    check_out_dir(p, args.out)
     device = select_device(args.device)
     if device is None:
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -28,6 +29,13 @@ def _normalized(run: dict) -> dict:
     return {"environment": env, "rows": rows}
 
 
+def _benchmark_of(path: str, run: dict) -> str:
+    """The benchmark a results file comes from: recorded in it, else its name's first part
+    (ops-cpu-2026-11-29T0121.json: ops)."""
+    env = run.get("environment") or {}
+    return env.get("benchmark") or os.path.basename(path).split("-")[0]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+")
@@ -41,6 +49,11 @@ def main(argv=None) -> int:
         except (OSError, json.JSONDecodeError) as e:
             print(f"error: cannot read {path}: {e}", file=sys.stderr)
             return 2
+    kinds = {_benchmark_of(path, run) for path, run in zip(args.files, runs)}
+    if len(kinds) > 1:
+        print(f"error: these files come from different benchmarks ({', '.join(sorted(kinds))}); summarize one "
+              "benchmark's runs at a time", file=sys.stderr)
+        return 2
     runs = [_normalized(run) for run in runs]
     times = defaultdict(dict)  # key -> {run index: median}: a provider may be missing from a run
     order = []

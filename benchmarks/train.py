@@ -21,7 +21,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aiaas_fast  # noqa: E402
-from harness import Results, fmt_time, mm_gflops, time_providers  # noqa: E402
+from harness import Results, check_out_dir, device_arg, fmt_time, mm_gflops, positive_int, time_providers  # noqa: E402
 
 
 def mlp(widths, device):
@@ -114,12 +114,13 @@ def plot(rows, path):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--reps", type=positive_int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    check_out_dir(p, args.out)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no GPU", file=sys.stderr)
         return 2

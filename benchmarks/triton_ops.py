@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aiaas_fast   # noqa: E402
 from aiaas_fast import backend as _backend   # noqa: E402
 from aiaas_fast.ops import adam_, linear_relu, mse_loss   # noqa: E402
-from harness import Results, copy_gbps, drop_failing, fmt_time, mm_fn, select_device, time_providers  # noqa: E402
+from harness import (Results, check_out_dir, copy_gbps, device_arg, drop_failing, fmt_time, mm_fn,  # noqa: E402
+                     select_device, time_providers)
 
 
 def _with(name, fn):
@@ -177,11 +178,12 @@ def bench_adam(res, lines, device, shapes, bandwidth):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    check_out_dir(p, args.out)
     device = select_device(args.device)
     if device is None:
         return 2

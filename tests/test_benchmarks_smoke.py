@@ -120,3 +120,30 @@ def test_select_device_makes_the_gpu_current_with_an_index(monkeypatch, name, lo
     else:
         monkeypatch.setenv("LOCAL_RANK", local_rank)
     assert harness.select_device(name).startswith("cuda") and chosen == [expected]
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("ops.py", ["--out", "{blocked}/results"], "--out {blocked}/results: cannot write there"),
+    ("engine.py", ["--out", "{blocked}/results"], "--out {blocked}/results: cannot write there"),
+    ("ops.py", ["--device", "foo"], "argument --device: not a device: 'foo'"),
+    ("train.py", ["--reps", "0"], "argument --reps: must be >= 1, got 0"),
+    ("engine.py", ["--models", "-4"], "argument --models: must be >= 1, got -4"),
+    ("triton_ops.py", ["--device", "tpu"], "argument --device:"),
+])
+def test_bad_benchmark_arguments_are_one_line_before_any_timing(tmp_path, script, args, message):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    args = [a.format(blocked=blocked) for a in args]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message.format(blocked=blocked) in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_summarize_refuses_to_pool_different_benchmarks(tmp_path):
+    for name in ("ops", "train"):
+        (tmp_path / f"{name}-cpu-2026-11-29T0000.json").write_text(json.dumps(
+            {"environment": {"benchmark": name, "date": "2026-11-29", "device_name": "cpu", "threads": 2, "torch": "x"},
+             "rows": []}))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "summarize.py"),
+                        *sorted(str(p) for p in tmp_path.iterdir())], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "different benchmarks (ops, train)" in r.stderr, r.stderr

@@ -380,3 +380,21 @@ def test_output_into_a_closed_pipe_is_quiet(tmp_path):
                        f"--out {model2} 2>{tmp_path}/err | head -1", shell=True, capture_output=True, text=True,
                        timeout=300)
     assert model2.exists() and (tmp_path / "err").read_text() == ""  # the work finishes: the model is saved
+
+
+def test_under_torchrun_only_rank_0_reports_and_writes(tmp_path, monkeypatch):
+    # Every process runs the command (fit trains them as one): one report, one writer.
+    path, feats, targets = plant_csv(tmp_path, 60)
+    model = tmp_path / "m.pt"
+    monkeypatch.setenv("RANK", "1")
+    code, out, err = main("train", "--data", path, "--target", targets[0], "--epochs", "1", "--out", str(model))
+    assert code == 0 and out == "" and not model.exists(), (out, err)
+    monkeypatch.setenv("RANK", "0")
+    code, out, err = main("train", "--data", path, "--target", targets[0], "--epochs", "1", "--out", str(model))
+    assert code == 0 and "saved:" in out and model.exists(), (out, err)
+    monkeypatch.setenv("RANK", "1")
+    preds = tmp_path / "p.csv"
+    code, out, err = main("predict", "--model", str(model), "--data", path, "--out", str(preds))
+    assert code == 0 and out == "" and not preds.exists(), (out, err)
+    code, out, err = main("predict", "--model", str(model), "--data", path)
+    assert code == 0 and out == "", (out, err)

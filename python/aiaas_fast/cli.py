@@ -202,7 +202,8 @@ def write_csv(path: str, header: Sequence[str], data: np.ndarray) -> None:
         text.flush()
         text.detach()
 
-    replace_atomically(path, write)
+    if not _secondary_rank():
+        replace_atomically(path, write)
 
 
 # ------------------------------------------------------------------ arguments
@@ -470,6 +471,8 @@ def _save_model(path: str, payload: dict) -> None:
     """Written to a temporary file and renamed: an interrupted save leaves no half-written model."""
     import torch
 
+    if _secondary_rank():
+        return
     replace_atomically(path, lambda f: torch.save(payload, f))
     say(f"saved: {path}")
 
@@ -597,6 +600,8 @@ def _write_predictions(args, names, pred) -> int:
         write_csv(args.out, names, pred)
         say(f"wrote {len(pred)} predictions to {args.out}")
     else:
+        if _secondary_rank():
+            return 0
         try:
             write_rows(sys.stdout, names, pred)
             sys.stdout.flush()
@@ -609,9 +614,17 @@ class TrainingFailed(Exception):
     """Training ran but gave no usable model (it diverged): one line, exit status 1."""
 
 
+def _secondary_rank() -> bool:
+    """Under torchrun every process runs the command (fit trains them as one, under DDP);
+    rank 0 alone reports and writes files."""
+    return os.environ.get("RANK", "0") not in ("", "0")
+
+
 def say(text: str) -> None:
     """A line on stdout; a closed pipe (| head) ends the output, not the work (the model is
     still saved)."""
+    if _secondary_rank():
+        return
     try:
         print(text, flush=True)
     except BrokenPipeError:

@@ -93,6 +93,7 @@ fi
 # use). Op tests on the CUDA backends only, and only the files with CUDA cases: CI covers the
 # CPU (test_compile, test_nn, test_optim, test_gpu_check are CPU-only: over a minute here).
 export AIAAS_FAST_TRITON_AUTOTUNE=0 TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-cache" AIAAS_FAST_TEST_DEVICES=cuda
+export AIAAS_FAST_TEST_INDUCTOR_CACHE="$WORK/inductor-cache"  # new with this run: shared by both pytest runs
 PYTEST=("$PY" -m pytest -v -rfE --durations=10 -p no:cacheprovider)
 step "tests on the GPU: native CUDA kernels, the engine, the fused MLP, many models"
 if ! timeout --signal=INT --kill-after=5 65 "${PYTEST[@]}" --junitxml="$WORK/tests-gpu.xml" \

@@ -4,7 +4,9 @@ import tempfile
 
 # A fresh torch.compile cache for every test session: compiled graphs embed the ops'
 # autograd formulas, and a cache left by an older build of aiaas_fast would replay them.
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="aiaas_fast_inductor_")
+# scripts/gpu_check.sh gives its pytest runs one new folder to share (AIAAS_FAST_TEST_INDUCTOR_CACHE).
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = (os.environ.get("AIAAS_FAST_TEST_INDUCTOR_CACHE")
+                                         or tempfile.mkdtemp(prefix="aiaas_fast_inductor_"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

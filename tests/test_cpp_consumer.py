@@ -14,7 +14,7 @@ EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PACKAGE_DIR = os.path.join(aiaas_fast.cmake_prefix_path, "aiaas_fast")
 SUCCESS = "aiaas_fast C++ consumer: all checks passed"
 # One line per check in main.cpp; a check that silently stops running must fail this test.
-N_CHECKS = 18
+N_CHECKS = 19
 
 
 def _cmake():

@@ -107,6 +107,13 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        .findSchemaOrThrow("aiaas_fast::adam_", "")
                        .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                                    at::TensorList, double, double, double, double, double, bool, bool, bool)>();
+  constexpr std::string_view who = "aiaas_fast::adam_";
+  checks::require_defined(who, "params", params);
+  checks::require_defined(who, "grads", grads);
+  checks::require_defined(who, "exp_avgs", exp_avgs);
+  checks::require_defined(who, "exp_avg_sqs", exp_avg_sqs);
+  checks::require_defined(who, "max_exp_avg_sqs", max_exp_avg_sqs);
+  checks::require_defined(who, "state_steps", state_steps);
   op.call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, o.lr, o.beta1, o.beta2,
           o.weight_decay, o.eps, o.amsgrad, o.maximize, o.decoupled_weight_decay);
 }

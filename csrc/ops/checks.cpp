@@ -33,6 +33,15 @@ void no_forward_ad(std::string_view op, std::initializer_list<at::Tensor> inputs
                 "(aiaas_fast.use_backend(\"reference\"))");
 }
 
+void require_defined(std::string_view op, std::initializer_list<std::pair<const char*, const at::Tensor*>> args) {
+  for (const auto& [name, t] : args) TORCH_CHECK(t->defined(), op, ": ", name, " is an undefined tensor");
+}
+
+void require_defined(std::string_view op, const char* name, at::TensorList list) {
+  for (size_t i = 0; i < list.size(); ++i)
+    TORCH_CHECK(list[i].defined(), op, ": ", name, "[", i, "] is an undefined tensor");
+}
+
 void linear_relu_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "aiaas_fast.linear_relu";
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ",

@@ -6,6 +6,7 @@
 #include <initializer_list>
 #include <optional>
 #include <string_view>
+#include <utility>
 
 #include <ATen/core/Tensor.h>
 
@@ -26,6 +27,11 @@ inline at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
 // Forward-mode AD (torch.func.jvp, dual tensors): the ops have no formula for it, so a dual
 // input is refused with a clear error rather than its tangent silently dropped.
 void no_forward_ad(std::string_view op, std::initializer_list<at::Tensor> inputs);
+
+// For the C++ API: an undefined at::Tensor (a default-constructed one) named, before the
+// dispatcher sees it (which fails with "Unimplemented scalar type" or picks no kernel).
+void require_defined(std::string_view op, std::initializer_list<std::pair<const char*, const at::Tensor*>> args);
+void require_defined(std::string_view op, const char* name, at::TensorList list);
 
 enum class Reduction { none, mean, sum };
 Reduction parse_reduction(std::string_view op, std::string_view reduction);

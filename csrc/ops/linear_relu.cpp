@@ -198,6 +198,7 @@ at::Tensor linear_relu(const at::Tensor& x, const at::Tensor& weight, const std:
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("aiaas_fast::linear_relu", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
+  checks::require_defined("aiaas_fast::linear_relu", {{"x", &x}, {"weight", &weight}});
   return op.call(x, weight, bias);
 }
 
@@ -209,6 +210,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
                        .findSchemaOrThrow("aiaas_fast::linear_relu_backward", "")
                        .typed<Ret(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                   std::array<bool, 3>)>();
+  checks::require_defined("aiaas_fast::linear_relu_backward",
+                          {{"grad_out", &grad_out}, {"x", &x}, {"weight", &weight}, {"out", &out}});
   return op.call(grad_out, x, weight, out, output_mask);
 }
 

@@ -170,6 +170,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss(const at::Tensor& inp
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("aiaas_fast::mse_loss", "")
                        .typed<Ret(const at::Tensor&, const at::Tensor&, c10::string_view, bool)>();
+  checks::require_defined("aiaas_fast::mse_loss", {{"input", &input}, {"target", &target}});
   return op.call(input, target, c10::string_view(reduction.data(), reduction.size()), compute_grad);
 }
 

@@ -112,6 +112,16 @@ void run_checks() {
          "loss " + c10::str(first_loss) + " after 1 epoch, " + c10::str(last_loss) + " after 31");
   check("engine step counter", steps[0], at::full({}, 31.0 * 8));
   check("engine predict", engine.predict(xs)[0], at::relu(xs.matmul(w1.t()) + b1).matmul(w2.t()) + b2);
+
+  // Bad input is a c10::Error that names the problem, never a crash.
+  std::string message;
+  try {
+    aiaas_fast::linear_relu(at::Tensor(), w1);
+  } catch (const c10::Error& e) {
+    message = e.what_without_backtrace();
+  }
+  report("an undefined tensor is named in the error", message.find("x is an undefined tensor") != std::string::npos,
+         "got: " + message);
 }
 
 }  // namespace

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 from collections import defaultdict
+from typing import Optional
 
 
 def _normalized(run: dict) -> dict:
@@ -29,11 +31,14 @@ def _normalized(run: dict) -> dict:
     return {"environment": env, "rows": rows}
 
 
-def _benchmark_of(path: str, run: dict) -> str:
-    """The benchmark a results file comes from: recorded in it, else its name's first part
-    (ops-cpu-2026-11-29T0121.json: ops)."""
+def _benchmark_of(path: str, run: dict) -> Optional[str]:
+    """The benchmark a results file comes from: recorded in it, else from a name as the
+    benchmarks write it (ops-cpu-2026-11-29T0121.json: ops); None when neither says."""
     env = run.get("environment") or {}
-    return env.get("benchmark") or os.path.basename(path).split("-")[0]
+    if env.get("benchmark"):
+        return env["benchmark"]
+    m = re.match(r"([a-z_]+)-(cpu|cuda)-\d{4}-", os.path.basename(path))
+    return m.group(1) if m else None
 
 
 def main(argv=None) -> int:
@@ -49,7 +54,7 @@ def main(argv=None) -> int:
         except (OSError, json.JSONDecodeError) as e:
             print(f"error: cannot read {path}: {e}", file=sys.stderr)
             return 2
-    kinds = {_benchmark_of(path, run) for path, run in zip(args.files, runs)}
+    kinds = {_benchmark_of(path, run) for path, run in zip(args.files, runs)} - {None}
     if len(kinds) > 1:
         print(f"error: these files come from different benchmarks ({', '.join(sorted(kinds))}); summarize one "
               "benchmark's runs at a time", file=sys.stderr)
@@ -60,6 +65,8 @@ def main(argv=None) -> int:
     ref_of = {}  # (kernel, shape) -> the reference a row names (ratio_vs), where it names one
     for run_index, run in enumerate(runs):
         for row in run["rows"]:
+            if "y50" not in row:  # not a timing (engine.py --sweep's path table)
+                continue
             key = (row["kernel"], str(row["x"]), row["provider"])
             if key not in times:
                 order.append(key)

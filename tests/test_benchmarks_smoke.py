@@ -147,3 +147,15 @@ def test_summarize_refuses_to_pool_different_benchmarks(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "summarize.py"),
                         *sorted(str(p) for p in tmp_path.iterdir())], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "different benchmarks (ops, train)" in r.stderr, r.stderr
+
+
+def test_summarize_takes_renamed_files_of_one_benchmark(tmp_path):
+    # Files without a recorded benchmark and without the benchmarks' own names are not refused.
+    row = {"kernel": "linear_relu", "x": "64", "provider": "eager", "y50": 1e-3}
+    for name in ("baseline.json", "candidate.json"):
+        (tmp_path / name).write_text(json.dumps(
+            {"environment": {"date": "2026-11-29", "device_name": "cpu", "threads": 2, "torch": "x"}, "rows": [row]}))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "summarize.py"),
+                        str(tmp_path / "baseline.json"), str(tmp_path / "candidate.json")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "Summary of 2 runs" in r.stdout, r.stderr

@@ -384,15 +384,24 @@ def test_output_into_a_closed_pipe_is_quiet(tmp_path):
 
 def test_under_torchrun_only_rank_0_reports_and_writes(tmp_path, monkeypatch):
     # Every process runs the command (fit trains them as one): one report, one writer.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not cli._secondary_rank()  # RANK alone (a job scheduler's) is not torchrun
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli._secondary_rank()
+    monkeypatch.setenv("RANK", "0")
+    assert not cli._secondary_rank()
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
     path, feats, targets = plant_csv(tmp_path, 60)
     model = tmp_path / "m.pt"
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cli, "_secondary_rank", lambda: True)
     code, out, err = main("train", "--data", path, "--target", targets[0], "--epochs", "1", "--out", str(model))
     assert code == 0 and out == "" and not model.exists(), (out, err)
-    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(cli, "_secondary_rank", lambda: False)
     code, out, err = main("train", "--data", path, "--target", targets[0], "--epochs", "1", "--out", str(model))
     assert code == 0 and "saved:" in out and model.exists(), (out, err)
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cli, "_secondary_rank", lambda: True)
     preds = tmp_path / "p.csv"
     code, out, err = main("predict", "--model", str(model), "--data", path, "--out", str(preds))
     assert code == 0 and out == "" and not preds.exists(), (out, err)

@@ -234,3 +234,18 @@ def test_the_scalers_fit_used_travel_in_the_state_dict():
     again = aiaas_fast.Ensemble(3, 3, [8], 1)
     again.load_state_dict(ens.state_dict())
     torch.testing.assert_close(aiaas_fast.predict_many(again, X[:5]).mean, aiaas_fast.predict_many(ens, X[:5]).mean)
+
+
+def test_fitted_models_work_with_distributed_checkpoint_and_members_keep_their_scalers():
+    import torch.distributed.checkpoint.state_dict as dcp_state
+
+    torch.manual_seed(0)
+    X, y = torch.randn(120, 3) * 10 + 50, torch.randn(120, 1) * 3 + 7
+    model = aiaas_fast.nn.MLP(3, [8], 1)
+    aiaas_fast.fit(model, X, y, epochs=1, progress=False)
+    state = dcp_state.get_model_state_dict(model)  # walks each key to its attribute
+    assert torch.equal(state["aiaas_fast_scalers.x.mean"], model.aiaas_fast_scalers["x"].mean)
+    ens = aiaas_fast.Ensemble(3, 3, [8], 1)
+    aiaas_fast.fit_many(ens, X, y, epochs=1, progress=False)
+    for k in range(3):
+        torch.testing.assert_close(aiaas_fast.predict(ens.member(k), X), aiaas_fast.predict_many(ens, X).members[k])

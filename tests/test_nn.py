@@ -226,11 +226,49 @@ def test_to_torch_gives_the_same_network_in_plain_torch_nn():
         aiaas_fast.to_torch(aiaas_fast.Ensemble(2, 3, [4], 1))
 
 
-def test_to_torch_of_a_fitted_model_says_how_to_scale():
+def test_to_torch_of_a_fitted_model_folds_or_warns_and_needs_no_aiaas_fast(tmp_path):
+    import subprocess
+    import sys
+
     torch.manual_seed(0)
-    X, y = torch.randn(64, 3), torch.randn(64, 1)
+    X = torch.randn(128, 3) * 50 + 300
+    y = X[:, :1] * 2 + 5 + torch.randn(128, 1)
     model = aiaas_fast.nn.MLP(3, [8], 1)
-    aiaas_fast.fit(model, X, y, epochs=1, progress=False)
+    aiaas_fast.fit(model, X, y, epochs=2, progress=False)
     with pytest.warns(UserWarning, match="standardised data"):
         plain = aiaas_fast.to_torch(model)
-    torch.testing.assert_close(aiaas_fast.predict(plain, X), aiaas_fast.predict(model, X), rtol=0, atol=0)
+    assert not hasattr(plain, "aiaas_fast_scalers")  # a pickle would need aiaas_fast.scaler
+    folded = aiaas_fast.to_torch(model, fold_scalers=True)
+    torch.testing.assert_close(folded(X), aiaas_fast.predict(model, X), rtol=1e-5, atol=1e-3)  # y in its units
+    path = tmp_path / "plain.pt"
+    torch.save(folded, path)
+    code = (f"import sys; sys.modules['aiaas_fast'] = None; import torch; "
+            f"m = torch.load({str(path)!r}, weights_only=False); print(m(torch.full((1, 3), 300.0)).shape)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "torch.Size([1, 1])" in r.stdout, r.stderr[-2000:]
+    single = aiaas_fast.nn.MLP(3, [], 1)  # one Linear: both folds into the same layer
+    aiaas_fast.fit(single, X, y, epochs=2, progress=False)
+    torch.testing.assert_close(aiaas_fast.to_torch(single, fold_scalers=True)(X), aiaas_fast.predict(single, X),
+                               rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="no scalers"):
+        aiaas_fast.to_torch(aiaas_fast.nn.MLP(3, [8], 1), fold_scalers=True)
+
+
+def test_to_torch_leaves_modules_that_do_more_than_their_forward():
+    # As convert(): swapping a hooked layer would drop what its hook does.
+    layer = aiaas_fast.nn.LinearReLU(4, 8)
+    layer.register_forward_hook(lambda m, i, o: o * 0)
+    model = nn.Sequential(layer, nn.Linear(8, 1))
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match="left as it is: 0: it has forward hooks"):
+        out = aiaas_fast.to_torch(model)
+    torch.testing.assert_close(out(x), model(x))
+
+
+def test_a_traced_mlp_can_be_saved():
+    # FX keeps the forward's annotations; string ones (from __future__ import annotations)
+    # made the traced module unpicklable.
+    import io
+
+    traced = torch.fx.symbolic_trace(aiaas_fast.nn.MLP(3, [4], 1))
+    torch.save(traced, io.BytesIO())

@@ -460,11 +460,17 @@ def cmd_train(args) -> int:
             f"aiaas_fast {seconds:.2f} s, final loss {last['train_loss']:.5f}; speedup {ref_seconds / seconds:.2f}x")
     if args.out:
         payload = {"format": MODEL_FORMAT, "widths": widths, "features": features, "targets": targets,
-                   "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                   "state_dict": _weights_only(model),
                    "scalers": {k: s.state_dict() for k, s in model.aiaas_fast_scalers.items()},
                    "aiaas_fast": aiaas_fast.__version__}
         _save_model(args.out, payload)
     return 0
+
+
+def _weights_only(model) -> dict:
+    """The state_dict without the scalers an MLP or Ensemble carries in it: the file keeps them
+    under "scalers", and a model file stays readable by releases before they moved in."""
+    return {k: v.cpu() for k, v in model.state_dict().items() if not k.startswith("aiaas_fast_scalers.")}
 
 
 def _save_model(path: str, payload: dict) -> None:
@@ -523,7 +529,7 @@ def _train_many(args, x_t, y_t, groups, widths, features, targets, source, devic
         payload = {"format": MODEL_FORMAT, "kind": "groups" if groups is not None else "ensemble", "num_models": k,
                    "widths": widths, "features": features, "targets": targets,
                    "group_by": args.group_by, "group_values": history.group_values,
-                   "state_dict": {n: v.cpu() for n, v in ens.state_dict().items()},
+                   "state_dict": _weights_only(ens),
                    "scalers": {n: s.state_dict() for n, s in ens.aiaas_fast_scalers.items()},
                    "aiaas_fast": aiaas_fast.__version__}
         _save_model(args.out, payload)
@@ -617,7 +623,7 @@ class TrainingFailed(Exception):
 def _secondary_rank() -> bool:
     """Under torchrun every process runs the command (fit trains them as one, under DDP);
     rank 0 alone reports and writes files."""
-    return os.environ.get("RANK", "0") not in ("", "0")
+    return os.environ.get("RANK", "0") not in ("", "0") and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
 def say(text: str) -> None:

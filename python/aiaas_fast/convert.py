@@ -136,10 +136,11 @@ def _plain_linear(layer: nn.Linear) -> nn.Linear:
     return plain
 
 
-def to_torch(model: nn.Module, inplace: bool = False) -> nn.Module:
+def to_torch(model: nn.Module, inplace: bool = False, fold_scalers: bool = False) -> nn.Module:
     """The inverse of :func:`convert`: the same network in plain ``torch.nn`` modules, for
-    deployment where aiaas_fast is not installed (a pickled model, ``torch.jit.trace``,
-    ``torch.export`` and ONNX files then hold no ``aiaas_fast`` class or operator).
+    deployment where aiaas_fast is not installed (a pickled model, ``torch.jit.script``,
+    ``torch.jit.trace``, ``torch.export`` and ONNX files then hold no ``aiaas_fast`` class or
+    operator).
 
     - ``LinearReLU`` + ``nn.Identity`` in a Sequential (what convert() made) -> ``nn.Linear`` +
       ``nn.ReLU``: the same ``state_dict`` keys;
@@ -148,10 +149,16 @@ def to_torch(model: nn.Module, inplace: bool = False) -> nn.Module:
     - any other ``LinearReLU`` -> ``nn.Sequential(Linear, ReLU)`` (its keys gain ``0.``);
     - ``aiaas_fast.nn.Linear`` / ``MSELoss`` -> ``nn.Linear`` / ``nn.MSELoss``.
 
-    The outputs are the same (the fused op computes relu(linear)). A model trained by
-    ``fit`` works on standardised inputs and outputs: its scalers stay on the returned model
-    (``aiaas_fast_scalers``, for ``aiaas_fast.predict``); plain-torch code must apply them
-    around it, and a warning says so. Returns a deep copy unless ``inplace``.
+    The outputs are the same (the fused op computes relu(linear)). Modules with hooks,
+    parametrizations or pruning are left as they are, with a warning, as convert() leaves them.
+
+    A model trained by ``fit`` works on standardised inputs and outputs. By default the result
+    is that network as it is (plain code applies ``model.aiaas_fast_scalers`` around it; a
+    warning says so). ``fold_scalers=True`` folds them into the first and last ``Linear``
+    (computed in float64, then cast to the weights' dtype), so the result maps raw x to y in
+    its units; with float32 weights, inputs far from zero relative to their spread (a
+    timestamp) lose precision there, and a warning says when. Returns a deep copy unless
+    ``inplace``.
     """
     from .ensemble import Ensemble
     from .nn import MLP, Linear
@@ -162,53 +169,100 @@ def to_torch(model: nn.Module, inplace: bool = False) -> nn.Module:
     if isinstance(model, Ensemble):
         raise TypeError(f"{who}: an Ensemble has no plain torch.nn equivalent; convert its members "
                         "(to_torch(ensemble.member(k)) for each k)")
+    scalers = getattr(model, "aiaas_fast_scalers", None)
+    if fold_scalers and not scalers:
+        raise ValueError(f"{who}: fold_scalers=True but the model has no scalers (it was not trained by aiaas_fast.fit)")
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except RuntimeError as e:  # e.g. the old weight_norm after a forward: a computed weight
+            raise RuntimeError(f"{who}: the model cannot be copied ({e}); use inplace=True") from e
+    skipped: List[str] = []
 
-    def plain(module: nn.Module) -> nn.Module:
-        if type(module) is MLP:
+    def plain(module: nn.Module, name: str) -> nn.Module:
+        kind = type(module)
+        if kind not in (MLP, LinearReLU, Linear, MSELoss):
+            return module
+        why = _why_not_plain(module) or (
+            next((f"its layer {n} {_why_not_plain(m)}" for n, m in module.layers.named_children() if _why_not_plain(m)), "")
+            if kind is MLP else "")
+        if why:
+            skipped.append(f"{name or kind.__name__}: {why}")
+            return module
+        if kind is MLP:
             layers = []
             for layer in module.layers:
                 layers.append(_plain_linear(layer))
                 if type(layer) is LinearReLU:
                     layers.append(nn.ReLU())
-            seq = nn.Sequential(*layers)
-            seq.train(module.training)
-            return seq
-        if type(module) is LinearReLU:
+            return nn.Sequential(*layers).train(module.training)
+        if kind is LinearReLU:
             return nn.Sequential(_plain_linear(module), nn.ReLU())
-        if type(module) is Linear:
+        if kind is Linear:
             return _plain_linear(module)
-        if type(module) is MSELoss:
-            return nn.MSELoss(reduction=module.reduction)
-        return module
+        return nn.MSELoss(reduction=module.reduction)
 
-    def visit(module: nn.Module) -> None:
+    def visit(module: nn.Module, prefix: str) -> None:
         names = list(module._modules)
         for i, name in enumerate(names):
             child = module._modules[name]
             if child is None:
                 continue
             after = module._modules[names[i + 1]] if i + 1 < len(names) else None
-            if isinstance(module, nn.Sequential) and type(child) is LinearReLU and type(after) is nn.Identity:
+            if (isinstance(module, nn.Sequential) and type(child) is LinearReLU and type(after) is nn.Identity
+                    and not _why_not_plain(child)):
                 module._modules[name] = _plain_linear(child)  # convert()'s layout: keys unchanged
                 module._modules[names[i + 1]] = nn.ReLU()
                 continue
-            swapped = plain(child)
+            swapped = plain(child, prefix + name)
             if swapped is child:
-                visit(child)
+                visit(child, f"{prefix}{name}.")
             module._modules[name] = swapped
 
-    result = plain(model)
+    result = plain(model, "")
     if result is model:
-        visit(model)
+        visit(model, "")
+    for line in skipped:
+        warnings.warn(f"{who}: left as it is: {line}", stacklevel=2)
     left = sorted({type(m).__name__ for m in result.modules() if type(m).__module__.startswith("aiaas_fast")})
     if left:
-        warnings.warn(f"{who}: left as they are (no plain torch.nn equivalent known): {', '.join(left)}", stacklevel=2)
-    scalers = getattr(model, "aiaas_fast_scalers", None)
-    if scalers:
-        result.aiaas_fast_scalers = scalers
+        warnings.warn(f"{who}: the result still holds aiaas_fast modules: {', '.join(left)}", stacklevel=2)
+    result.__dict__.pop("aiaas_fast_scalers", None)  # Scaler objects would tie a pickle to aiaas_fast
+    result.__dict__.pop("aiaas_fast_conversions", None)
+    if fold_scalers:
+        _fold(result, scalers, who)
+    elif scalers:
         warnings.warn(f"{who}: the model was trained by aiaas_fast.fit on standardised data: plain torch code must "
-                      "compute (x - x.mean) / x.std before it and y * y.std + y.mean after it (the tensors in "
-                      "model.aiaas_fast_scalers), as aiaas_fast.predict does", stacklevel=2)
+                      "compute (x - mean) / std before it and y * std + mean after it (model.aiaas_fast_scalers of "
+                      "the model you passed), as aiaas_fast.predict does; or pass fold_scalers=True", stacklevel=2)
     return result
+
+
+def _fold(model: nn.Module, scalers, who: str) -> None:
+    """(x - mx) / sx into the first Linear, y * sy + my into the last, in float64."""
+    import torch
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears or not isinstance(model, nn.Sequential) or model[0] is not linears[0] or model[-1] is not linears[-1]:
+        raise ValueError(f"{who}: fold_scalers needs a model that starts and ends with nn.Linear (an MLP)")
+    first, last = linears[0], linears[-1]
+    mx, sx = scalers["x"].mean.double().cpu(), scalers["x"].std.double().cpu()
+    my, sy = scalers["y"].mean.double().cpu(), scalers["y"].std.double().cpu()
+    with torch.no_grad():
+        w = first.weight.double().cpu() / sx
+        b = (first.bias.double().cpu() if first.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64))
+        first.weight.copy_(w.to(first.weight))
+        if first.bias is None:
+            first.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=first.weight.dtype, device=first.weight.device))
+        first.bias.copy_((b - w @ mx).to(first.bias))
+        w2 = last.weight.double().cpu() * sy[:, None]
+        b2 = last.bias.double().cpu() * sy + my if last.bias is not None else my
+        last.weight.copy_(w2.to(last.weight))
+        if last.bias is None:
+            last.bias = nn.Parameter(torch.zeros(w2.shape[0], dtype=last.weight.dtype, device=last.weight.device))
+        last.bias.copy_(b2.to(last.bias))
+    ratio = float((mx.abs() / sx).max()) if mx.numel() else 0.0
+    if first.weight.dtype != torch.float64 and ratio > 1e3:
+        warnings.warn(f"{who}: an input column's mean is {ratio:.0e} times its spread: folded into "
+                      f"{first.weight.dtype} weights it loses precision; fold into model.double(), or scale outside",
+                      stacklevel=3)

@@ -84,7 +84,8 @@ class Ensemble(KeepsScalers, nn.Module):
         return h
 
     def member(self, k: int) -> MLP:
-        """Model k as a standalone ``aiaas_fast.nn.MLP`` (a copy of its weights)."""
+        """Model k as a standalone ``aiaas_fast.nn.MLP`` (a copy of its weights, and of its scalers
+        after ``fit_many``)."""
         if not 0 <= k < self.num_models:
             raise IndexError(f"Ensemble.member: k={k} is out of range for {self.num_models} models")
         w0 = self.weights[0]
@@ -94,6 +95,9 @@ class Ensemble(KeepsScalers, nn.Module):
             for lin, w, b in zip(linears, self.weights, self.biases):
                 lin.weight.copy_(w[k])
                 lin.bias.copy_(b[k])
+        scalers = getattr(self, "aiaas_fast_scalers", None)
+        if scalers:  # fit_many's, stacked per model: model k's, so predict(member) is model k's prediction
+            mlp.aiaas_fast_scalers = {n: Scaler(s.mean[k].clone(), s.std[k].clone()) for n, s in scalers.items()}
         return mlp
 
     @classmethod

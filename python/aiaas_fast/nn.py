@@ -1,7 +1,7 @@
 """Drop-in modules on the fused ops: same parameters, initialisation and ``state_dict``
 keys as their ``torch.nn`` counterparts, so weights move between the two freely."""
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: torch.fx keeps string annotations as names that a
+# traced module cannot be pickled with.
 from typing import Sequence, Union
 
 import torch.fx

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Scaler", "KeepsScalers"]
+__all__ = ["Scaler", "ScalerSet", "KeepsScalers"]
 
 _KEY = "aiaas_fast_scalers."
 
@@ -46,12 +46,29 @@ class Scaler:
         return cls(d["mean"], d["std"])
 
 
+class ScalerSet(dict):
+    """``{"x": Scaler, "y": Scaler}`` whose entries are attributes too (``scalers.x.mean``), so
+    tools that walk a state_dict key to its attribute (torch.distributed.checkpoint) find
+    ``aiaas_fast_scalers.x.mean`` on the model."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 class KeepsScalers:
     """A mixin for ``nn.Module``s that ``fit`` trains: the scalers it keeps on the model
     (``model.aiaas_fast_scalers``, used by ``predict``) go into ``state_dict()`` as float64
     tensors (``aiaas_fast_scalers.x.mean``, ...), and ``load_state_dict`` brings them back,
     so a saved and reloaded model predicts in the targets' units again. A state dict without
     them (an unfitted model's, or a plain torch one) leaves the model without scalers."""
+
+    def __setattr__(self, name, value):
+        if name == "aiaas_fast_scalers" and isinstance(value, dict) and not isinstance(value, ScalerSet):
+            value = ScalerSet(value)
+        super().__setattr__(name, value)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -90,14 +90,16 @@ fi
 # Two runs, each with its own results file, so that one cut short keeps the other's. A time
 # limit interrupts pytest (SIGINT) so it still reports and writes its results file; the
 # kill 5 s later is for a run that hangs. Cheapest first (the Triton kernels compile on first
-# use). Op tests on the CUDA backends only, and only the files with CUDA cases: CI covers the
-# CPU (test_compile, test_nn, test_optim, test_gpu_check are CPU-only: over a minute here).
+# use); the engine's and fused MLP's first, as the targets rest on them. Op tests on the
+# CUDA backends only, and only the files with CUDA cases: CI covers the CPU.
 export AIAAS_FAST_TRITON_AUTOTUNE=0 TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-cache" AIAAS_FAST_TEST_DEVICES=cuda
 export AIAAS_FAST_TEST_INDUCTOR_CACHE="$WORK/inductor-cache"  # new with this run: shared by both pytest runs
-PYTEST=("$PY" -m pytest -v -rfE --durations=10 -p no:cacheprovider)
+# -m gpu: the cases that run on the GPU (the CUDA backends' and the GPU-only files'); the
+# CPU-only tests of the same files are CI's.
+PYTEST=("$PY" -m pytest -v -rfE --durations=10 -p no:cacheprovider -m gpu)
 step "tests on the GPU: native CUDA kernels, the engine, the fused MLP, many models"
 if ! timeout --signal=INT --kill-after=5 65 "${PYTEST[@]}" --junitxml="$WORK/tests-gpu.xml" \
-      tests/test_cuda_ops.py tests/test_ensemble_cuda.py tests/test_engine_cuda.py tests/test_fused_mlp.py; then
+      tests/test_fused_mlp.py tests/test_engine_cuda.py tests/test_cuda_ops.py tests/test_ensemble_cuda.py; then
   fail "tests (GPU kernels; see log.txt; results still written)"
 fi
 step "tests on the GPU: every op on every CUDA backend (one autotuning config: many shapes)"

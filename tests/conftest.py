@@ -29,6 +29,15 @@ def _seed():
     yield
 
 
+def pytest_collection_modifyitems(config, items):
+    # A case of the backend fixture on CUDA runs on the GPU: marked so that
+    # scripts/gpu_check.sh can take the GPU's cases alone (-m gpu).
+    for item in items:
+        b = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+        if b is not None and getattr(b, "device", None) == "cuda":
+            item.add_marker(pytest.mark.gpu)
+
+
 @pytest.fixture(params=BACKENDS, ids=lambda b: f"{b.name}-{b.device}")
 def backend(request):
     """Every op test that takes this fixture runs once per backend (and device) that can run

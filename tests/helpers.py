@@ -103,9 +103,15 @@ def rand(*shape, dtype=torch.float32, contiguous=True, requires_grad=False, scal
 TRITON_TOLERANCES = {**TOLERANCES, torch.float32: (1e-4, 1e-4)}
 
 
-def assert_close(actual, expected, dtype, msg="", backend=None):
+def assert_close(actual, expected, dtype, msg="", backend=None, scaled_by=1):
+    """Within the dtype's tolerances. ``scaled_by``: both sides were multiplied by this (a
+    mean's gradient times n), so the absolute floor grows by that many of the dtype's
+    smallest subnormal steps (which a float16 value near zero is rounded to)."""
     expected = expected.to(device=actual.device, dtype=actual.dtype)
     rtol, atol = (TRITON_TOLERANCES if backend is not None and backend.name == "triton" else TOLERANCES)[dtype]
+    if scaled_by != 1 and dtype.is_floating_point:
+        info = torch.finfo(dtype)
+        atol += scaled_by * info.smallest_normal * info.eps
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=msg or None)
 
 

@@ -79,6 +79,7 @@ def test_import_does_not_import_the_triton_backend():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_native_on_cuda_without_cuda_kernels_is_a_clear_error():
     from aiaas_fast.backend import native_supports
 
@@ -90,6 +91,7 @@ def test_native_on_cuda_without_cuda_kernels_is_a_clear_error():
 
 # ---------------------------------------------------------------- the Triton ops
 @needs_triton
+@pytest.mark.gpu  # on TRITON.device: the GPU where there is one
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_opcheck_triton_ops(dtype):
     import aiaas_fast.triton  # noqa: F401  (registers the ops)
@@ -114,6 +116,7 @@ def test_opcheck_triton_ops(dtype):
 
 
 @needs_triton
+@pytest.mark.gpu  # on TRITON.device: the GPU where there is one
 def test_torch_compile_fullgraph_through_the_triton_ops():
     # On a GPU the ops are torch.library.triton_op: Inductor traces into their kernels. Under the
     # interpreter (no GPU) they are opaque custom ops with fake kernels: the graph is still whole.
@@ -140,6 +143,7 @@ def test_torch_compile_fullgraph_through_the_triton_ops():
 
 
 @needs_triton
+@pytest.mark.gpu  # on TRITON.device: the GPU where there is one
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_adam_with_float32_state_follows_torch_adam(param_dtype):
     # 16-bit params with float32 state (one rounding per step, of the param) against
@@ -171,6 +175,7 @@ def test_triton_adam_with_float32_state_follows_torch_adam(param_dtype):
 
 
 @needs_triton
+@pytest.mark.gpu  # on TRITON.device: the GPU where there is one
 def test_triton_rejects_float64_clearly():
     dev = TRITON.device
     x = rand(3, 4, dtype=torch.float64, device=dev)
@@ -180,6 +185,7 @@ def test_triton_rejects_float64_clearly():
 
 
 @needs_triton
+@pytest.mark.gpu  # on TRITON.device: the GPU where there is one
 def test_modules_and_optimizer_follow_the_backend():
     # nn.LinearReLU, nn.MSELoss and optim.Adam call the ops' wrappers: one step on Triton
     # matches one step on the native backend.

@@ -10,7 +10,8 @@ from aiaas_fast.engine import Engine
 from helpers import sequential, torch_steps
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-              pytest.mark.usefixtures("ieee_float32")]  # the reference must not use TF32 where the kernels do not
+              pytest.mark.usefixtures("ieee_float32"),  # the reference must not use TF32 where the kernels do not
+              pytest.mark.gpu]
 
 
 

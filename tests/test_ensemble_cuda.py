@@ -235,6 +235,7 @@ def test_fit_many_through_this_engine(monkeypatch):
 
 # ---------------------------------------------------------------- on a GPU
 @cuda_only
+@pytest.mark.gpu
 @pytest.mark.usefixtures("ieee_float32")
 def test_on_cuda_uneven_rows_match_a_loop_of_pytorch_models():
     # Tolerances as for the single-model CUDA engine (tests/test_engine_cuda.py): Adam divides
@@ -243,6 +244,7 @@ def test_on_cuda_uneven_rows_match_a_loop_of_pytorch_models():
 
 
 @cuda_only
+@pytest.mark.gpu
 @pytest.mark.usefixtures("ieee_float32")
 def test_on_cuda_shuffled_runs_are_deterministic_and_step_losses_are_the_models_losses():
     torch.manual_seed(5)
@@ -260,6 +262,7 @@ def test_on_cuda_shuffled_runs_are_deterministic_and_step_losses_are_the_models_
 
 
 @cuda_only
+@pytest.mark.gpu
 def test_fit_many_on_cuda_with_groups():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(900, 3, generator=g) * torch.tensor([1.0, 5.0, 0.2]) + 2

@@ -11,7 +11,8 @@ from helpers import rand, sequential, triton_interpreter_reason
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [pytest.mark.skipif(DEVICE == "cpu" and triton_interpreter_reason() is not None,
                                  reason=str(triton_interpreter_reason())),
-              pytest.mark.usefixtures("ieee_float32")]  # the kernel follows torch's TF32 setting, as the reference
+              pytest.mark.usefixtures("ieee_float32"),  # the kernel follows torch's TF32 setting, as the reference
+              pytest.mark.gpu]  # on the GPU where there is one (DEVICE)
 
 
 def fused(model, **kw):

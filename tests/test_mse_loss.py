@@ -56,8 +56,11 @@ def test_values_and_gradients_match_pytorch(backend, dtype, in_shape, tgt_shape,
     g = rand(*loss.shape, dtype=dtype, device=backend.device)
     loss.backward(g)
     ref.backward(g.double())
-    assert_close(x.grad, x64.grad, dtype)
-    assert_close(t.grad, t64.grad, dtype)
+    # A mean's gradient 2 (x - t) g / n falls below the 16-bit tolerances at large n (a kernel
+    # writing zeros would pass): compare it times n.
+    k = torch.broadcast_shapes(x.shape, t.shape).numel() if reduction == "mean" else 1
+    assert_close(x.grad * k, x64.grad * k, dtype, scaled_by=k)
+    assert_close(t.grad * k, t64.grad * k, dtype, scaled_by=k)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -100,9 +100,11 @@ def _relu_keep(relu_ptr, l, out):
 
 
 # Tuned per rows bucket, width, depth, pass and precision; Triton adds the dtypes itself.
+# Not specialized on the depth, row count, autotuning key and sizes (a large kernel: each class
+# of value, 1, a multiple of 16 or other, would compile it again); the strides are.
 @triton.autotune(configs=_configs(), key=["M_KEY", "D", "L", "TRAIN", "HAS_BIAS", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.jit(do_not_specialize=["L", "M", "M_KEY", "S", "scratch_stride"])
 def _mlp_kernel(
     x_ptr, y_ptr, out_ptr, w_addr_ptr, b_addr_ptr, dims_ptr, relu_ptr, goff_ptr, scratch_ptr, part_ptr,
     L, M, M_KEY, S, scratch_stride, stride_xm, stride_xk, stride_ym, stride_yn, stride_om, stride_on, grad_scale,

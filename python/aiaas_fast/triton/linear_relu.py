@@ -54,8 +54,12 @@ def _bucket(n: int) -> int:
 
 # Tuned per size bucket, product, bias and precision (IEEE float32 and TF32 want other tiles);
 # Triton adds the tensors' dtypes to the key itself.
+# Not specialized on: the autotuning keys and MODE (the kernel does not read them) and the row
+# count M (row masks do not vectorize anyway): each class of value (1, a multiple of 16, other)
+# would be one more compilation, and odd-sized calls made hundreds. N, K and the strides are:
+# a unit stride, or a multiple of 16, is what lets the loads vectorize and pipeline.
 @triton.autotune(configs=_configs(), key=["M_KEY", "N_KEY", "K_KEY", "MODE", "HAS_BIAS", "PRECISION"])
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_KEY", "N_KEY", "K_KEY", "MODE"])
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr, mask_ptr, bias_ptr, rowsum_ptr,
     M, N, K, M_KEY, N_KEY, K_KEY, MODE,

@@ -17,16 +17,17 @@ __all__ = ["convert", "to_torch"]
 log = logging.getLogger("aiaas_fast")
 
 
-def _fused_linear_relu(linear: nn.Linear) -> LinearReLU:
-    fused = LinearReLU.__new__(LinearReLU)
-    nn.Module.__init__(fused)
-    fused.in_features, fused.out_features = linear.in_features, linear.out_features
-    # The same Parameter objects: an optimizer built on the model before conversion still
-    # updates the converted one (with inplace=True), and state_dict keys do not change.
-    fused.weight = linear.weight
-    fused.bias = linear.bias
-    fused.train(linear.training)
-    return fused
+def _as_linear(cls, linear: nn.Linear) -> nn.Linear:
+    """``linear`` as a ``cls`` (an nn.Linear class) without a new initialisation: the same
+    Parameter objects, so an optimizer built on the model before conversion still updates
+    the converted one (with inplace=True), and state_dict keys do not change."""
+    out = cls.__new__(cls)
+    nn.Module.__init__(out)
+    out.in_features, out.out_features = linear.in_features, linear.out_features
+    out.weight = linear.weight
+    out.bias = linear.bias
+    out.train(linear.training)
+    return out
 
 
 def _why_not_plain(module: nn.Module) -> str:
@@ -93,7 +94,7 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
                     if why:
                         skipped.append(f"{prefix}{a}+{prefix}{b}: Linear + ReLU left as they are: {why}")
                         continue
-                    module._modules[a] = _fused_linear_relu(first)
+                    module._modules[a] = _as_linear(LinearReLU, first)
                     module._modules[b] = nn.Identity()
                     replaced.append(f"{prefix}{a}+{prefix}{b}: Linear({first.in_features}, {first.out_features}) + ReLU -> LinearReLU + Identity")
         for name, child in list(module._modules.items()):
@@ -125,15 +126,6 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
         print("aiaas_fast.convert: nothing to replace")
     model.aiaas_fast_conversions = replaced
     return model
-
-
-def _plain_linear(layer: nn.Linear) -> nn.Linear:
-    plain = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(plain)
-    plain.in_features, plain.out_features = layer.in_features, layer.out_features
-    plain.weight, plain.bias = layer.weight, layer.bias  # the same Parameters (a copy unless inplace)
-    plain.train(layer.training)
-    return plain
 
 
 def to_torch(model: nn.Module, inplace: bool = False, fold_scalers: bool = False) -> nn.Module:
@@ -183,23 +175,23 @@ def to_torch(model: nn.Module, inplace: bool = False, fold_scalers: bool = False
         kind = type(module)
         if kind not in (MLP, LinearReLU, Linear, MSELoss):
             return module
-        why = _why_not_plain(module) or (
-            next((f"its layer {n} {_why_not_plain(m)}" for n, m in module.layers.named_children() if _why_not_plain(m)), "")
-            if kind is MLP else "")
+        children = module.layers.named_children() if kind is MLP else ()
+        why = _why_not_plain(module) or next((f"its layer {n} {w}" for n, w in
+                                              ((n, _why_not_plain(m)) for n, m in children) if w), "")
         if why:
             skipped.append(f"{name or kind.__name__}: {why}")
             return module
         if kind is MLP:
             layers = []
             for layer in module.layers:
-                layers.append(_plain_linear(layer))
+                layers.append(_as_linear(nn.Linear, layer))
                 if type(layer) is LinearReLU:
                     layers.append(nn.ReLU())
             return nn.Sequential(*layers).train(module.training)
         if kind is LinearReLU:
-            return nn.Sequential(_plain_linear(module), nn.ReLU())
+            return nn.Sequential(_as_linear(nn.Linear, module), nn.ReLU())
         if kind is Linear:
-            return _plain_linear(module)
+            return _as_linear(nn.Linear, module)
         return nn.MSELoss(reduction=module.reduction)
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -211,7 +203,7 @@ def to_torch(model: nn.Module, inplace: bool = False, fold_scalers: bool = False
             after = module._modules[names[i + 1]] if i + 1 < len(names) else None
             if (isinstance(module, nn.Sequential) and type(child) is LinearReLU and type(after) is nn.Identity
                     and not _why_not_plain(child)):
-                module._modules[name] = _plain_linear(child)  # convert()'s layout: keys unchanged
+                module._modules[name] = _as_linear(nn.Linear, child)  # convert()'s layout: keys unchanged
                 module._modules[names[i + 1]] = nn.ReLU()
                 continue
             swapped = plain(child, prefix + name)

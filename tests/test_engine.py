@@ -383,6 +383,38 @@ def test_optimizers_whose_step_does_more_are_refused():
     assert max(p.abs().max().item() for p in model.parameters()) <= 0.05 + 1e-7  # float32 of 0.05
 
 
+def test_a_step_replaced_on_the_optimizer_is_refused_but_a_scheduler_is_not():
+    model = sequential([3, 8, 1])
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # wraps opt.step on the instance
+    assert unsupported_reason(model, opt) is None
+    engine = Engine(model, opt)
+    engine.step(*batches(1, 8, 3, 1)[0])
+    sched.step()
+
+    plain_step = opt.step
+
+    def clamped_step(closure=None):
+        loss = plain_step(closure)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.clamp_(-0.05, 0.05)
+        return loss
+
+    opt.step = clamped_step
+    assert "optimizer.step was replaced" in unsupported_reason(model, opt)
+    with pytest.raises(UnsupportedModel, match="optimizer.step was replaced"):
+        engine.step(*batches(1, 8, 3, 1)[0])  # replaced after the engine was built
+    x, y, _ = fit_data(120)
+    h = aiaas_fast.fit(model, x, y, epochs=2, batch_size=32, progress=False, optimizer=opt)
+    assert h.engine == "ops" and "optimizer.step was replaced" in h.engine_note
+    assert max(p.abs().max().item() for p in model.parameters()) <= 0.05 + 1e-7
+    opt.step = plain_step  # the scheduler's wrapper again: accepted
+    assert unsupported_reason(model, opt) is None
+    del opt.step  # the class's own step
+    assert unsupported_reason(model, opt) is None
+
+
 def test_run_refuses_fractional_rows_and_bad_seeds():
     model = sequential([3, 4, 1])
     engine = Engine(model)

@@ -164,6 +164,22 @@ _KNOWN_STEPS = (torch.optim.Adam, torch.optim.AdamW, Adam, AdamW)
 _STEP_HOOKS = "the optimizer has step hooks (register_step_pre_hook/post_hook), which the compiled engine would not call"
 
 
+def _step_replaced(optimizer) -> bool:
+    """Whether optimizer.step was replaced on the instance (``opt.step = clamped_step``): the
+    engine would skip it. A learning-rate scheduler's wrapper, which only records the call, is
+    seen through."""
+    step = optimizer.__dict__.get("step")
+    while getattr(step, "_wrapped_by_lr_sched", False):
+        step = step.__wrapped__
+    if step is None:
+        return False
+    func = getattr(step, "__func__", step) if getattr(step, "__self__", None) is optimizer else step
+    return inspect.unwrap(func) is not _own_step(type(optimizer))
+
+
+_STEP_REPLACED = "optimizer.step was replaced on the optimizer, which the compiled engine would not call"
+
+
 def _has_step_hooks(optimizer) -> bool:
     return bool(optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
                 or _torch_optimizer._global_optimizer_pre_hooks or _torch_optimizer._global_optimizer_post_hooks)
@@ -175,6 +191,8 @@ def _optimizer_hyper(optimizer, params: Sequence[Tensor]) -> dict:
     # The engine does the update itself: what a step() override or a step hook adds would be skipped.
     if all(_own_step(type(optimizer)) is not _own_step(cls) for cls in _KNOWN_STEPS):
         raise UnsupportedModel(f"{type(optimizer).__name__} overrides step(), which the compiled engine would not call")
+    if _step_replaced(optimizer):
+        raise UnsupportedModel(_STEP_REPLACED)
     if _has_step_hooks(optimizer):
         raise UnsupportedModel(_STEP_HOOKS)
     ids = {id(p) for p in params}
@@ -310,6 +328,8 @@ class Engine:
         self.optimizer._opt_called = True
         if _has_step_hooks(self.optimizer):  # added after the engine was built
             raise UnsupportedModel(_STEP_HOOKS)
+        if _step_replaced(self.optimizer):
+            raise UnsupportedModel(_STEP_REPLACED)
         signature = _groups_signature(self.optimizer)
         if signature != self._signature:
             hyper = _optimizer_hyper(self.optimizer, self._params)

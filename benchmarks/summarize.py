@@ -73,8 +73,10 @@ def main(argv=None) -> int:
             times[key][run_index] = row["y50"]
             if row.get("ratio_vs"):
                 ref_of.setdefault((row["kernel"], str(row["x"])), row["ratio_vs"])
-    if all(any(k.startswith("vs_") for k in row) for run in runs for row in run["rows"]):
-        return _summarize_own_ratios(runs, args.out)
+    sweep = _sweep_table(runs)
+    timed = [row for run in runs for row in run["rows"] if "y50" in row]
+    if timed and all(any(k.startswith("vs_") for k in row) for row in timed):
+        return _summarize_own_ratios(runs, args.out, sweep)
     refs = {"linear_relu": "eager", "mse_loss": "eager", "adam": "fused"}
     lines = [f"Summary of {len(runs)} runs ({', '.join(r['environment']['date'] for r in runs)}) on "
              f"{runs[0]['environment']['device_name']}, {runs[0]['environment']['threads']} threads, "
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
         ratio = (f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} - {max(ratios):.2f}) vs {ref_name}"
                  if ratios else "")
         lines.append(f"| {kernel} | {x} | {provider} | {unit} | {ratio} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines + sweep) + "\n"
     print(text)
     if args.out:
         with open(args.out, "w") as f:
@@ -98,12 +100,33 @@ def main(argv=None) -> int:
     return 0
 
 
-def _summarize_own_ratios(runs, out) -> int:
+def _sweep_table(runs) -> list:
+    """benchmarks/engine.py --sweep's rows (hand kernels against BLAS per width and batch), as
+    table lines: the speed ratio's median over runs and its range; [] when no run has them."""
+    ratios, auto = defaultdict(list), {}
+    for run in runs:
+        for row in run["rows"]:
+            if row.get("kernel") == "engine_sweep" and "small_over_blas_speed" in row:
+                ratios[str(row["x"])].append(row["small_over_blas_speed"])
+                auto[str(row["x"])] = row.get("auto_path", "")
+    if not ratios:
+        return []
+    lines = ["", "Kernel paths (engine.py --sweep): engine step of w->w->w->1, hand kernels' speed over BLAS's, "
+             "median over runs (min - max).", "", "| width x width @ batch | small speed / blas | auto picks |",
+             "|---|---|---|"]
+    for x, r in ratios.items():
+        lines.append(f"| {x} | {statistics.median(r):.2f}x ({min(r):.2f} - {max(r):.2f}) | {auto[x]} |")
+    return lines
+
+
+def _summarize_own_ratios(runs, out, sweep=()) -> int:
     """Runs whose rows carry their own ratios (benchmarks/engine.py: vs_<reference> keys)."""
     cells = defaultdict(lambda: defaultdict(list))
     order = []
     for run in runs:
         for row in run["rows"]:
+            if "y50" not in row:  # the sweep's rows: their own table
+                continue
             key = (str(row["x"]), row["provider"])
             if key not in cells:
                 order.append(key)
@@ -123,7 +146,7 @@ def _summarize_own_ratios(runs, out) -> int:
         unit = f"{med * 1e3:.2f} ms" if med >= 1e-3 else f"{med * 1e6:.1f} us"
         ratio = [f"{statistics.median(c[r]):.2f}x ({min(c[r]):.2f} - {max(c[r]):.2f})" if c.get(r) else "" for r in refs]
         lines.append(f"| {x} | {provider} | {unit} | " + " | ".join(ratio) + " |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines + list(sweep)) + "\n"
     print(text)
     if out:
         with open(out, "w") as f:

@@ -159,3 +159,20 @@ def test_summarize_takes_renamed_files_of_one_benchmark(tmp_path):
                         str(tmp_path / "baseline.json"), str(tmp_path / "candidate.json")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "Summary of 2 runs" in r.stdout, r.stderr
+
+
+def test_summarize_engine_runs_with_a_sweep(tmp_path):
+    # engine.py --sweep adds rows without a time: the engine table keeps its own ratios and the
+    # sweep gets its own table (it fell into the ops table, without the sweep, before).
+    env = {"benchmark": "engine", "date": "2026-11-29", "device_name": "cpu", "threads": 2, "torch": "x"}
+    for i, speed in enumerate((1.5, 2.5, 2.0)):
+        rows = [{"kernel": "engine", "x": "seed", "provider": "engine step()", "y50": 1e-5 * (i + 1), "vs_eager": 40.0 + i}]
+        if i < 2:  # one run without the sweep
+            rows.append({"kernel": "engine_sweep", "x": "8x8@64", "provider": "small/blas", "small_s": 1e-6,
+                         "blas_s": 2e-6, "small_over_blas_speed": speed, "auto_path": "small"})
+        (tmp_path / f"engine-cpu-2026-11-29T000{i}.json").write_text(json.dumps({"environment": env, "rows": rows}))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "summarize.py"),
+                        *sorted(str(p) for p in tmp_path.iterdir())], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "| seed | engine step() | 20.0 us | 41.00x (40.00 - 42.00) |" in r.stdout, r.stdout
+    assert "| 8x8@64 | 2.00x (1.50 - 2.50) | small |" in r.stdout, r.stdout

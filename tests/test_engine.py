@@ -411,6 +411,10 @@ def test_a_step_replaced_on_the_optimizer_is_refused_but_a_scheduler_is_not():
     assert max(p.abs().max().item() for p in model.parameters()) <= 0.05 + 1e-7
     opt.step = plain_step  # the scheduler's wrapper again: accepted
     assert unsupported_reason(model, opt) is None
+    opt.step = torch.compile(plain_step)  # the same step, compiled
+    assert unsupported_reason(model, opt) is None
+    opt.step = torch.optim.Adam.step.__get__(opt)  # the bound method
+    assert unsupported_reason(model, opt) is None
     del opt.step  # the class's own step
     assert unsupported_reason(model, opt) is None
 

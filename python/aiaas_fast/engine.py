@@ -166,15 +166,21 @@ _STEP_HOOKS = "the optimizer has step hooks (register_step_pre_hook/post_hook), 
 
 def _step_replaced(optimizer) -> bool:
     """Whether optimizer.step was replaced on the instance (``opt.step = clamped_step``): the
-    engine would skip it. A learning-rate scheduler's wrapper, which only records the call, is
-    seen through."""
+    engine would skip it. Wrappers that only run the optimizer's own step, a learning-rate
+    scheduler's (which records the call) and ``torch.compile(opt.step)``, are seen through."""
     step = optimizer.__dict__.get("step")
-    while getattr(step, "_wrapped_by_lr_sched", False):
-        step = step.__wrapped__
     if step is None:
         return False
-    func = getattr(step, "__func__", step) if getattr(step, "__self__", None) is optimizer else step
-    return inspect.unwrap(func) is not _own_step(type(optimizer))
+    while True:
+        if getattr(step, "_wrapped_by_lr_sched", False):
+            step = step.__wrapped__
+        elif getattr(step, "_torchdynamo_orig_callable", None) is not None:
+            step = step._torchdynamo_orig_callable
+        else:
+            break
+    if getattr(step, "__self__", None) is optimizer:  # the bound method itself
+        step = step.__func__
+    return inspect.unwrap(step) is not _own_step(type(optimizer))
 
 
 _STEP_REPLACED = "optimizer.step was replaced on the optimizer, which the compiled engine would not call"

@@ -42,7 +42,7 @@ def test_forward_backward_match_pytorch(backend, dtype, lead, in_f, out_f, bias,
     dev = backend.device
     x = rand(*lead, in_f, dtype=dtype, contiguous=contiguous, requires_grad=True, device=dev)
     w = rand(out_f, in_f, dtype=dtype, contiguous=contiguous, requires_grad=True, scale=in_f**-0.5, device=dev)
-    b = rand(out_f, dtype=dtype, requires_grad=True, device=dev) if bias else None
+    b = rand(out_f, dtype=dtype, contiguous=contiguous, requires_grad=True, device=dev) if bias else None
     if not backend.supports(dtype):
         with pytest.raises(RuntimeError, match=rf"aiaas_fast.linear_relu \({backend.name} backend\): supports .*got x.dtype={dtype}"):
             linear_relu(x, w, b)
@@ -70,6 +70,15 @@ def test_forward_backward_match_pytorch(backend, dtype, lead, in_f, out_f, bias,
         assert_close(w.grad, w2.grad, dtype, backend=backend)
         if bias:
             assert_close(b.grad, b2.grad, dtype, backend=backend)
+
+
+def test_expanded_and_strided_bias_match_pytorch(backend):
+    # A kernel that reads the bias with unit stride read past a stride-0 bias's one element
+    # (the Triton forward did: garbage on the CPU, out of bounds on a GPU).
+    dev = backend.device
+    x, w = rand(7, 5, device=dev), rand(33, 5, device=dev)
+    for b in (torch.full((1,), 0.25, device=dev).expand(33), rand(66, device=dev)[::2], rand(33, 2, device=dev)[:, 1]):
+        assert_close(linear_relu(x, w, b), reference_forward(x, w, b), torch.float32, backend=backend)
 
 
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])

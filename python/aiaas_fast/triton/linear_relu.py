@@ -162,8 +162,8 @@ def triton_linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Ten
     out = torch.empty((x2.shape[0], out_f), dtype=x.dtype, device=x.device)
     if in_f == 0:  # an empty product: relu(bias)
         out.copy_(torch.relu(bias).expand_as(out) if bias is not None else torch.zeros_like(out))
-    else:
-        _mm(x2, weight.t(), out, 0, bias=bias, relu=True)
+    else:  # the kernel reads the bias with unit stride: a strided or expanded one is copied
+        _mm(x2, weight.t(), out, 0, bias=None if bias is None else bias.contiguous(), relu=True)
     return out.view(*x.shape[:-1], out_f)
 
 

@@ -95,7 +95,9 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
                           "This will likely lead to incorrect results due to broadcasting. Please ensure they have "
                           "the same size.", stacklevel=2)
         if target.dtype != input.dtype:
-            common = torch.result_type(input, target)
+            # F.mse_loss broadcasts before promoting, so a 0-dim side counts in full
+            # (torch.result_type would let it lose: float16 against a float64 scalar tensor).
+            common = torch.promote_types(input.dtype, target.dtype)
             input, target = input.to(common), target.to(common)
     backend = _backend.resolve("mse_loss", input.device)
     if backend == "reference" or _functorch_active():

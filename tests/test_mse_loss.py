@@ -323,3 +323,28 @@ def test_graph_capture_of_a_large_backward_reads_nothing(backend):
     graph.replay()
     torch.cuda.synchronize()
     assert_close(x.grad, 2 * (x.detach() - t) / n, torch.float32)
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_computes_in_float32_as_torch(backend, low):
+    # mse_loss is on autocast's float32 list: two 16-bit inputs (an autocast model's output
+    # and a target made under autocast) compute in float32, as F.mse_loss does; in float16
+    # a loss above 65504 was inf.
+    if not backend.supports(torch.float32):
+        pytest.skip(f"{backend.name} takes no float32")
+    dev = backend.device
+    x = (rand(64, 3, device=dev) * 300).to(low).requires_grad_()
+    t = rand(64, 3, device=dev).to(low)
+    with torch.autocast(dev, dtype=low):
+        for reduction in REDUCTIONS:
+            ours, ref = mse_loss(x, t, reduction), F.mse_loss(x, t, reduction=reduction)
+            assert ours.dtype == ref.dtype == torch.float32, (ours.dtype, ref.dtype)
+            assert torch.isfinite(ours).all()
+            assert_close(ours, ref, torch.float32, backend=backend)
+        g_ours, = torch.autograd.grad(mse_loss(x, t), x)
+        g_ref, = torch.autograd.grad(F.mse_loss(x, t), x)
+    assert g_ours.dtype == g_ref.dtype == low
+    assert_close(g_ours, g_ref, low, backend=backend)
+    with torch.autocast(dev, dtype=low, enabled=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the interpreter warns of the float16 overflow)
+        assert mse_loss(x, t).dtype == low

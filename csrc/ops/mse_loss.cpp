@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -154,6 +155,17 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss_autograd(const at::Te
   return {out[0], compute_grad ? std::optional<at::Tensor>(out[1]) : std::nullopt};
 }
 
+// torch.autocast: as aten::mse_loss, on autocast's float32 list: 16-bit inputs compute in
+// float32 (a float16 loss above 65504 would be inf); float32 and float64 stay as they are.
+template <c10::DeviceType device>
+std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss_autocast(const at::Tensor& input, const at::Tensor& target,
+                                                                   c10::string_view reduction, bool compute_grad) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device));
+  return mse_loss(at::autocast::cached_cast(at::kFloat, input, device),
+                  at::autocast::cached_cast(at::kFloat, target, device),
+                  std::string_view(reduction.data(), reduction.size()), compute_grad);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(aiaas_fast, m) {
@@ -163,6 +175,10 @@ TORCH_LIBRARY_FRAGMENT(aiaas_fast, m) {
 TORCH_LIBRARY_IMPL(aiaas_fast, CPU, m) { m.impl("mse_loss", &mse_loss_cpu); }
 
 TORCH_LIBRARY_IMPL(aiaas_fast, Autograd, m) { m.impl("mse_loss", &mse_loss_autograd); }
+
+TORCH_LIBRARY_IMPL(aiaas_fast, AutocastCPU, m) { m.impl("mse_loss", &mse_loss_autocast<c10::DeviceType::CPU>); }
+
+TORCH_LIBRARY_IMPL(aiaas_fast, AutocastCUDA, m) { m.impl("mse_loss", &mse_loss_autocast<c10::DeviceType::CUDA>); }
 
 std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss(const at::Tensor& input, const at::Tensor& target,
                                                           std::string_view reduction, bool compute_grad) {

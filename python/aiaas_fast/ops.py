@@ -58,6 +58,15 @@ def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     return cast(x), cast(weight), cast(bias)
 
 
+def _autocast_fp32(*tensors: Tensor):
+    """Under ``torch.autocast``, 16-bit floating inputs in float32, as autocast runs the ops
+    of its float32 list (aten::mse_loss among them)."""
+    device = tensors[0].device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return tensors
+    return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
+
+
 # The same refusals as csrc/ops/checks.cpp, for tracing with fake tensors.
 _check_linear_relu = _checks.linear_relu_args
 
@@ -100,6 +109,8 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
             common = torch.promote_types(input.dtype, target.dtype)
             input, target = input.to(common), target.to(common)
     backend = _backend.resolve("mse_loss", input.device)
+    if backend != "native" or _functorch_active():  # (the native op autocasts in C++)
+        input, target = _autocast_fp32(input, target)
     if backend == "reference" or _functorch_active():
         return reference.mse_loss(input, target, reduction)
     compute_grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)

@@ -138,6 +138,19 @@ def test_second_derivatives_match_pytorch(backend):
         assert_close(o, r, torch.float32, backend=backend)
 
 
+def test_second_derivative_through_frozen_weights_is_zero_not_an_error(backend):
+    # With frozen weights nothing but the mask links grad_x to x; torch's relu keeps that
+    # (zero) link, so d(grad_x)/dx is zero. A mask taken by a comparison dropped it: an error.
+    dev = backend.device
+    w, b = rand(3, 2, device=dev), rand(3, device=dev)
+    for f in (linear_relu, lambda x, w, b: F.relu(F.linear(x, w, b))):
+        x = rand(4, 2, requires_grad=True, device=dev)
+        gx, = torch.autograd.grad(f(x, w, b).sum(), x, create_graph=True)
+        assert gx.requires_grad
+        second, = torch.autograd.grad(gx.pow(2).sum(), x)
+        assert torch.equal(second, torch.zeros_like(x))
+
+
 def test_autocast_runs_the_op_in_its_dtype_as_linear(backend):
     # Under torch.autocast the op computes in the autocast dtype, as F.linear does; the float32
     # parameters get float32 gradients. A layer after an autocast nn.Linear (a bfloat16 x, a

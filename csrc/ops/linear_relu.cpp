@@ -133,12 +133,14 @@ class LinearReluFunction : public torch::autograd::Function<LinearReluFunction> 
 
   // backward(create_graph=True), for a gradient penalty or a second derivative: the same
   // formula in ATen ops that autograd records (the fused backward op has no derivative).
-  // The mask is piecewise constant: no gradient flows through it.
+  // The mask is threshold_backward's, as torch's relu: NaN outputs pass the gradient, and
+  // its (zero) derivative in out keeps the result in the graph even where nothing else
+  // does (frozen weights: a second derivative in x is then zero, not an error).
   static torch::autograd::variable_list differentiable_backward(const at::Tensor& g, const at::Tensor& x,
                                                                 const at::Tensor& weight, const at::Tensor& out,
                                                                 const std::array<bool, 3>& mask) {
     const int64_t in_f = weight.size(1), out_f = weight.size(0);
-    const at::Tensor gm = g * out.le(0).logical_not().to(g.scalar_type());  // NaN passes, as threshold_backward
+    const at::Tensor gm = at::threshold_backward(g, out, 0);
     const at::Tensor gm2 = checks::as_rows(gm, out_f);
     at::Tensor gx, gw, gb;
     if (mask[0]) gx = gm.matmul(weight);

@@ -222,7 +222,9 @@ def _backward(ctx, grad):
     x, weight, out = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
     if torch.is_grad_enabled():  # backward(create_graph=True): ops autograd records (the kernels have no derivative)
-        gm = grad * out.le(0).logical_not().to(grad.dtype)  # NaN passes, as threshold_backward
+        # threshold_backward, as torch's relu: NaN passes, and a (zero) path through out keeps
+        # the gradient in the graph where nothing else would (frozen weights).
+        gm = torch.ops.aten.threshold_backward(grad, out, 0)
         gm2 = _rows(gm, weight.shape[0])
         return (gm @ weight if mask[0] else None, gm2.t() @ _rows(x, weight.shape[1]) if mask[1] else None,
                 gm2.sum(0) if mask[2] else None)

@@ -254,6 +254,19 @@ def test_to_torch_of_a_fitted_model_folds_or_warns_and_needs_no_aiaas_fast(tmp_p
         aiaas_fast.to_torch(aiaas_fast.nn.MLP(3, [8], 1), fold_scalers=True)
 
 
+def test_convert_and_to_torch_keep_the_train_or_eval_mode():
+    # The modules they put in (Identity, ReLU, MSELoss, a Sequential) take the mode of what
+    # they replace: an eval-mode model stays wholly in eval mode, and a training one in training.
+    for training in (False, True):
+        seq = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1), nn.MSELoss()).train(training)
+        converted = aiaas_fast.convert(seq)
+        assert {m.training for m in converted.modules()} == {training}
+        assert {m.training for m in aiaas_fast.to_torch(converted).modules()} == {training}
+        assert {m.training for m in aiaas_fast.to_torch(aiaas_fast.nn.LinearReLU(3, 2).train(training)).modules()} == {training}
+        assert aiaas_fast.to_torch(aiaas_fast.nn.MSELoss().train(training)).training is training
+        assert aiaas_fast.convert(nn.MSELoss().train(training)).training is training
+
+
 def test_to_torch_leaves_modules_that_do_more_than_their_forward():
     # As convert(): swapping a hooked layer would drop what its hook does.
     layer = aiaas_fast.nn.LinearReLU(4, 8)

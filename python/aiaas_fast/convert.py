@@ -95,7 +95,7 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
                         skipped.append(f"{prefix}{a}+{prefix}{b}: Linear + ReLU left as they are: {why}")
                         continue
                     module._modules[a] = _as_linear(LinearReLU, first)
-                    module._modules[b] = nn.Identity()
+                    module._modules[b] = nn.Identity().train(second.training)
                     replaced.append(f"{prefix}{a}+{prefix}{b}: Linear({first.in_features}, {first.out_features}) + ReLU -> LinearReLU + Identity")
         for name, child in list(module._modules.items()):
             if child is None:
@@ -105,13 +105,13 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
                 if why:
                     skipped.append(f"{prefix}{name}: MSELoss left as it is: {why}")
                 else:
-                    module._modules[name] = MSELoss(reduction=child.reduction)
+                    module._modules[name] = MSELoss(reduction=child.reduction).train(child.training)
                     replaced.append(f"{prefix}{name}: MSELoss -> aiaas_fast.nn.MSELoss")
                 continue
             visit(child, f"{prefix}{name}.")
 
     if type(model) is nn.MSELoss and not _why_not_plain(model):
-        model, replaced = MSELoss(reduction=model.reduction), ["MSELoss -> aiaas_fast.nn.MSELoss"]
+        model, replaced = MSELoss(reduction=model.reduction).train(model.training), ["MSELoss -> aiaas_fast.nn.MSELoss"]
     else:
         visit(model, "")
     for line in replaced:
@@ -189,10 +189,10 @@ def to_torch(model: nn.Module, inplace: bool = False, fold_scalers: bool = False
                     layers.append(nn.ReLU())
             return nn.Sequential(*layers).train(module.training)
         if kind is LinearReLU:
-            return nn.Sequential(_as_linear(nn.Linear, module), nn.ReLU())
+            return nn.Sequential(_as_linear(nn.Linear, module), nn.ReLU()).train(module.training)
         if kind is Linear:
             return _as_linear(nn.Linear, module)
-        return nn.MSELoss(reduction=module.reduction)
+        return nn.MSELoss(reduction=module.reduction).train(module.training)
 
     def visit(module: nn.Module, prefix: str) -> None:
         names = list(module._modules)
@@ -204,7 +204,7 @@ def to_torch(model: nn.Module, inplace: bool = False, fold_scalers: bool = False
             if (isinstance(module, nn.Sequential) and type(child) is LinearReLU and type(after) is nn.Identity
                     and not _why_not_plain(child)):
                 module._modules[name] = _as_linear(nn.Linear, child)  # convert()'s layout: keys unchanged
-                module._modules[names[i + 1]] = nn.ReLU()
+                module._modules[names[i + 1]] = nn.ReLU().train(after.training)
                 continue
             swapped = plain(child, prefix + name)
             if swapped is child:

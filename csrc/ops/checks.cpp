@@ -77,7 +77,7 @@ Reduction parse_reduction(std::string_view op, std::string_view reduction) {
   if (reduction == "mean") return Reduction::mean;
   if (reduction == "sum") return Reduction::sum;
   if (reduction == "none") return Reduction::none;
-  TORCH_CHECK(false, op, ": reduction must be 'none', 'mean' or 'sum', got '", std::string(reduction), "'");
+  TORCH_CHECK_VALUE(false, op, ": reduction must be 'none', 'mean' or 'sum', got '", std::string(reduction), "'");
 }
 
 std::vector<int64_t> mse_loss_args(const at::Tensor& input, const at::Tensor& target) {

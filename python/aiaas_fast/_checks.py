@@ -52,7 +52,7 @@ def linear_relu_backward_args(grad_out: Tensor, x: Tensor, weight: Tensor, out: 
 
 
 def reduction(op: str, value: str) -> None:
-    torch._check(value in ("none", "mean", "sum"), lambda: f"{op}: reduction must be 'none', 'mean' or 'sum', got '{value}'")
+    torch._check_value(value in ("none", "mean", "sum"), lambda: f"{op}: reduction must be 'none', 'mean' or 'sum', got '{value}'")
 
 
 def mse_loss_args(input: Tensor, target: Tensor, dtypes=ALL_DTYPES, backend=None) -> torch.Size:

@@ -122,7 +122,7 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 @torch.library.register_fake("aiaas_fast::mse_loss")
 def _mse_loss_fake(input, target, reduction="mean", compute_grad=True):
     op = "aiaas_fast.mse_loss"
-    torch._check(reduction in ("none", "mean", "sum"), lambda: f"{op}: reduction must be 'none', 'mean' or 'sum', got '{reduction}'")
+    torch._check_value(reduction in ("none", "mean", "sum"), lambda: f"{op}: reduction must be 'none', 'mean' or 'sum', got '{reduction}'")
     torch._check(input.device == target.device, lambda: f"{op}: input and target must be on the same device, got input on {input.device} and target on {target.device}")
     torch._check(input.dtype == target.dtype, lambda: f"{op}: input and target must have the same dtype, got input.dtype={input.dtype} and target.dtype={target.dtype}")
     try:

@@ -256,3 +256,47 @@ def test_empty_lists_are_nothing_to_do_and_a_meta_tensor_is_checked():
     with pytest.raises(RuntimeError, match=r"grads\[0\] is on meta but params\[0\] is on cpu"):
         adam_([p], [torch.ones(3, device="meta")], [m], [v], [], [s], lr=0.1, beta1=0.9, beta2=0.999)
     assert torch.equal(p, torch.ones(3)) and s.item() == 0.0
+
+
+def test_amsgrad_keeps_a_nan_maximum_as_torch_maximum(backend):
+    # torch.optim.Adam takes torch.maximum(max_exp_avg_sq, exp_avg_sq): a NaN already in the
+    # running maximum (a state loaded from a diverged run) stays NaN and so does the parameter,
+    # even where the new exp_avg_sq is finite; a maximum that drops it would hide the NaN.
+    p = rand(257, device=backend.device)
+    ours, ref = p.clone(), p.clone().requires_grad_()
+    opt = torch.optim.Adam([ref], lr=1e-2, amsgrad=True)
+    ref.grad = torch.zeros_like(ref)
+    opt.step()  # creates torch's state: then both start from the same hand-set one
+    st = opt.state[ref]
+    st["exp_avg"].copy_(rand(257, device=backend.device))
+    st["exp_avg_sq"].copy_(rand(257, device=backend.device).abs())
+    st["max_exp_avg_sq"].copy_(rand(257, device=backend.device).abs())
+    st["max_exp_avg_sq"][::7] = float("nan")
+    with torch.no_grad():
+        ref.copy_(ours)
+    m, v, vmax, step = (st[k].clone() for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"))
+    g = rand(257, device=backend.device)
+    ref.grad = g.clone()
+    adam_([ours], [g], [m], [v], [vmax], [step], lr=1e-2, beta1=0.9, beta2=0.999, amsgrad=True)
+    opt.step()
+    assert torch.isnan(vmax[::7]).all() and torch.isnan(ours[::7]).all()
+    torch.testing.assert_close(vmax, st["max_exp_avg_sq"], rtol=1e-5, atol=1e-9, equal_nan=True)
+    torch.testing.assert_close(ours, ref.detach(), rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("beta1", [0.3, 0.5, 0.9])
+def test_exp_avg_has_the_bits_of_torchs_lerp_at_every_beta1(beta1):
+    # torch.optim.Adam updates exp_avg with lerp_, whose formula switches at weight 0.5 (weight
+    # 1 - beta1 = 0.5 exactly takes the second form): the CPU kernel's first moment has the same
+    # bits as torch's float32 one for weights below, at and above it.
+    ours = [rand(5000)]
+    ref = [ours[0].clone().requires_grad_()]
+    opt_ours = OurAdam(ours, 1e-2, (beta1, 0.999), 1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                       decoupled_weight_decay=False)
+    opt_ref = torch.optim.Adam(ref, lr=1e-2, betas=(beta1, 0.999))
+    for _ in range(3):
+        g = rand(5000)
+        ours[0].grad, ref[0].grad = g, g.clone()
+        opt_ours.step()
+        opt_ref.step()
+    assert torch.equal(opt_ours.exp_avgs[0], opt_ref.state[ref[0]]["exp_avg"])

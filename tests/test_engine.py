@@ -942,3 +942,65 @@ def test_captured_graphs_keep_every_tensor_they_read_alive():
     many.run(torch.randn(20, 4), torch.randn(20, 1), epochs=1, batch_size=8)
     gc.collect()
     assert len(refs) > 10 and all(r() is not None for r in refs)
+
+
+
+def test_run_shuffles_anew_every_epoch():
+    # With lr = 0 the weights stay put, so each step's batch loss (from the epoch's running
+    # mean the callback gets) tells which rows the batch holds: every epoch covers all rows
+    # (the same epoch loss) but in another order than the epoch before.
+    X, Y = torch.randn(120, 4), torch.randn(120, 1)
+    running = {}
+    engine = Engine(sequential([4, 8, 1]), lr=0.0)
+    losses = engine.run(X, Y, epochs=3, batch_size=10, seed=2, callback_every=1,
+                        callback=lambda e, s, n, end, loss: running.setdefault(e, []).append(loss) and False)
+    assert losses.tolist() == pytest.approx([losses[0].item()] * 3, rel=1e-5)
+    batch_losses = {e: [(s + 1) * m - s * prev for s, (m, prev) in enumerate(zip(r, [0.0] + r))]
+                    for e, r in running.items()}
+    assert sorted(batch_losses) == [0, 1, 2] and all(len(b) == 12 for b in batch_losses.values())
+    for a, b in [(0, 1), (1, 2)]:
+        assert batch_losses[a] != pytest.approx(batch_losses[b], rel=1e-3), f"epochs {a} and {b} in the same order"
+
+
+def test_a_callback_stops_the_run_in_the_middle_of_an_epoch():
+    # True from the callback at step 9 of 10 (the last one before the epoch's end): no further
+    # step, no further callback, and the epoch's loss is over the rows seen; the weights are
+    # those of 9 plain PyTorch steps.
+    X, Y = torch.randn(100, 4), torch.randn(100, 1)
+    model = sequential([4, 8, 1])
+    ref = copy.deepcopy(model)
+    calls = []
+    losses = Engine(model, lr=1e-2).run(X, Y, epochs=3, batch_size=10, shuffle=False, callback_every=1,
+                                        callback=lambda e, s, n, end, loss: calls.append((e, s)) or s == 9)
+    assert calls == [(0, s) for s in range(1, 10)]
+    expected = torch_steps(ref, [(X[i:i + 10], Y[i:i + 10]) for i in range(0, 90, 10)],
+                           torch.optim.Adam(ref.parameters(), lr=1e-2))
+    assert losses.tolist() == pytest.approx([sum(expected) / 9], rel=1e-5)
+    assert_same_weights(model, ref)
+
+
+def test_fit_many_bootstrap_gives_each_member_its_own_sample():
+    # Members that start from the same weights and take one batch of all their rows per epoch
+    # (the order within it does not matter beyond rounding) end up apart only through their
+    # data: each bootstrap member trains on its own sample, without bootstrap all on the same rows.
+    x, _, _ = fit_data(120)
+    y = x[:, :1] * 2 + x[:, 1:2].sin()
+    base = sequential([3, 8, 1])
+    spread = {}
+    for bootstrap in (True, False):
+        ens = aiaas_fast.Ensemble.from_models([copy.deepcopy(base) for _ in range(4)])
+        aiaas_fast.fit_many(ens, x, y, bootstrap=bootstrap, epochs=5, batch_size=1000, lr=1e-2, progress=False)
+        w = ens.weights[0].detach()
+        spread[bootstrap] = (w[1:] - w[0]).abs().amax(dim=(1, 2))
+    assert (spread[False] < 1e-5).all(), spread[False]
+    assert (spread[True] > 1e-3).all(), spread[True]
+
+
+def test_predict_many_mean_and_spread_are_over_the_members():
+    x, _, _ = fit_data(200)
+    y = torch.cat([x[:, :1] * 2, x[:, 1:2].cos()], 1)
+    ens = aiaas_fast.Ensemble(5, 3, [8], 2)
+    aiaas_fast.fit_many(ens, x, y, epochs=2, progress=False)
+    pred = aiaas_fast.predict_many(ens, x[:50])
+    torch.testing.assert_close(pred.mean, pred.members.mean(0))
+    torch.testing.assert_close(pred.std, pred.members.std(0, unbiased=False))  # the members' (population) spread

@@ -249,3 +249,42 @@ def test_fitted_models_work_with_distributed_checkpoint_and_members_keep_their_s
     aiaas_fast.fit_many(ens, X, y, epochs=1, progress=False)
     for k in range(3):
         torch.testing.assert_close(aiaas_fast.predict(ens.member(k), X), aiaas_fast.predict_many(ens, X).members[k])
+
+
+@pytest.mark.parametrize("engine", ["ops", "compiled"])
+def test_fit_equals_a_plain_pytorch_loop(engine):
+    # fit's documented procedure written out in plain PyTorch: the validation rows held out by
+    # a permutation from seed, scalers (mean, population std) fitted on the training rows only,
+    # a new shuffle of the training rows every epoch (one generator from seed + 1), mini-batches
+    # with a last partial one, torch.optim.Adam and MSE on the standardised targets.
+    x, y = data(203)
+    m = model()
+    plain = aiaas_fast.to_torch(m)  # a copy with the same weights, in torch.nn modules
+    h = aiaas_fast.fit(m, x, y, epochs=3, batch_size=32, lr=3e-3, val_split=0.2, seed=7, engine=engine,
+                       progress=False)
+    assert h.engine == engine
+
+    order = torch.randperm(203, generator=torch.Generator().manual_seed(7))
+    tr, va = order[41:], order[:41]
+    scale = lambda v, ref: ((v.double() - ref.double().mean(0)) / ref.double().std(0, unbiased=False)).float()
+    xs_tr, ys_tr, xs_va, ys_va = scale(x[tr], x[tr]), scale(y[tr], y[tr]), scale(x[va], x[tr]), scale(y[va], y[tr])
+    opt = torch.optim.Adam(plain.parameters(), lr=3e-3)
+    shuffle = torch.Generator().manual_seed(8)
+    train_loss, val_loss = [], []
+    for _ in range(3):
+        perm = torch.randperm(len(tr), generator=shuffle)
+        total = 0.0
+        for i in range(0, len(perm), 32):
+            idx = perm[i:i + 32]
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(plain(xs_tr[idx]), ys_tr[idx])
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        train_loss.append(total / len(tr))
+        with torch.no_grad():
+            val_loss.append(torch.nn.functional.mse_loss(plain(xs_va), ys_va).item())
+    assert h["train_loss"] == pytest.approx(train_loss, rel=1e-4)
+    assert h["val_loss"] == pytest.approx(val_loss, rel=1e-4)
+    for a, b in zip(m.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -350,3 +350,16 @@ def test_autocast_computes_in_float32_as_torch(backend, low):
     with torch.autocast(dev, dtype=low, enabled=False), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (the interpreter warns of the float16 overflow)
         assert mse_loss(x, t).dtype == low
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_elements_and_gradient_are_rounded_once(dtype):
+    # The CPU kernel computes in float32 and rounds each stored value once, to nearest even:
+    # the same bits as rounding the float32 result with torch's own conversion. (Ties are
+    # common: a difference of two 16-bit values has few significant bits, so its square often
+    # ends exactly halfway between two 16-bit neighbours.)
+    x, t = rand(4099, dtype=dtype, requires_grad=True), rand(4099, dtype=dtype)
+    d = x.detach().float() - t.float()
+    assert torch.equal(torch.ops.aiaas_fast.mse_loss(x.detach(), t, "none", False)[0], (d * d).to(dtype))
+    mse_loss(x, t, "sum").backward()
+    assert torch.equal(x.grad, (2 * d).to(dtype))

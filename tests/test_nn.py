@@ -285,3 +285,18 @@ def test_a_traced_mlp_can_be_saved():
 
     traced = torch.fx.symbolic_trace(aiaas_fast.nn.MLP(3, [4], 1))
     torch.save(traced, io.BytesIO())
+
+
+def test_to_torch_folds_the_scalers_of_several_targets():
+    # Each output row of the last Linear is scaled by its own target's std (and shifted by its
+    # mean); the fold's result maps raw x to y in each target's units, as predict does.
+    torch.manual_seed(0)
+    X = torch.randn(128, 3) * torch.tensor([50.0, 2.0, 0.1]) + 300
+    y = torch.cat([X[:, :1] * 2 + 5, X[:, 1:2] * 1e3 - 7, X[:, 2:] * 1e-2], 1) + torch.randn(128, 3)
+    model = aiaas_fast.nn.MLP(3, [8], 3)
+    aiaas_fast.fit(model, X, y, epochs=2, progress=False)
+    folded = aiaas_fast.to_torch(model, fold_scalers=True)
+    expected = aiaas_fast.predict(model, X)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(X), expected, rtol=1e-4, atol=1e-3 * float(y.std(0).max()))
+

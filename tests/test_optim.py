@@ -201,3 +201,39 @@ def test_grad_scaler_unscales_and_skips_an_overflowing_step(fused):
     for p, q in zip(ours.parameters(), ref.parameters()):
         assert torch.isfinite(p).all()
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_maximize_and_amsgrad_are_read_per_param_group():
+    # Each group's own flags, as torch.optim.Adam reads them (not the constructor's defaults).
+    ours, ref = make_params(), make_params()
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "maximize": True, "amsgrad": True, "lr": 0.02}]
+    o, r = Adam(groups(ours), lr=0.01), torch.optim.Adam(groups(ref), lr=0.01)
+    for s in range(3):
+        set_grads(ours, s)
+        set_grads(ref, s)
+        o.step()
+        r.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_amsgrad_switched_in_a_group_between_steps_is_followed():
+    # A flag changed between steps applies from the next step on, in both directions; the
+    # cached buckets must not keep the old flag's tensor lists. Switched on, ours starts
+    # max_exp_avg_sq at zeros (torch.optim.Adam creates it only at a parameter's first step and
+    # fails with a KeyError: its state gets those zeros by hand); switched off, both keep it.
+    ours, ref = make_params(), make_params()
+    o, r = Adam(ours, lr=0.01), torch.optim.Adam(ref, lr=0.01)
+    for s in range(6):
+        if s in (2, 4):
+            o.param_groups[0]["amsgrad"] = r.param_groups[0]["amsgrad"] = s == 2
+        if s == 2:
+            for q in ref:
+                r.state[q]["max_exp_avg_sq"] = torch.zeros_like(q)
+        set_grads(ours, s)
+        set_grads(ref, s)
+        o.step()
+        r.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(o.state[p]["max_exp_avg_sq"], r.state[q]["max_exp_avg_sq"], rtol=1e-5, atol=1e-9)

@@ -5,6 +5,8 @@
 // gradient, then two products.
 // Autograd is registered here in C++, once for every device: the same formula through
 // torch.library.register_autograd cost about 50 us more per forward+backward in Python.
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -84,19 +86,17 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     // the partials summed in block order, so the bits do not depend on the thread count.
     const int64_t block = grain_rows(out_f);
     const int64_t nblocks = std::max<int64_t>(1, (rows + block - 1) / block);
-    const auto acc_type = std::is_same_v<A, double> ? at::kDouble : at::kFloat;
-    at::Tensor partial = at::empty({nblocks, out_f}, x.options().dtype(acc_type));
-    A* pp = partial.data_ptr<A>();
-    std::fill(pp, pp + nblocks * out_f, A(0));
+    std::vector<double> partial(static_cast<size_t>(nblocks * out_f), 0.0);  // in double: see Kernels::relu_grad
+    double* pp = partial.data();
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         k.relu_grad(gp, op, mp, pp + b * out_f, b * block, std::min(rows, (b + 1) * block), out_f);
     });
     for (int64_t b = 1; b < nblocks; ++b)
       for (int64_t c = 0; c < out_f; ++c) pp[c] += pp[b * out_f + c];
-    at::Tensor sum = nblocks == 1 ? partial.view({out_f}) : partial.select(0, 0);
-    if (sum.scalar_type() != x.scalar_type()) grad_b = sum.to(x.scalar_type());
-    else grad_b = nblocks == 1 ? sum : sum.clone();  // not a view into the partial sums
+    grad_b = at::empty({out_f}, x.options());
+    auto* gb = grad_b->data_ptr<scalar_t>();
+    for (int64_t c = 0; c < out_f; ++c) gb[c] = static_cast<scalar_t>(static_cast<A>(pp[c]));
   });
 
   // (Running the two products side by side, one thread each, measured no faster at 256x64x64.)

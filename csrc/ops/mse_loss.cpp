@@ -46,14 +46,14 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> mse_loss_cpu(const at::Tensor&
     // d loss / d input = 2 (x - t), over numel for a mean; 2 / numel folded in double, as torch does.
     const A grad_scale = static_cast<A>(red == checks::Reduction::mean ? 2.0 / static_cast<double>(n) : 2.0);
     const int64_t nblocks = (n + kBlock - 1) / kBlock;
-    std::vector<A> partial(nblocks, A(0));
+    std::vector<double> partial(nblocks, 0.0);
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t i = b * kBlock, len = std::min(kBlock, n - i);
         partial[b] = k.mse(xp + i, tp + i, gp ? gp + i : nullptr, lp ? lp + i : nullptr, grad_scale, len);
       }
     });
-    for (A p : partial) total += static_cast<double>(p);
+    for (double p : partial) total += p;
   });
 
   at::Tensor loss;

@@ -3,6 +3,8 @@
 // loop computes in acc_t<T> (float for the 16-bit types) and rounds once on store.
 #include "kernels/cpu/kernels.h"
 
+#include <algorithm>
+
 #include <cmath>
 #include <cstring>
 
@@ -65,9 +67,10 @@ void bias_relu(T* __restrict out, const T* __restrict bias, int64_t r0, int64_t 
   }
 }
 
-template <typename T, bool kWriteGrad, bool kSumCols>
-void relu_grad_impl(const T* __restrict g, const T* __restrict out, T* __restrict gm,
-                    acc_t<T>* __restrict col_sums, int64_t r0, int64_t r1, int64_t cols) {
+// S: the column sums' type (A, or double where there is no room for A's chunk sums).
+template <typename T, bool kWriteGrad, bool kSumCols, typename S>
+void relu_grad_rows(const T* __restrict g, const T* __restrict out, T* __restrict gm, S* __restrict col_sums,
+                    int64_t r0, int64_t r1, int64_t cols) {
   using A = acc_t<T>;
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict grow = g + r * cols;
@@ -77,46 +80,77 @@ void relu_grad_impl(const T* __restrict g, const T* __restrict out, T* __restric
       // threshold_backward's rule: zero where out <= 0, so NaN outputs pass the gradient.
       A v = load(orow + c) <= A(0) ? A(0) : load(grow + c);
       if constexpr (kWriteGrad) store(mrow + c, v);
-      if constexpr (kSumCols) col_sums[c] += v;
+      if constexpr (kSumCols) col_sums[c] += static_cast<S>(v);
     }
   }
 }
 
+// The column sums run in A over chunks of 64 rows (the loop as fast as without sums in
+// double), each chunk then added into col_sums in double; past 1024 columns (no room on
+// the stack) straight in double, where the pass is bound by memory anyway.
+template <typename T, bool kWriteGrad, bool kSumCols>
+void relu_grad_impl(const T* __restrict g, const T* __restrict out, T* __restrict gm,
+                    double* __restrict col_sums, int64_t r0, int64_t r1, int64_t cols) {
+  using A = acc_t<T>;
+  constexpr int64_t kChunkRows = 64, kMaxCols = 1024;
+  if constexpr (kSumCols) {
+    if (cols <= kMaxCols) {
+      A chunk[kMaxCols];
+      for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
+        std::fill(chunk, chunk + cols, A(0));
+        relu_grad_rows<T, kWriteGrad, true>(g, out, gm, chunk, c0, std::min(r1, c0 + kChunkRows), cols);
+        for (int64_t c = 0; c < cols; ++c) col_sums[c] += static_cast<double>(chunk[c]);
+      }
+      return;
+    }
+  }
+  relu_grad_rows<T, kWriteGrad, kSumCols>(g, out, gm, col_sums, r0, r1, cols);
+}
+
 template <typename T>
-void relu_grad(const T* g, const T* out, T* gm, acc_t<T>* col_sums, int64_t r0, int64_t r1, int64_t cols) {
+void relu_grad(const T* g, const T* out, T* gm, double* col_sums, int64_t r0, int64_t r1, int64_t cols) {
   if (gm && col_sums) relu_grad_impl<T, true, true>(g, out, gm, col_sums, r0, r1, cols);
   else if (gm) relu_grad_impl<T, true, false>(g, out, gm, col_sums, r0, r1, cols);
   else if (col_sums) relu_grad_impl<T, false, true>(g, out, gm, col_sums, r0, r1, cols);
 }
 
 template <typename T, bool kGrad, bool kLoss>
-acc_t<T> mse_impl(const T* __restrict x, const T* __restrict t, T* __restrict grad, T* __restrict loss,
-                  acc_t<T> grad_scale, int64_t n) {
+double mse_impl(const T* __restrict x, const T* __restrict t, T* __restrict grad, T* __restrict loss,
+                acc_t<T> grad_scale, int64_t n) {
   using A = acc_t<T>;
   constexpr int L = kLanes<A>;
-  A lanes[L] = {};
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    for (int j = 0; j < L; ++j) {
-      A d = load(x + i + j) - load(t + i + j);
-      lanes[j] += d * d;
-      if constexpr (kGrad) store(grad + i + j, d * grad_scale);
-      if constexpr (kLoss) store(loss + i + j, d * d);
+  // Vector lanes of A over chunks of 64 steps, each chunk's lanes then added in double: the
+  // inner loop stays in A (vectorized), and no running sum in A grows over more than 64
+  // terms (a float32 one over a whole block drifted by hundreds of ulps).
+  constexpr int64_t kChunk = 64 * L;
+  const int64_t full = n - n % L;
+  double sums[L] = {};
+  for (int64_t c0 = 0; c0 < full; c0 += kChunk) {
+    const int64_t c1 = std::min(full, c0 + kChunk);
+    A lanes[L] = {};
+    for (int64_t i = c0; i < c1; i += L) {
+      for (int j = 0; j < L; ++j) {
+        A d = load(x + i + j) - load(t + i + j);
+        lanes[j] += d * d;
+        if constexpr (kGrad) store(grad + i + j, d * grad_scale);
+        if constexpr (kLoss) store(loss + i + j, d * d);
+      }
     }
+    for (int j = 0; j < L; ++j) sums[j] += static_cast<double>(lanes[j]);
   }
-  for (int j = 0; i < n; ++i, ++j) {
+  for (int64_t i = full; i < n; ++i) {
     A d = load(x + i) - load(t + i);
-    lanes[j] += d * d;
+    sums[i - full] += static_cast<double>(d * d);
     if constexpr (kGrad) store(grad + i, d * grad_scale);
     if constexpr (kLoss) store(loss + i, d * d);
   }
   for (int w = L / 2; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) lanes[j] += lanes[j + w];
-  return lanes[0];
+    for (int j = 0; j < w; ++j) sums[j] += sums[j + w];
+  return sums[0];
 }
 
 template <typename T>
-acc_t<T> mse(const T* x, const T* t, T* grad, T* loss, acc_t<T> grad_scale, int64_t n) {
+double mse(const T* x, const T* t, T* grad, T* loss, acc_t<T> grad_scale, int64_t n) {
   if (grad && loss) return mse_impl<T, true, true>(x, t, grad, loss, grad_scale, n);
   if (grad) return mse_impl<T, true, false>(x, t, grad, loss, grad_scale, n);
   if (loss) return mse_impl<T, false, true>(x, t, grad, loss, grad_scale, n);

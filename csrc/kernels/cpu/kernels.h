@@ -50,11 +50,13 @@ struct Kernels {
   void (*bias_relu)(T* out, const T* bias, int64_t r0, int64_t r1, int64_t cols);
   // gm = g * (out > 0) for rows [r0, r1) (skipped if gm is null); col_sums[c] += sum_r gm[r, c]
   // (skipped if col_sums is null). One pass over g and out for the mask and the bias gradient.
-  void (*relu_grad)(const T* g, const T* out, T* gm, A* col_sums, int64_t r0, int64_t r1, int64_t cols);
-  // One pass of MSE over n elements: returns sum (x - t)^2; writes grad = (x - t) * grad_scale
-  // (2, or 2 / numel for a mean) if grad is not null, and loss = (x - t)^2 elementwise if
-  // loss is not null.
-  A (*mse)(const T* x, const T* t, T* grad, T* loss, A grad_scale, int64_t n);
+  // The sums are kept in double: a float32 running sum over thousands of rows drifts by
+  // hundreds of ulps, where torch's cascade sum stays within a few.
+  void (*relu_grad)(const T* g, const T* out, T* gm, double* col_sums, int64_t r0, int64_t r1, int64_t cols);
+  // One pass of MSE over n elements: returns sum (x - t)^2 (summed in double, as above);
+  // writes grad = (x - t) * grad_scale (2, or 2 / numel for a mean) if grad is not null, and
+  // loss = (x - t)^2 elementwise if loss is not null.
+  double (*mse)(const T* x, const T* t, T* grad, T* loss, A grad_scale, int64_t n);
   // Adam on elements [i0, i1) of one tensor.
   void (*adam)(const AdamTensor<T>& p, const AdamScalars<A>& s, int64_t i0, int64_t i1);
 };

@@ -52,8 +52,8 @@ cudaError_t bias_relu(DType dtype, void* out, const void* bias, int64_t rows, in
 //   gm = g * (out > 0)            (if gm is not null; NaN outputs pass the gradient, as
 //                                  threshold_backward)
 //   grad_bias[c] = sum_r gm[r, c] (if grad_bias is not null)
-// The bias gradient is summed in two fixed stages (blocks of rows into `workspace`, then
-// the blocks in order), so its bits do not depend on the GPU or on timing.
+// The bias gradient is summed in double, in two fixed stages (blocks of rows into
+// `workspace`, then the blocks in order), so its bits do not depend on the GPU or on timing.
 size_t relu_grad_workspace_bytes(DType dtype, int64_t rows, int64_t cols);
 cudaError_t relu_grad(DType dtype, const void* g, const void* out, void* gm, void* grad_bias, void* workspace,
                       int64_t rows, int64_t cols, cudaStream_t stream);

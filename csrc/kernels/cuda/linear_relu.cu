@@ -25,29 +25,31 @@ constexpr int kRowGroups = 8;
 constexpr int64_t kRowsPerBlock = 256;
 constexpr int64_t kMaxGridY = 65535;
 
+// The sums are in double (cheap here: the pass is bound by memory): a float32 running sum
+// over thousands of rows drifts by hundreds of ulps, where torch's stays within a few.
 template <typename T, bool kWriteGrad, bool kSumCols>
 __global__ void relu_grad_kernel(const T* __restrict__ g, const T* __restrict__ out, T* __restrict__ gm,
-                                 acc_t<T>* __restrict__ partial, int64_t rows, int64_t cols, int64_t tile_rows) {
+                                 double* __restrict__ partial, int64_t rows, int64_t cols, int64_t tile_rows) {
   using A = acc_t<T>;
-  __shared__ A sums[kRowGroups][32];
+  __shared__ double sums[kRowGroups][32];
   const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
   const int64_t r0 = int64_t(blockIdx.y) * tile_rows;
   const int64_t r1 = r0 + tile_rows < rows ? r0 + tile_rows : rows;
-  A s = A(0);
+  double s = 0;
   if (c < cols) {
     for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowGroups) {
       const int64_t i = r * cols + c;
       // threshold_backward's rule: zero where out <= 0, so NaN outputs pass the gradient.
       const A v = to_acc(out[i]) <= A(0) ? A(0) : to_acc(g[i]);
       if constexpr (kWriteGrad) gm[i] = from_acc<T>(v);
-      if constexpr (kSumCols) s += v;
+      if constexpr (kSumCols) s += static_cast<double>(v);
     }
   }
   if constexpr (kSumCols) {
     sums[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
     if (threadIdx.y == 0 && c < cols) {
-      A total = sums[0][threadIdx.x];
+      double total = sums[0][threadIdx.x];
       for (int j = 1; j < kRowGroups; ++j) total += sums[j][threadIdx.x];
       partial[int64_t(blockIdx.y) * cols + c] = total;
     }
@@ -56,13 +58,13 @@ __global__ void relu_grad_kernel(const T* __restrict__ g, const T* __restrict__ 
 
 // Stage two: grad_bias[c] = sum over row tiles of partial[tile, c], in tile order.
 template <typename T>
-__global__ void column_sum_kernel(const acc_t<T>* __restrict__ partial, T* __restrict__ grad_bias, int64_t tiles,
+__global__ void column_sum_kernel(const double* __restrict__ partial, T* __restrict__ grad_bias, int64_t tiles,
                                   int64_t cols) {
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (c >= cols) return;
-  acc_t<T> total = 0;
+  double total = 0;
   for (int64_t b = 0; b < tiles; ++b) total += partial[b * cols + c];
-  grad_bias[c] = from_acc<T>(total);
+  grad_bias[c] = from_acc<T>(static_cast<acc_t<T>>(total));
 }
 
 }  // namespace
@@ -88,9 +90,8 @@ static int64_t tile_rows(int64_t rows) {
 }
 static int64_t row_tiles(int64_t rows) { return detail::ceil_div(rows, tile_rows(rows)); }
 
-size_t relu_grad_workspace_bytes(DType dtype, int64_t rows, int64_t cols) {
-  const size_t acc_bytes = dtype == DType::f64 ? sizeof(double) : sizeof(float);
-  return size_t(std::max<int64_t>(row_tiles(rows), 1)) * size_t(cols) * acc_bytes;
+size_t relu_grad_workspace_bytes(DType, int64_t rows, int64_t cols) {
+  return size_t(std::max<int64_t>(row_tiles(rows), 1)) * size_t(cols) * sizeof(double);
 }
 
 cudaError_t relu_grad(DType dtype, const void* g, const void* out, void* gm, void* grad_bias, void* workspace,
@@ -98,12 +99,11 @@ cudaError_t relu_grad(DType dtype, const void* g, const void* out, void* gm, voi
   if (cols == 0 || (!gm && !grad_bias)) return cudaSuccess;
   return dispatch(dtype, [&](auto* tag) -> cudaError_t {
     using T = std::remove_pointer_t<decltype(tag)>;
-    using A = acc_t<T>;
     const int64_t tiles = row_tiles(rows), per_tile = tile_rows(rows);
     auto* gp = static_cast<const T*>(g);
     auto* op = static_cast<const T*>(out);
     auto* mp = static_cast<T*>(gm);
-    auto* pp = static_cast<A*>(workspace);
+    auto* pp = static_cast<double*>(workspace);
     if (tiles > 0) {
       const dim3 grid(unsigned(ceil_div(cols, 32)), unsigned(tiles));
       const dim3 block(32, kRowGroups);

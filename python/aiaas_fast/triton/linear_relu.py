@@ -94,7 +94,7 @@ def _matmul_kernel(
     if MASK_A:
         m_ptrs = mask_ptr + rm_load[:, None] * stride_mm + rk[None, :] * stride_mk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rowsum = tl.zeros((BLOCK_M,), dtype=tl.float64)  # a tile's sum in float32, the running sum in float64
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk + k0 < K
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
@@ -104,7 +104,7 @@ def _matmul_kernel(
             a = tl.where(keep, a, tl.zeros_like(a))
             m_ptrs += BLOCK_K * stride_mk
         if ROWSUM:
-            rowsum += tl.sum(a.to(tl.float32), axis=1)
+            rowsum += tl.sum(a.to(tl.float32), axis=1).to(tl.float64)
         if WRITE_C:
             if UPCAST:  # the interpreter's tl.dot mishandles bfloat16 operands; exact in float32
                 a = a.to(tl.float32)
@@ -186,8 +186,9 @@ def triton_linear_relu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, out
             _mm(g, weight, grad_x, 1, mask=o)
         grad_x = grad_x.view(x.shape)
     if output_mask[1] or output_mask[2]:
-        # grad_weight = gm^T @ x; the bias gradient in float32 from the same tiles.
-        sums = torch.zeros((out_f,), dtype=torch.float32, device=x.device) if output_mask[2] else None
+        # grad_weight = gm^T @ x; the bias gradient from the same tiles (summed in float64: a
+        # float32 running sum over thousands of rows drifts by hundreds of ulps).
+        sums = torch.zeros((out_f,), dtype=torch.float64, device=x.device) if output_mask[2] else None
         gw = torch.empty((out_f, in_f), dtype=x.dtype, device=x.device) if output_mask[1] else None
         if g.shape[0] == 0:
             if gw is not None:

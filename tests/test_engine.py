@@ -944,7 +944,6 @@ def test_captured_graphs_keep_every_tensor_they_read_alive():
     assert len(refs) > 10 and all(r() is not None for r in refs)
 
 
-
 def test_run_shuffles_anew_every_epoch():
     # With lr = 0 the weights stay put, so each step's batch loss (from the epoch's running
     # mean the callback gets) tells which rows the batch holds: every epoch covers all rows

@@ -14,7 +14,6 @@ pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a 
               pytest.mark.gpu]
 
 
-
 PATHS = {"fused": "cuda-fused-mlp", "graph": "cuda-graph"}
 
 

@@ -207,12 +207,8 @@ def test_maximize_and_amsgrad_are_read_per_param_group():
     # Each group's own flags, as torch.optim.Adam reads them (not the constructor's defaults).
     ours, ref = make_params(), make_params()
     groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "maximize": True, "amsgrad": True, "lr": 0.02}]
-    o, r = Adam(groups(ours), lr=0.01), torch.optim.Adam(groups(ref), lr=0.01)
-    for s in range(3):
-        set_grads(ours, s)
-        set_grads(ref, s)
-        o.step()
-        r.step()
+    trajectory(lambda ps, **kw: Adam(groups(ps), **kw), ours, 3, lr=0.01)
+    trajectory(lambda ps, **kw: torch.optim.Adam(groups(ps), **kw), ref, 3, lr=0.01)
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 

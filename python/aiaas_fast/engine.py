@@ -161,9 +161,6 @@ def _own_step(cls):
 _KNOWN_STEPS = (torch.optim.Adam, torch.optim.AdamW, Adam, AdamW)
 
 
-_STEP_HOOKS = "the optimizer has step hooks (register_step_pre_hook/post_hook), which the compiled engine would not call"
-
-
 def _step_replaced(optimizer) -> bool:
     """Whether optimizer.step was replaced on the instance (``opt.step = clamped_step``): the
     engine would skip it. Wrappers that only run the optimizer's own step, a learning-rate
@@ -183,12 +180,16 @@ def _step_replaced(optimizer) -> bool:
     return inspect.unwrap(step) is not _own_step(type(optimizer))
 
 
-_STEP_REPLACED = "optimizer.step was replaced on the optimizer, which the compiled engine would not call"
-
-
-def _has_step_hooks(optimizer) -> bool:
-    return bool(optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
-                or _torch_optimizer._global_optimizer_pre_hooks or _torch_optimizer._global_optimizer_post_hooks)
+def _step_refusal(optimizer) -> Optional[str]:
+    """Why the engine's own update would skip part of this optimizer's step (None: nothing):
+    a step replaced on the instance, or step hooks. Checked at construction and every step
+    (both can be added after the engine was built)."""
+    if _step_replaced(optimizer):
+        return "optimizer.step was replaced on the optimizer, which the compiled engine would not call"
+    if (optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
+            or _torch_optimizer._global_optimizer_pre_hooks or _torch_optimizer._global_optimizer_post_hooks):
+        return "the optimizer has step hooks (register_step_pre_hook/post_hook), which the compiled engine would not call"
+    return None
 
 
 def _optimizer_hyper(optimizer, params: Sequence[Tensor]) -> dict:
@@ -197,10 +198,9 @@ def _optimizer_hyper(optimizer, params: Sequence[Tensor]) -> dict:
     # The engine does the update itself: what a step() override or a step hook adds would be skipped.
     if all(_own_step(type(optimizer)) is not _own_step(cls) for cls in _KNOWN_STEPS):
         raise UnsupportedModel(f"{type(optimizer).__name__} overrides step(), which the compiled engine would not call")
-    if _step_replaced(optimizer):
-        raise UnsupportedModel(_STEP_REPLACED)
-    if _has_step_hooks(optimizer):
-        raise UnsupportedModel(_STEP_HOOKS)
+    refusal = _step_refusal(optimizer)
+    if refusal:
+        raise UnsupportedModel(refusal)
     ids = {id(p) for p in params}
     seen, hyper = set(), None
     for group in optimizer.param_groups:
@@ -332,10 +332,9 @@ class Engine:
         # The engine steps for the optimizer: tell a learning-rate scheduler so (it checks
         # this flag, set by its wrapper of optimizer.step, to warn about a wrong call order).
         self.optimizer._opt_called = True
-        if _has_step_hooks(self.optimizer):  # added after the engine was built
-            raise UnsupportedModel(_STEP_HOOKS)
-        if _step_replaced(self.optimizer):
-            raise UnsupportedModel(_STEP_REPLACED)
+        refusal = _step_refusal(self.optimizer)  # a hook or a new step added after the engine was built
+        if refusal:
+            raise UnsupportedModel(refusal)
         signature = _groups_signature(self.optimizer)
         if signature != self._signature:
             hyper = _optimizer_hyper(self.optimizer, self._params)

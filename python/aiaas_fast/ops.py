@@ -109,9 +109,11 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
             common = torch.promote_types(input.dtype, target.dtype)
             input, target = input.to(common), target.to(common)
     backend = _backend.resolve("mse_loss", input.device)
-    if backend != "native" or _functorch_active():  # (the native op autocasts in C++)
+    if _functorch_active():
+        backend = "reference"
+    if backend != "native":  # (the native op autocasts in C++)
         input, target = _autocast_fp32(input, target)
-    if backend == "reference" or _functorch_active():
+    if backend == "reference":
         return reference.mse_loss(input, target, reduction)
     compute_grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
     op = _ops.mse_loss if backend == "native" else _ops.triton_mse_loss

@@ -1,0 +1,261 @@
+// The emulated launch (runtime.h): the threads of a block as fibers (ucontext) on the
+// launching thread, the blocks in order, barriers that report rather than hang when a
+// thread can never arrive.
+#include "runtime.h"
+
+#include <algorithm>
+#include <mutex>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <vector_functions.h>
+
+#include <ucontext.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+thread_local uint3 threadIdx;
+thread_local uint3 blockIdx;
+thread_local dim3 blockDim;
+thread_local dim3 gridDim;
+
+namespace emu {
+namespace {
+
+std::mutex error_mutex;
+cudaError_t last_error = cudaSuccess;
+std::string last_message;
+
+void record(cudaError_t code, const std::string& what) {
+  std::lock_guard<std::mutex> lock(error_mutex);
+  if (last_error == cudaSuccess) {
+    last_error = code;
+    last_message = what;
+  }
+}
+
+// AddressSanitizer must be told when the stack changes, or it reports the fibers' frames as
+// overflows of the OS thread's stack.
+#if defined(__SANITIZE_ADDRESS__)
+void start_switch(void** fake_stack, const void* bottom, size_t size) {
+  __sanitizer_start_switch_fiber(fake_stack, bottom, size);
+}
+void finish_switch(void* fake_stack, const void** bottom, size_t* size) {
+  __sanitizer_finish_switch_fiber(fake_stack, bottom, size);
+}
+void unpoison(void* p, size_t n) { __asan_unpoison_memory_region(p, n); }
+#else
+void start_switch(void**, const void*, size_t) {}
+void finish_switch(void*, const void**, size_t*) {}
+void unpoison(void*, size_t) {}
+#endif
+
+constexpr size_t kStackBytes = 128 * 1024;
+
+struct Fiber;
+
+// A barrier over a fixed set of threads. A thread that has returned from the kernel can never
+// arrive: a barrier that one of its threads waits at while another has returned (in either
+// order) is recorded as a failure and opened, so the launch finishes and reports it.
+struct Barrier {
+  int size = 0, arrived = 0, exited = 0;
+  bool broken = false;
+  const char* name = "";
+  std::vector<Fiber*> waiters;
+  void reset(int n, const char* what) {
+    size = n;
+    name = what;
+    arrived = exited = 0;
+    broken = false;
+    waiters.clear();
+  }
+};
+
+enum class State { ready, waiting, done };
+
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack{new char[kStackBytes]};
+  unsigned id = 0;
+  State state = State::ready;
+};
+
+struct Warp {
+  Barrier barrier;
+  unsigned char lanes[32][8];
+  int size = 32;
+};
+
+// The threads of one block, as fibers on the launching OS thread: each runs until it waits at
+// a barrier or returns, then the next; a barrier opens when its last thread arrives.
+struct Block {
+  ucontext_t scheduler;
+  void* scheduler_fake_stack = nullptr;
+  const void* scheduler_stack = nullptr;
+  size_t scheduler_stack_size = 0;
+  std::vector<Fiber> fibers;
+  Fiber* current = nullptr;
+  Barrier sync;
+  std::vector<Warp> warps;
+  const std::function<void()>* body = nullptr;
+};
+
+thread_local Block* block = nullptr;
+
+void open(Barrier& b) {
+  for (Fiber* f : b.waiters) f->state = State::ready;
+  b.waiters.clear();
+  b.arrived = 0;
+}
+
+void break_barrier(Barrier& b, const char* why) {
+  record(cudaErrorLaunchFailure, std::string(b.name) + " " + why + " (undefined on a GPU; a hang or garbage there)");
+  b.broken = true;
+  open(b);
+}
+
+// From a fiber back to the scheduler (for good when the fiber is done).
+void yield_to_scheduler(bool done) {
+  Block& blk = *block;
+  void* fake = nullptr;
+  start_switch(done ? nullptr : &fake, blk.scheduler_stack, blk.scheduler_stack_size);
+  if (done) {
+    setcontext(&blk.scheduler);
+  } else {
+    swapcontext(&blk.current->context, &blk.scheduler);
+    finish_switch(fake, nullptr, nullptr);
+  }
+}
+
+void wait(Barrier& b) {
+  if (b.broken) return;
+  if (b.exited > 0) return break_barrier(b, "reached after another thread of the same group returned");
+  if (++b.arrived == b.size) return open(b);
+  b.waiters.push_back(block->current);
+  block->current->state = State::waiting;
+  yield_to_scheduler(false);
+}
+
+void leave(Barrier& b) {
+  ++b.exited;
+  if (b.arrived > 0 && !b.broken) break_barrier(b, "waited at by some threads while another returned");
+}
+
+void fiber_main() {
+  Block& blk = *block;
+  finish_switch(nullptr, &blk.scheduler_stack, &blk.scheduler_stack_size);
+  (*blk.body)();
+  leave(blk.sync);
+  leave(blk.warps[blk.current->id / 32].barrier);
+  blk.current->state = State::done;
+  yield_to_scheduler(true);
+}
+
+}  // namespace
+
+void fail(const char* what) { record(cudaErrorLaunchFailure, what); }
+
+void sync_block() { wait(block->sync); }
+
+void exchange_warp(const void* mine, void* lanes, size_t bytes, unsigned mask) {
+  Block& blk = *block;
+  const unsigned id = blk.current->id;
+  Warp& warp = blk.warps[id / 32];
+  const unsigned full = warp.size == 32 ? 0xffffffffu : (1u << warp.size) - 1u;
+  if (mask != full) fail("a warp shuffle whose mask is not the warp's full set of lanes (not emulated)");
+  std::memcpy(warp.lanes[id % 32], mine, bytes);
+  wait(warp.barrier);
+  std::memcpy(lanes, warp.lanes, sizeof(warp.lanes));
+  wait(warp.barrier);  // nobody writes the next exchange before every lane has read this one
+}
+
+void execute(dim3 grid, dim3 block_dim, size_t shared_bytes, size_t argument_bytes,
+             const std::function<void()>& body) {
+  const uint64_t threads = uint64_t(block_dim.x) * block_dim.y * block_dim.z;
+  if (grid.x < 1 || grid.x > 0x7fffffffu || grid.y < 1 || grid.y > 65535 || grid.z < 1 || grid.z > 65535 ||
+      block_dim.x < 1 || block_dim.x > 1024 || block_dim.y < 1 || block_dim.y > 1024 || block_dim.z < 1 ||
+      block_dim.z > 64 || threads > 1024) {
+    record(cudaErrorInvalidConfiguration,
+           "launch configuration out of range: grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+               std::to_string(grid.z) + "), block (" + std::to_string(block_dim.x) + ", " +
+               std::to_string(block_dim.y) + ", " + std::to_string(block_dim.z) + ")");
+    return;
+  }
+  if (shared_bytes != 0) {
+    record(cudaErrorNotSupported, "dynamic shared memory is not emulated");
+    return;
+  }
+  if (argument_bytes > 4096) {
+    record(cudaErrorInvalidValue, "kernel arguments of " + std::to_string(argument_bytes) + " bytes (over 4 KiB)");
+    return;
+  }
+  Block blk;
+  blk.body = &body;
+  blk.fibers = std::vector<Fiber>(threads);
+  blk.warps = std::vector<Warp>((threads + 31) / 32);
+  Block* outer = block;
+  block = &blk;
+  blockDim = block_dim;
+  gridDim = grid;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = make_uint3(x, y, z);
+        blk.sync.reset(int(threads), "__syncthreads");
+        for (size_t w = 0; w < blk.warps.size(); ++w) {
+          blk.warps[w].size = int(std::min<uint64_t>(32, threads - w * 32));
+          blk.warps[w].barrier.reset(blk.warps[w].size, "a warp shuffle");
+        }
+        for (unsigned id = 0; id < threads; ++id) {
+          Fiber& f = blk.fibers[id];
+          f.id = id;
+          f.state = State::ready;
+          unpoison(f.stack.get(), kStackBytes);  // frames a fiber of the last block never returned from
+          getcontext(&f.context);
+          f.context.uc_stack.ss_sp = f.stack.get();
+          f.context.uc_stack.ss_size = kStackBytes;
+          f.context.uc_link = nullptr;
+          makecontext(&f.context, fiber_main, 0);
+        }
+        for (size_t finished = 0; finished < threads;) {
+          bool ran = false;
+          finished = 0;
+          for (Fiber& f : blk.fibers) {
+            if (f.state == State::done) ++finished;
+            if (f.state != State::ready) continue;
+            ran = true;
+            blk.current = &f;
+            threadIdx = make_uint3(f.id % block_dim.x, f.id / block_dim.x % block_dim.y,
+                                   f.id / (block_dim.x * block_dim.y));
+            start_switch(&blk.scheduler_fake_stack, f.stack.get(), kStackBytes);
+            swapcontext(&blk.scheduler, &f.context);
+            finish_switch(blk.scheduler_fake_stack, nullptr, nullptr);
+          }
+          if (!ran && finished < threads) {  // every thread left waits, at barriers that cannot all open
+            record(cudaErrorLaunchFailure, "threads of one block wait at different barriers (a deadlock on a GPU)");
+            break_barrier(blk.sync, "deadlocked");
+            for (Warp& w : blk.warps) break_barrier(w.barrier, "deadlocked");
+          }
+        }
+      }
+  block = outer;
+}
+
+}  // namespace emu
+
+// The runtime API's error query, as the kernels' launchers call it after each launch.
+cudaError_t cudaGetLastError(void) {
+  std::lock_guard<std::mutex> lock(emu::error_mutex);
+  const cudaError_t e = emu::last_error;
+  emu::last_error = cudaSuccess;
+  return e;
+}
+
+// The message behind the last error cudaGetLastError returned or will return (api.cpp).
+const char* emu_last_message() {
+  std::lock_guard<std::mutex> lock(emu::error_mutex);
+  return emu::last_message.c_str();
+}

@@ -1,0 +1,49 @@
+// Kernels that check the emulator itself (kernel_checks.py): that its barriers, shared
+// memory and warp shuffles behave as the hardware's, and that it reports what a GPU would
+// refuse or leave undefined instead of hanging. Built with the kernels by build_kernels.py.
+#include <cuda_runtime.h>
+
+namespace {
+
+// Each thread reads what the mirror thread wrote before the barrier, in every block.
+__global__ void mirror_through_shared(int* out) {
+  __shared__ int s[256];
+  s[threadIdx.x] = int(threadIdx.x + 1000 * blockIdx.x);
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s[blockDim.x - 1 - threadIdx.x];
+}
+
+__global__ void shuffle_down(const float* in, float* out, unsigned delta) {
+  const unsigned i = threadIdx.x;
+  out[i] = __shfl_down_sync(0xffffffffu, in[i], delta);
+}
+
+// Undefined on a GPU: thread 3 never reaches the barrier the others wait at.
+__global__ void return_before_barrier(int* out) {
+  __shared__ int s[64];
+  if (threadIdx.x == 3) return;
+  s[threadIdx.x] = int(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
+}
+
+}  // namespace
+
+extern "C" {
+
+int emu_selftest_mirror(int* out, unsigned blocks, unsigned threads) {
+  mirror_through_shared<<<blocks, threads>>>(out);
+  return cudaGetLastError();
+}
+
+int emu_selftest_shuffle_down(const float* in, float* out, unsigned threads, unsigned delta) {
+  shuffle_down<<<1, threads>>>(in, out, delta);
+  return cudaGetLastError();
+}
+
+int emu_selftest_return_before_barrier(int* out) {
+  return_before_barrier<<<1, 64>>>(out);
+  return cudaGetLastError();
+}
+
+}  // extern "C"

@@ -161,6 +161,36 @@ def test_emulator_reports_what_a_gpu_leaves_undefined(cuda):
     assert cuda.lib.emu_selftest_mirror(P(out.data_ptr()), 0, 32) == 9
 
 
+@pytest.mark.parametrize("schedule", ["reverse", "random:1", "random:2"])
+def test_results_do_not_depend_on_the_order_threads_run_in(cuda, monkeypatch, schedule):
+    # The emulator resumes a block's threads by index unless told otherwise; a kernel missing
+    # a barrier is right in one order only. Every kernel's results, bits included, must be
+    # those of the default order.
+    def run_all():
+        torch.manual_seed(3)
+        g, out = rand(513, 33), rand(513, 33)
+        gm, gb = torch.empty(513, 33), torch.empty(33)
+        cuda.relu_grad(g, out, gm, gb)
+        x, t = rand(70_001, dtype=torch.bfloat16), rand(70_001, dtype=torch.bfloat16)
+        grad, loss = run_mse(cuda, x, t, "mean")
+        params, *_ = run_adam(cuda, torch.float32, FLAGS[-1], shapes=[(3, 5), (70_001,), (1,)], steps=2,
+                              step_kind="device-f32")
+        mirror = torch.empty(96, dtype=torch.int32)
+        assert cuda.lib.emu_selftest_mirror(P(mirror.data_ptr()), 1, 96) == 0
+        return [gm, gb, grad, loss, mirror, *params]
+
+    expected = run_all()
+    monkeypatch.setenv("AIAAS_FAST_EMULATOR_SCHEDULE", schedule)
+    for a, b in zip(run_all(), expected):
+        exact(a, b)
+
+
+def test_a_bad_schedule_is_named(cuda, monkeypatch):
+    monkeypatch.setenv("AIAAS_FAST_EMULATOR_SCHEDULE", "sideways")
+    with pytest.raises(RuntimeError, match="AIAAS_FAST_EMULATOR_SCHEDULE.*sideways"):
+        cuda.bias_relu(torch.zeros(2, 2), None)
+
+
 # ------------------------------------------------------------------ linear_relu's element-wise kernels
 SHAPES = [(1, 1), (37, 19), (300, 70), (513, 33), (0, 7), (5, 0)]
 

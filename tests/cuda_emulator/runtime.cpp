@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <mutex>
+#include <cstdlib>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -154,6 +156,32 @@ void fiber_main() {
   yield_to_scheduler(true);
 }
 
+// The order the scheduler resumes a block's ready threads in, pass after pass: by thread
+// index (the default), the reverse, or a fresh random order each pass. A kernel that is
+// right only in one order is missing a barrier. AIAAS_FAST_EMULATOR_SCHEDULE=forward |
+// reverse | random:SEED, read at each launch.
+struct Schedule {
+  enum { forward, reverse, random } kind = forward;
+  std::mt19937 rng;
+  Schedule() {
+    const char* env = std::getenv("AIAAS_FAST_EMULATOR_SCHEDULE");
+    const std::string s = env ? env : "forward";
+    if (s == "reverse") {
+      kind = reverse;
+    } else if (s.rfind("random:", 0) == 0) {
+      kind = random;
+      rng.seed(std::stoul(s.substr(7)));
+    } else if (s != "forward") {
+      record(cudaErrorInvalidValue, "AIAAS_FAST_EMULATOR_SCHEDULE: forward, reverse or random:SEED, not " + s);
+    }
+  }
+  void next_pass(std::vector<unsigned>& order) {
+    std::sort(order.begin(), order.end());
+    if (kind == reverse) std::reverse(order.begin(), order.end());
+    if (kind == random) std::shuffle(order.begin(), order.end(), rng);
+  }
+};
+
 }  // namespace
 
 void fail(const char* what) { record(cudaErrorLaunchFailure, what); }
@@ -192,6 +220,9 @@ void execute(dim3 grid, dim3 block_dim, size_t shared_bytes, size_t argument_byt
     record(cudaErrorInvalidValue, "kernel arguments of " + std::to_string(argument_bytes) + " bytes (over 4 KiB)");
     return;
   }
+  Schedule schedule;
+  std::vector<unsigned> order(threads);
+  for (unsigned id = 0; id < threads; ++id) order[id] = id;
   Block blk;
   blk.body = &body;
   blk.fibers = std::vector<Fiber>(threads);
@@ -223,7 +254,9 @@ void execute(dim3 grid, dim3 block_dim, size_t shared_bytes, size_t argument_byt
         for (size_t finished = 0; finished < threads;) {
           bool ran = false;
           finished = 0;
-          for (Fiber& f : blk.fibers) {
+          schedule.next_pass(order);
+          for (unsigned id : order) {
+            Fiber& f = blk.fibers[id];
             if (f.state == State::done) ++finished;
             if (f.state != State::ready) continue;
             ran = true;

@@ -378,9 +378,6 @@ def test_flop_counter_counts_what_plain_pytorch_counts(backend):
     # FlopCounterMode (and tools on it) sees the fused op as the product it is.
     from torch.utils.flop_counter import FlopCounterMode
 
-    if backend.name == "triton":
-        pytest.skip("a triton_op decomposes into its kernels under a dispatch mode (not counted)")
-
     def count(f):
         x = rand(6, 2, 7, device=backend.device, requires_grad=True)
         w = rand(5, 7, device=backend.device, requires_grad=True)

@@ -113,6 +113,16 @@ def _resolve(name: Optional[str], device_type: str, op: str) -> str:
     return name
 
 
+def _register_triton_ops() -> None:
+    """Registers torch.ops.aiaas_fast.triton_* (and their FLOP formulas) now rather than at the
+    first op call: a FlopCounterMode entered in between copies the formulas when it is created.
+    Best effort: where the import fails, the first call gives the reason."""
+    try:
+        importlib.import_module("aiaas_fast.triton")
+    except Exception:  # noqa: BLE001 - reported by resolve() on use
+        pass
+
+
 def resolve(op: str, device: torch.device) -> str:
     """The backend that runs ``op`` on ``device`` now; raises if the chosen one cannot."""
     return _resolve(_state.name, device.type, op)
@@ -124,6 +134,8 @@ def set_backend(name: Optional[str]) -> None:
     parsed = _parse(name, "set_backend()")
     if parsed == "triton" and not triton_installed():
         raise RuntimeError("aiaas_fast.set_backend('triton'): Triton is not installed (pip install triton)")
+    if parsed == "triton":
+        _register_triton_ops()
     _state.name = parsed
 
 

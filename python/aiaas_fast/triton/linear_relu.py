@@ -27,7 +27,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from torch.utils.flop_counter import register_flop_formula
+
 from .. import _checks
+from .._flops import linear_relu_backward_flops, linear_relu_flops
 from ._common import DTYPES, INTERPRET, autotuning, check_device, is_fake, launcher, on_device, register
 
 OP = "aiaas_fast.linear_relu"
@@ -234,3 +237,7 @@ def _backward(ctx, grad):
 
 
 triton_linear_relu.register_autograd(_backward, setup_context=_setup_context)
+# FlopCounterMode sees the op itself (only FunctionalTensorMode, i.e. torch.compile, decomposes
+# a triton_op into its kernels): counted as the products it computes, as the native op.
+register_flop_formula(torch.ops.aiaas_fast.triton_linear_relu)(linear_relu_flops)
+register_flop_formula(torch.ops.aiaas_fast.triton_linear_relu_backward)(linear_relu_backward_flops)

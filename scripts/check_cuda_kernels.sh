@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Compiles every CUDA kernel (csrc/kernels/cuda/*.cu: torch-free) with nvcc for sm_80 and
 # sm_90, object files only, and syntax-checks the torch glue (csrc/cuda/*.cpp) against the
-# installed torch's headers. Needs no GPU and no CUDA torch: this is CI's build check.
+# installed torch's headers. Needs no GPU and no CUDA torch: this is CI's build check. The
+# CUTLASS GEMMs' SASS must hold tensor-core instructions (cuobjdump: the toolkit's, else
+# Triton's bundled one; without either the check is noted and skipped).
 # Exit status: 0 all compiled; 1 something failed to compile; 77 no nvcc (nothing checked).
 #
 #   scripts/check_cuda_kernels.sh            # all of it
@@ -98,9 +100,40 @@ compile_kernel() {
     if grep -q "C7510" "$log"; then
       echo "FAIL  $src: wgmma serialized (ptxas C7510)"; cat "$log"; return 1
     fi
+    check_tensor_cores "$src" "$obj" || return 1
     echo "ok    $src ($((SECONDS - start)) s)"
   else
     echo "FAIL  $src"; cat "$log"; return 1
+  fi
+}
+
+# ---- the CUTLASS GEMMs must run on tensor cores: every cubin of the 2.x kernel holds mma.sync
+# (SASS HMMA), the Hopper one wgmma fed by TMA (HGMMA, UTMALDG). A configuration that fell
+# back to SIMT math would compile, and be found only on a GPU, many times slower.
+CUOBJDUMP=${CUOBJDUMP:-$(command -v cuobjdump || true)}
+if [[ -z $CUOBJDUMP ]]; then
+  for c in "$(dirname "$NVCC")/cuobjdump" \
+           "$("$PYTHON" -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'))" 2>/dev/null)"; do
+    [[ -x $c ]] && CUOBJDUMP=$c && break
+  done
+fi
+check_tensor_cores() {
+  local src=$1 obj=$2 want missing
+  [[ $CUTLASS_FLAGS == *HAVE_CUTLASS=1* ]] || return 0
+  case $src in
+    *linear_relu_gemm_sm90.cu) want="HGMMA UTMALDG" ;;
+    *linear_relu_gemm.cu) want="HMMA" ;;
+    *) return 0 ;;
+  esac
+  if [[ -z $CUOBJDUMP ]]; then echo "note  $src: no cuobjdump, tensor-core instructions not checked"; return 0; fi
+  # each architecture's SASS ("arch = sm_XX" starts it) must hold every wanted instruction
+  missing=$("$CUOBJDUMP" -sass "$obj" | awk -v want="$want" '
+    /^arch = / { arch = $3; archs[arch] = 1 }
+    { n = split(want, w, " "); for (i = 1; i <= n; i++) if (index($0, w[i])) seen[arch, w[i]] = 1 }
+    END { any = 0; for (a in archs) { any = 1; n = split(want, w, " "); for (i = 1; i <= n; i++) if (!((a, w[i]) in seen)) print a ": no " w[i] }
+          if (!any) print "no SASS at all" }')
+  if [[ -n $missing ]]; then
+    echo "FAIL  $src: not on tensor cores ($(tr '\n' ';' <<<"$missing"))"; return 1
   fi
 }
 
@@ -132,8 +165,8 @@ check_glue() {
   fi
 }
 
-export -f compile_kernel check_glue
-export NVCC ROOT OUT CUTLASS_FLAGS GENCODE CXX CXX_STD TORCH_INCLUDE CUDA_INCLUDE
+export -f compile_kernel check_glue check_tensor_cores
+export NVCC ROOT OUT CUTLASS_FLAGS GENCODE CXX CXX_STD TORCH_INCLUDE CUDA_INCLUDE CUOBJDUMP
 start=$SECONDS
 {
   for f in csrc/kernels/cuda/*.cu; do echo "compile_kernel $f"; done

@@ -3,20 +3,23 @@ with the CUDA stand-in of runtime.h, for tests/test_cuda_kernels_emulated.py.
 
 Each kernel file is compiled as C++ by the host compiler after one rewrite: every launch
 ``kernel<<<grid, block, smem, stream>>>(args)`` becomes ``::emu::Launch(grid, block, smem,
-stream).run(kernel, args)``. The kernel code itself is compiled as written. With
-``asan=True`` (the default) it is built with AddressSanitizer and UndefinedBehaviorSanitizer,
-so the process that loads it must start with libasan preloaded (``asan_preload()``).
+stream).run(kernel, args)``. The kernel code itself is compiled as written. Two builds:
+``asan`` (the default) with AddressSanitizer and UndefinedBehaviorSanitizer, which the loading
+process must preload (``asan_preload()``); ``race``, whose kernel code reports every load and
+store to the data-race detector of race.cpp.
 
-    python tests/cuda_emulator/build_kernels.py          # builds, prints the library's path
+    python tests/cuda_emulator/build_kernels.py [asan|race]    # builds, prints the library's path
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,7 +33,11 @@ LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}]*?>)?)\s*<<<(.*?)>>>\s*\(", re.S
 
 
 def compiler() -> Optional[str]:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    """The host compiler's command (CXX may carry a launcher: "ccache g++")."""
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return cxx if shutil.which(shlex.split(cxx)[0]) else None
+    return shutil.which("g++") or shutil.which("c++")
 
 
 def cuda_include() -> Optional[str]:
@@ -53,71 +60,105 @@ def asan_preload(cxx: Optional[str] = None) -> Optional[str]:
     cxx = cxx or compiler()
     if not cxx:
         return None
-    out = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True, check=False).stdout.strip()
+    out = subprocess.run(shlex.split(cxx) + ["-print-file-name=libasan.so"], capture_output=True, text=True,
+                         check=False).stdout.strip()
     return out if os.path.isabs(out) and os.path.exists(out) else None
 
 
+BOUNDS = re.compile(r"__launch_bounds__\(([^,()]+(?:\([^()]*\))?)[^)]*\)\s*([A-Za-z_]\w*)\s*\(")
+
+
 def rewrite_launches(source: str) -> str:
-    rewritten, count = LAUNCH.subn(lambda m: f"::emu::Launch({m.group(2)}).run({m.group(1)}, ", source)
+    """Each launch as a call the host compiler takes; a kernel with __launch_bounds__ passes
+    its maximum threads per block on, for the launch to check."""
+    bounds = {name: expr.strip() for expr, name in BOUNDS.findall(source)}
+
+    def launch(m):
+        kernel, config = m.group(1), m.group(2)
+        name = kernel.split("<")[0].split("::")[-1]
+        check = f".bounds({bounds[name]})" if name in bounds else ""
+        return f"::emu::Launch({config}){check}.run({kernel}, "
+
+    rewritten = LAUNCH.sub(launch, source)
+    rewritten = re.sub(r"(\.run\([^;]*?), (\s*)\)", r"\1\2)", rewritten)  # a kernel without arguments
     if "<<<" in rewritten:
         raise RuntimeError("a kernel launch build_kernels.py cannot rewrite: " + rewritten[rewritten.index("<<<") - 80:][:160])
     return rewritten
 
 
-def build(asan: bool = True, out_dir: Optional[str] = None) -> str:
+MODES = {
+    # every unit with AddressSanitizer and UndefinedBehaviorSanitizer: the loading process
+    # preloads libasan (asan_preload())
+    "asan": (["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"], []),
+    # the kernel units with -fsanitize=thread instrumentation, reported to race.cpp (no libtsan,
+    # nothing to preload)
+    "race": ([], ["-fsanitize=thread"]),
+}
+
+
+def build(mode: str = "asan", out_dir: Optional[str] = None) -> str:
     """Compiles (or reuses, keyed by every input's content) and returns the library's path."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     cxx, include = compiler(), cuda_include()
     if not cxx:
         raise RuntimeError("no C++ compiler (g++ or c++; set CXX)")
     if not include:
         raise RuntimeError("no CUDA runtime headers (cuda_runtime_api.h, cuda_bf16.h): set CUDA_HOME or NVCC")
+    cxx = shlex.split(cxx)  # CXX="ccache g++"
     flags = ["-std=c++17", "-O1", "-g", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas",
              "-I", os.path.join(ROOT, "csrc"), "-I", HERE, "-isystem", include]
-    if asan:
-        flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-    digest = hashlib.sha256(" ".join([cxx] + flags).encode())
+    every_unit, kernel_units = MODES[mode]
+    version = subprocess.run(cxx + ["--version"], capture_output=True, text=True, check=False).stdout
+    digest = hashlib.sha256(" ".join(cxx + flags + every_unit + kernel_units).encode() + version.encode())
     kernel_headers = os.path.join(ROOT, "csrc", "kernels")
     for folder, names in ((KERNELS, sorted(os.listdir(KERNELS))), (kernel_headers, sorted(os.listdir(kernel_headers))),
-                          (HERE, ["runtime.h", "runtime.cpp", "api.cpp", "selftest.cu", "build_kernels.py"])):
+                          (HERE, sorted(os.listdir(HERE)))):
         for name in names:
             path = os.path.join(folder, name)
-            if os.path.isfile(path):
+            if os.path.isfile(path) and not name.endswith(".pyc"):
                 digest.update(path.encode() + open(path, "rb").read())
-    out_dir = out_dir or os.path.join(ROOT, "build", "cuda-emulator", digest.hexdigest()[:16] + ("-asan" if asan else ""))
+    out_dir = out_dir or os.path.join(ROOT, "build", "cuda-emulator", f"{digest.hexdigest()[:16]}-{mode}")
     lib = os.path.join(out_dir, "libaiaas_fast_cuda_emulated.so")
     if os.path.exists(lib):
         return lib
-    os.makedirs(out_dir, exist_ok=True)
-    units = []
-    for source in SOURCES:
-        unit = os.path.join(out_dir, os.path.basename(source).replace(".cu", ".emulated.cpp"))
-        with open(unit, "w") as f, open(source) as src:
-            f.write(f'#line 1 "{source}"\n' + rewrite_launches(src.read()))
-        units.append(unit)
-    units += [os.path.join(HERE, "runtime.cpp"), os.path.join(HERE, "api.cpp")]
-    procs = []
-    for unit in units:
-        obj = os.path.join(out_dir, os.path.basename(unit) + ".o")
-        cmd = [cxx, *flags, "-include", os.path.join(HERE, "runtime.h"), "-c", unit, "-o", obj]
-        procs.append((unit, obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
-    failures = []
-    for unit, _, p in procs:
-        log = p.communicate()[0]
-        if p.returncode != 0:
-            failures.append(f"{unit}:\n{log}")
-    if failures:
-        raise RuntimeError("the emulated kernels did not compile:\n" + "\n".join(failures))
-    tmp = lib + f".{os.getpid()}.tmp"
-    link = subprocess.run([cxx, *flags, "-shared", "-o", tmp] + [o for _, o, _ in procs],
-                          capture_output=True, text=True, check=False)
-    if link.returncode != 0:
-        raise RuntimeError("the emulated kernels did not link:\n" + link.stdout + link.stderr)
-    os.replace(tmp, lib)  # atomic: a concurrent build finds a whole library or none
+    # Built in a folder of its own, then renamed into place: concurrent builds never share files.
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    work = tempfile.mkdtemp(prefix="building-", dir=os.path.dirname(out_dir))
+    try:
+        procs = []
+        for source in SOURCES + [os.path.join(HERE, n) for n in ("runtime.cpp", "api.cpp", "race.cpp")]:
+            kernel = source in SOURCES
+            unit = os.path.join(work, os.path.basename(source).replace(".cu", ".emulated.cpp"))
+            if kernel:
+                with open(unit, "w") as f, open(source) as src:
+                    f.write(f'#line 1 "{source}"\n' + rewrite_launches(src.read()))
+            else:
+                unit = source
+            obj = os.path.join(work, os.path.basename(unit) + ".o")
+            cmd = cxx + flags + every_unit + (kernel_units if kernel else []) + [
+                "-include", os.path.join(HERE, "runtime.h"), "-c", unit, "-o", obj]
+            procs.append((unit, obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+        failures = []
+        for unit, _, p in procs:
+            log = p.communicate()[0]
+            if p.returncode != 0:
+                failures.append(f"{unit}:\n{log}")
+        if failures:
+            raise RuntimeError("the emulated kernels did not compile:\n" + "\n".join(failures))
+        link = subprocess.run(cxx + flags + every_unit + ["-shared", "-o", os.path.join(work, os.path.basename(lib))] +
+                              [o for _, o, _ in procs], capture_output=True, text=True, check=False)
+        if link.returncode != 0:
+            raise RuntimeError("the emulated kernels did not link:\n" + link.stdout + link.stderr)
+        os.makedirs(out_dir, exist_ok=True)
+        os.replace(os.path.join(work, os.path.basename(lib)), lib)  # atomic: a whole library or none
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return lib
 
 
 if __name__ == "__main__":
     try:
-        print(build(asan="--no-asan" not in sys.argv))
-    except RuntimeError as e:
+        print(build(sys.argv[1] if len(sys.argv) > 1 else "asan"))
+    except (RuntimeError, ValueError) as e:
         sys.exit(f"build_kernels.py: {e}")

@@ -14,6 +14,9 @@ so a read or write outside a buffer fails the run. By hand:
 import ctypes
 import itertools
 import os
+import re
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -51,9 +54,25 @@ class EmulatedKernels:
         self.adam_max_tensors = lib.emu_adam_max_tensors()
         self.adam_max_blocks = lib.emu_adam_max_blocks()
 
+    @property
+    def race_detecting(self):
+        return bool(self.lib.emu_selftest_race_detecting())
+
     def _check(self, code, what):
         if code != 0:
-            raise RuntimeError(f"{what}: cudaError {code}: {self.lib.emu_failure().decode()}")
+            raise RuntimeError(f"{what}: cudaError {code}: {self.failure()}")
+
+    def failure(self):
+        """The emulator's reason for the last error, with the kernel's source line where it
+        gives a library offset (its kernels have internal linkage: no symbol names)."""
+        text = self.lib.emu_failure().decode()
+        m = re.search(r"(\S+\.so)\+(0x[0-9a-f]+)", text)
+        if m and shutil.which("addr2line"):
+            line = subprocess.run(["addr2line", "-f", "-C", "-e", m.group(1), m.group(2)], capture_output=True,
+                                  text=True, check=False).stdout.split("\n")
+            if len(line) >= 2:
+                text += f" = {line[0]} at {line[1]}"
+        return text
 
     def bias_relu(self, out, bias):
         rows, cols = out.shape
@@ -122,7 +141,7 @@ def cuda():
     if not path:
         from build_kernels import build
 
-        path = build(asan="libasan" in os.environ.get("LD_PRELOAD", ""))
+        path = build("asan" if "libasan" in os.environ.get("LD_PRELOAD", "") else "race")
     return EmulatedKernels(path)
 
 
@@ -145,6 +164,24 @@ def test_emulator_shuffle_down_is_the_hardwares(cuda, delta):
     lane = torch.arange(threads) % 32
     expected = torch.where(lane + delta < 32, x[(torch.arange(threads) + delta).clamp(max=threads - 1)], x)
     exact(out, expected)
+
+
+def test_race_detector_reports_what_races_on_a_gpu(cuda):
+    # Only the race-detecting build (build_kernels.py race) sees memory accesses.
+    if not cuda.race_detecting:
+        pytest.skip("the AddressSanitizer build: races are checked by the race-detecting build")
+    counter = torch.zeros(1, dtype=torch.int32)
+    assert cuda.lib.emu_selftest_unsynchronized_increment(P(counter.data_ptr()), 32) == 719
+    assert "data race" in cuda.failure() and "global memory" in cuda.failure()
+    out = torch.zeros(64, dtype=torch.int32)
+    assert cuda.lib.emu_selftest_read_unwritten_shared(P(out.data_ptr())) == 719
+    assert "__shared__ memory no thread of this block has written" in cuda.failure()
+    assert "selftest.cu" in cuda.failure() or not shutil.which("addr2line")
+    assert cuda.lib.emu_selftest_blocks_write_one_place(P(out.data_ptr()), 3) == 719
+    assert "block 0" in cuda.failure() and "block 1" in cuda.failure()
+    # one thread, one block: nothing to race with
+    assert cuda.lib.emu_selftest_unsynchronized_increment(P(counter.data_ptr()), 1) == 0
+    assert cuda.lib.emu_selftest_blocks_write_one_place(P(out.data_ptr()), 1) == 0
 
 
 def test_emulator_reports_what_a_gpu_leaves_undefined(cuda):
@@ -297,6 +334,23 @@ def test_mse_loss_without_the_gradient(cuda, reduction):
     assert_close(loss, F.mse_loss(x.double(), t.double(), reduction=reduction), torch.float32)
 
 
+@pytest.mark.parametrize("which", ["input", "target", "grad", "loss"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mse_loss_any_misaligned_pointer_takes_the_element_path(cuda, dtype, which):
+    # Each pointer off 16 bytes alone: the element path (UBSan stops a vector access to a
+    # misaligned address), with the same values as the aligned call.
+    n = 1001
+    x, t = rand(n, dtype=dtype), rand(n, dtype=dtype)
+    outputs = {}
+    for off in (False, True):
+        place = (lambda name, v: misaligned(v) if off and name == which else v)  # noqa: E731
+        grad, loss = place("grad", torch.zeros(n, dtype=dtype)), place("loss", torch.zeros(n, dtype=dtype))
+        cuda.mse_loss(place("input", x), place("target", t), grad, loss, 2.0, "none")
+        outputs[off] = (grad, loss)
+    exact(outputs[True][0], outputs[False][0])
+    exact(outputs[True][1], outputs[False][1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_mse_loss_same_bits_misaligned_and_aligned(cuda, dtype):
     # The vector and the element-by-element paths add in the same order.
@@ -304,8 +358,6 @@ def test_mse_loss_same_bits_misaligned_and_aligned(cuda, dtype):
     _, aligned_loss = run_mse(cuda, x, t, "sum")
     _, misaligned_loss = run_mse(cuda, misaligned(x), misaligned(t), "sum")
     exact(misaligned_loss, aligned_loss)
-    _, again = run_mse(cuda, x, t, "sum")
-    exact(again, aligned_loss)
 
 
 # ------------------------------------------------------------------ Adam
@@ -321,33 +373,31 @@ def flag_id(f):
 
 
 def run_adam(cuda, dtype, flags, *, state_dtype=None, shapes=ADAM_SHAPES, steps=3, step_kind="host",
-             align=True, shared_step=False):
-    """Our kernel and a float64 torch.optim.Adam(W) on the same start and gradients."""
+             misalign=(), shared_step=False, grad_scale=1.0, shrink=1.0, hyper=HYPER):
+    """Our kernel and a float64 torch.optim.Adam(W) on the same start and gradients.
+    misalign: which of param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq to place off 16 bytes."""
     state_dtype = state_dtype or dtype
-    params = [rand(*s, dtype=dtype) for s in shapes]
-    if not align:
-        params = [misaligned(p) for p in params]
+    place = lambda name, ts: [misaligned(t) for t in ts] if name in misalign else ts  # noqa: E731
+    params = place("param", [rand(*s, dtype=dtype) for s in shapes])
     ref = [p.detach().double().clone().requires_grad_() for p in params]
     opt_cls = torch.optim.AdamW if flags["decoupled"] else torch.optim.Adam
-    ref_opt = opt_cls(ref, lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]), eps=HYPER["eps"],
+    ref_opt = opt_cls(ref, lr=hyper["lr"], betas=(hyper["beta1"], hyper["beta2"]), eps=hyper["eps"],
                       weight_decay=flags["weight_decay"], amsgrad=flags["amsgrad"], maximize=flags["maximize"],
                       foreach=False)
-    zeros = lambda: [torch.zeros(p.shape, dtype=state_dtype) for p in params]  # noqa: E731
-    m, v, vmax = zeros(), zeros(), zeros()
+    zeros = lambda name: place(name, [torch.zeros(p.shape, dtype=state_dtype) for p in params])  # noqa: E731
+    m, v, vmax = zeros("exp_avg"), zeros("exp_avg_sq"), zeros("max_exp_avg_sq")
     if step_kind == "host":
         counters = [0.0] * len(params)
     else:
         one = torch.zeros((), dtype=torch.float32 if step_kind == "device-f32" else torch.float64)
         counters = [one] * len(params) if shared_step else [one.clone() for _ in params]
-    for _ in range(steps):
-        grads = [rand(*s, dtype=dtype) for s in shapes]
-        if not align:
-            grads = [misaligned(g) for g in grads]
+    for step in range(steps):
+        grads = place("grad", [rand(*s, dtype=dtype, scale=grad_scale * shrink**step) for s in shapes])
         for q, g in zip(ref, grads):
             q.grad = g.double()
         if step_kind == "host":
             counters = [c + 1 for c in counters]
-        cuda.adam(params, grads, m, v, vmax, counters, **HYPER, **flags)
+        cuda.adam(params, grads, m, v, vmax, counters, **hyper, **flags)
         ref_opt.step()
     return params, ref, counters, (m, v, vmax)
 
@@ -378,17 +428,66 @@ def test_adam_float32_state_for_16_bit_params(cuda, dtype):
         assert_close(p, q.detach(), dtype)
 
 
-@pytest.mark.parametrize("flags", [FLAGS[0], FLAGS[-1]], ids=["plain", "all-flags"])
+@pytest.mark.parametrize("misalign", ["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_adam_misaligned_tensors_take_the_element_path_with_the_same_result(cuda, dtype, flags):
+def test_adam_a_misaligned_tensor_takes_the_element_path_with_the_same_result(cuda, dtype, misalign):
+    # Any one pointer off 16 bytes sends its tensor down the element path (UBSan stops a
+    # vector access to a misaligned address), with the vector path's bits.
+    flags = FLAGS[-1]  # amsgrad: max_exp_avg_sq in use
+    state = torch.float32 if dtype == torch.bfloat16 else None
     torch.manual_seed(1)
-    aligned = run_adam(cuda, dtype, flags)
+    aligned = run_adam(cuda, dtype, flags, state_dtype=state)
     torch.manual_seed(1)
-    unaligned = run_adam(cuda, dtype, flags, align=False)
-    for a, b in zip(aligned[0], unaligned[0]):
+    unaligned = run_adam(cuda, dtype, flags, state_dtype=state, misalign=(misalign,))
+    for a, b in zip(aligned[0] + list(itertools.chain(*aligned[3])), unaligned[0] + list(itertools.chain(*unaligned[3]))):
         exact(b, a)
-    for q in unaligned[1]:
-        assert q.grad is not None
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_small_and_shrinking_gradients(cuda, amsgrad):
+    # Gradients of 1e-6 shrinking tenfold each step: eps is a tenth of sqrt(v) and more, and
+    # with beta2 = 0.5 v halves each step, so amsgrad's running maximum stays well above it:
+    # both change the update visibly.
+    flags = dict(amsgrad=amsgrad, maximize=False, weight_decay=0.0, decoupled=False)
+    ours, ref, _, _ = run_adam(cuda, torch.float32, flags, grad_scale=1e-6, shrink=0.1, steps=4,
+                               hyper=dict(HYPER, beta2=0.5))
+    for p, q in zip(ours, ref):
+        assert_close(p, q.detach(), torch.float32)
+
+
+@pytest.mark.parametrize("flags", [FLAGS[0], FLAGS[-1]], ids=["plain", "all-flags"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_adam_16_bit_params_match_the_cpu_op_within_one_rounding(cuda, dtype, flags):
+    # The float64 reference's tolerance for 16-bit params (3e-2) is as large as three steps'
+    # movement; the CPU op does the same arithmetic and rounds the same way: within an ulp.
+    from aiaas_fast.ops import adam_
+
+    shapes = [(20, 10), (4099,), ()]
+    params = [rand(*s, dtype=dtype) for s in shapes]
+    cpu = [p.clone() for p in params]
+    state = lambda: [torch.zeros(p.shape, dtype=dtype) for p in params]  # noqa: E731 (the CPU op's: the params')
+    ours_state, cpu_state = (state(), state(), state()), (state(), state(), state())
+    cpu_steps = [torch.zeros(()) for _ in params]
+    for step in range(3):
+        grads = [rand(*s, dtype=dtype) for s in shapes]
+        cuda.adam(params, grads, *ours_state, [step + 1.0] * len(params), **HYPER, **flags)
+        adam_(cpu, grads, cpu_state[0], cpu_state[1], cpu_state[2] if flags["amsgrad"] else [], cpu_steps,
+              lr=HYPER["lr"], beta1=HYPER["beta1"], beta2=HYPER["beta2"], eps=HYPER["eps"],
+              weight_decay=flags["weight_decay"], amsgrad=flags["amsgrad"], maximize=flags["maximize"],
+              decoupled_weight_decay=flags["decoupled"])
+    for a, b in zip(params, cpu):
+        torch.testing.assert_close(a, b, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps * 1e-3)
+
+
+def test_relu_grad_tiles_a_grid_taller_than_65535_blocks(cuda, monkeypatch):
+    # Past 65535 x 256 rows the row tiles grow, so the grid's y stays in range. Checked as a
+    # dry run (each launch's configuration checked, nothing run: 16.8M rows would take long).
+    rows = 65535 * 256 + 1
+    g = torch.empty(rows, 1)
+    monkeypatch.setenv("AIAAS_FAST_EMULATOR_DRY_RUN", "1")
+    cuda.relu_grad(g, g, None, torch.empty(1))
+    with pytest.raises(RuntimeError, match="launch configuration out of range"):  # still checked
+        cuda._check(cuda.lib.emu_selftest_mirror(P(0), 1, 4096), "mirror")
 
 
 def test_adam_more_tensors_than_one_table(cuda):

@@ -80,7 +80,7 @@ enum class State { ready, waiting, done };
 
 struct Fiber {
   ucontext_t context;
-  std::unique_ptr<char[]> stack{new char[kStackBytes]};
+  char* stack = nullptr;  // kStackBytes of the launch's stacks
   unsigned id = 0;
   State state = State::ready;
 };
@@ -98,8 +98,11 @@ struct Block {
   void* scheduler_fake_stack = nullptr;
   const void* scheduler_stack = nullptr;
   size_t scheduler_stack_size = 0;
+  std::unique_ptr<char[]> stacks;  // every fiber's, in one piece: the race detector skips them
   std::vector<Fiber> fibers;
   Fiber* current = nullptr;
+  unsigned linear_block = 0;
+  uint64_t epoch = 0;  // __syncthreads passed in this block: what orders its threads' accesses
   Barrier sync;
   std::vector<Warp> warps;
   const std::function<void()>* body = nullptr;
@@ -111,6 +114,7 @@ void open(Barrier& b) {
   for (Fiber* f : b.waiters) f->state = State::ready;
   b.waiters.clear();
   b.arrived = 0;
+  if (block && &b == &block->sync) ++block->epoch;
 }
 
 void break_barrier(Barrier& b, const char* why) {
@@ -175,6 +179,14 @@ struct Schedule {
       record(cudaErrorInvalidValue, "AIAAS_FAST_EMULATOR_SCHEDULE: forward, reverse or random:SEED, not " + s);
     }
   }
+  // The order of a launch's blocks: as the grid lists them, reversed, or shuffled.
+  std::vector<unsigned> blocks(unsigned count) {
+    std::vector<unsigned> order(count);
+    for (unsigned i = 0; i < count; ++i) order[i] = i;
+    if (kind == reverse) std::reverse(order.begin(), order.end());
+    if (kind == random) std::shuffle(order.begin(), order.end(), rng);
+    return order;
+  }
   void next_pass(std::vector<unsigned>& order) {
     std::sort(order.begin(), order.end());
     if (kind == reverse) std::reverse(order.begin(), order.end());
@@ -200,16 +212,21 @@ void exchange_warp(const void* mine, void* lanes, size_t bytes, unsigned mask) {
   wait(warp.barrier);  // nobody writes the next exchange before every lane has read this one
 }
 
-void execute(dim3 grid, dim3 block_dim, size_t shared_bytes, size_t argument_bytes,
+void execute(dim3 grid, dim3 block_dim, size_t shared_bytes, size_t argument_bytes, unsigned max_threads,
              const std::function<void()>& body) {
   const uint64_t threads = uint64_t(block_dim.x) * block_dim.y * block_dim.z;
+  const std::string config = "grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+                             std::to_string(grid.z) + "), block (" + std::to_string(block_dim.x) + ", " +
+                             std::to_string(block_dim.y) + ", " + std::to_string(block_dim.z) + ")";
   if (grid.x < 1 || grid.x > 0x7fffffffu || grid.y < 1 || grid.y > 65535 || grid.z < 1 || grid.z > 65535 ||
       block_dim.x < 1 || block_dim.x > 1024 || block_dim.y < 1 || block_dim.y > 1024 || block_dim.z < 1 ||
       block_dim.z > 64 || threads > 1024) {
-    record(cudaErrorInvalidConfiguration,
-           "launch configuration out of range: grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
-               std::to_string(grid.z) + "), block (" + std::to_string(block_dim.x) + ", " +
-               std::to_string(block_dim.y) + ", " + std::to_string(block_dim.z) + ")");
+    record(cudaErrorInvalidConfiguration, "launch configuration out of range: " + config);
+    return;
+  }
+  if (max_threads != 0 && threads > max_threads) {
+    record(cudaErrorInvalidConfiguration, "launch of " + config + ": more threads than the kernel's __launch_bounds__ (" +
+                                              std::to_string(max_threads) + ")");
     return;
   }
   if (shared_bytes != 0) {
@@ -220,62 +237,75 @@ void execute(dim3 grid, dim3 block_dim, size_t shared_bytes, size_t argument_byt
     record(cudaErrorInvalidValue, "kernel arguments of " + std::to_string(argument_bytes) + " bytes (over 4 KiB)");
     return;
   }
+  const char* dry = std::getenv("AIAAS_FAST_EMULATOR_DRY_RUN");
+  if (dry && *dry && std::string(dry) != "0") return;  // the configuration checked, nothing run
   Schedule schedule;
   std::vector<unsigned> order(threads);
   for (unsigned id = 0; id < threads; ++id) order[id] = id;
   Block blk;
   blk.body = &body;
+  blk.stacks.reset(new char[threads * kStackBytes]);
   blk.fibers = std::vector<Fiber>(threads);
+  for (unsigned id = 0; id < threads; ++id) blk.fibers[id].stack = blk.stacks.get() + id * kStackBytes;
   blk.warps = std::vector<Warp>((threads + 31) / 32);
   Block* outer = block;
   block = &blk;
   blockDim = block_dim;
   gridDim = grid;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = make_uint3(x, y, z);
-        blk.sync.reset(int(threads), "__syncthreads");
-        for (size_t w = 0; w < blk.warps.size(); ++w) {
-          blk.warps[w].size = int(std::min<uint64_t>(32, threads - w * 32));
-          blk.warps[w].barrier.reset(blk.warps[w].size, "a warp shuffle");
-        }
-        for (unsigned id = 0; id < threads; ++id) {
-          Fiber& f = blk.fibers[id];
-          f.id = id;
-          f.state = State::ready;
-          unpoison(f.stack.get(), kStackBytes);  // frames a fiber of the last block never returned from
-          getcontext(&f.context);
-          f.context.uc_stack.ss_sp = f.stack.get();
-          f.context.uc_stack.ss_size = kStackBytes;
-          f.context.uc_link = nullptr;
-          makecontext(&f.context, fiber_main, 0);
-        }
-        for (size_t finished = 0; finished < threads;) {
-          bool ran = false;
-          finished = 0;
-          schedule.next_pass(order);
-          for (unsigned id : order) {
-            Fiber& f = blk.fibers[id];
-            if (f.state == State::done) ++finished;
-            if (f.state != State::ready) continue;
-            ran = true;
-            blk.current = &f;
-            threadIdx = make_uint3(f.id % block_dim.x, f.id / block_dim.x % block_dim.y,
-                                   f.id / (block_dim.x * block_dim.y));
-            start_switch(&blk.scheduler_fake_stack, f.stack.get(), kStackBytes);
-            swapcontext(&blk.scheduler, &f.context);
-            finish_switch(blk.scheduler_fake_stack, nullptr, nullptr);
-          }
-          if (!ran && finished < threads) {  // every thread left waits, at barriers that cannot all open
-            record(cudaErrorLaunchFailure, "threads of one block wait at different barriers (a deadlock on a GPU)");
-            break_barrier(blk.sync, "deadlocked");
-            for (Warp& w : blk.warps) break_barrier(w.barrier, "deadlocked");
-          }
-        }
+  race_launch_begins(blk.stacks.get(), threads * kStackBytes);
+  for (unsigned linear : schedule.blocks(grid.x * grid.y * grid.z)) {
+    blk.linear_block = linear;
+    blk.epoch = 0;
+    blockIdx = make_uint3(linear % grid.x, linear / grid.x % grid.y, linear / (grid.x * grid.y));
+    blk.sync.reset(int(threads), "__syncthreads");
+    for (size_t w = 0; w < blk.warps.size(); ++w) {
+      blk.warps[w].size = int(std::min<uint64_t>(32, threads - w * 32));
+      blk.warps[w].barrier.reset(blk.warps[w].size, "a warp shuffle");
+    }
+    for (unsigned id = 0; id < threads; ++id) {
+      Fiber& f = blk.fibers[id];
+      f.id = id;
+      f.state = State::ready;
+      unpoison(f.stack, kStackBytes);  // frames a fiber of the last block never returned from
+      getcontext(&f.context);
+      f.context.uc_stack.ss_sp = f.stack;
+      f.context.uc_stack.ss_size = kStackBytes;
+      f.context.uc_link = nullptr;
+      makecontext(&f.context, fiber_main, 0);
+    }
+    for (size_t finished = 0; finished < threads;) {
+      bool ran = false;
+      finished = 0;
+      schedule.next_pass(order);
+      for (unsigned id : order) {
+        Fiber& f = blk.fibers[id];
+        if (f.state == State::done) ++finished;
+        if (f.state != State::ready) continue;
+        ran = true;
+        blk.current = &f;
+        threadIdx = make_uint3(f.id % block_dim.x, f.id / block_dim.x % block_dim.y, f.id / (block_dim.x * block_dim.y));
+        start_switch(&blk.scheduler_fake_stack, f.stack, kStackBytes);
+        swapcontext(&blk.scheduler, &f.context);
+        finish_switch(blk.scheduler_fake_stack, nullptr, nullptr);
       }
+      if (!ran && finished < threads) {  // every thread left waits, at barriers that cannot all open
+        record(cudaErrorLaunchFailure, "threads of one block wait at different barriers (a deadlock on a GPU)");
+        break_barrier(blk.sync, "deadlocked");
+        for (Warp& w : blk.warps) break_barrier(w.barrier, "deadlocked");
+      }
+    }
+  }
+  blk.current = nullptr;
   block = outer;
 }
+
+bool in_thread(Where& where) {
+  if (!block || !block->current) return false;
+  where = Where{block->linear_block, block->current->id, block->epoch};
+  return true;
+}
+
+void report(cudaError_t code, const std::string& what) { record(code, what); }
 
 }  // namespace emu
 

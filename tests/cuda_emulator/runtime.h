@@ -6,13 +6,17 @@
 // stream).run(kernel, args)`.
 //
 // The threads of a block are fibers on the launching thread, each running until it waits at
-// a barrier or returns; the blocks of a launch run one after the other. __shared__ variables
-// are `static`: one copy for the whole launch, as blocks never overlap. __syncthreads and the warp shuffles are barriers over the block's (the warp's)
-// threads. What a GPU would refuse or leave undefined is reported as the launch's error
-// (cudaGetLastError), never a hang: a bad launch configuration, a kernel argument list over
-// 4 KiB, a barrier that some thread of the block (or warp) will never reach because it has
-// returned, a shuffle whose mask is not the warp's full set of lanes. Built with
-// AddressSanitizer, a read or write outside a buffer stops the test with its place.
+// a barrier or returns; the blocks of a launch run one after the other (in an order that
+// AIAAS_FAST_EMULATOR_SCHEDULE can reverse or shuffle, as it can the threads').
+// __shared__ variables are `static`: one copy for the whole launch, as blocks never overlap.
+// __syncthreads and the warp shuffles are barriers over the block's (the warp's) threads.
+// What a GPU would refuse or leave undefined is reported as the launch's error
+// (cudaGetLastError), never a hang: a bad launch configuration or one over the kernel's
+// __launch_bounds__, a kernel argument list over 4 KiB, a barrier that some thread of the
+// block (or warp) will never reach because it has returned, a shuffle whose mask is not the
+// warp's full set of lanes. Built with AddressSanitizer, a read or write outside a buffer
+// stops the test with its place; built for race detection (race.cpp), so does a data race.
+// AIAAS_FAST_EMULATOR_DRY_RUN=1 checks each launch's configuration and runs nothing.
 //
 // Tensor cores, CUTLASS and the rest of CUDA are not emulated: a kernel file that uses them
 // does not compile here, which is how we know what this covers.
@@ -30,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -55,20 +60,39 @@ void fail(const char* what);
 void sync_block();                                  // __syncthreads
 void exchange_warp(const void* mine, void* lanes, size_t bytes, unsigned mask);  // all lanes' values
 
-// Runs body once per thread of every block of a grid; checks the configuration first.
-void execute(dim3 grid, dim3 block, size_t shared_bytes, size_t argument_bytes, const std::function<void()>& body);
+// Runs body once per thread of every block of a grid; checks the configuration first
+// (max_threads: the kernel's __launch_bounds__, 0 for none).
+void execute(dim3 grid, dim3 block, size_t shared_bytes, size_t argument_bytes, unsigned max_threads,
+             const std::function<void()>& body);
+
+// Where the running kernel code is: block (linear), thread (linear) and how many __syncthreads
+// the block has passed. False outside a kernel's thread.
+struct Where {
+  unsigned block, thread;
+  uint64_t epoch;
+};
+bool in_thread(Where& where);
+void report(cudaError_t code, const std::string& what);
+// race.cpp: a launch starts (the accesses of earlier launches are ordered before it).
+void race_launch_begins(const char* stacks, size_t stack_bytes);
 
 struct Launch {
   dim3 grid, block;
   size_t shared_bytes;
+  unsigned max_threads = 0;
   Launch(dim3 g, dim3 b, size_t smem = 0, cudaStream_t = nullptr) : grid(g), block(b), shared_bytes(smem) {}
+  // The kernel's __launch_bounds__ (build_kernels.py adds the call where the kernel has them).
+  Launch& bounds(unsigned threads) {
+    max_threads = threads;
+    return *this;
+  }
 
   template <typename... P, typename... A>
   void run(void (*kernel)(P...), A&&... args) {
     static_assert(sizeof...(P) == sizeof...(A), "a kernel launched with the wrong number of arguments");
     // CUDA copies the arguments once, converted to the parameters' types; each thread reads the copy.
     const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
-    execute(grid, block, shared_bytes, (0 + ... + sizeof(P)), [&] { std::apply(kernel, params); });
+    execute(grid, block, shared_bytes, sizeof(params), max_threads, [&] { std::apply(kernel, params); });
   }
 };
 
@@ -89,9 +113,10 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
   return value;
 }
 
-// Atomic as it stands: a fiber is never interrupted between its read and its write.
+// Atomic as it stands: a fiber is never interrupted between its read and its write. Not
+// instrumented in the race-detecting build: atomics do not race.
 template <typename T>
-T atomicAdd(T* address, T value) {
+__attribute__((no_sanitize_thread)) T atomicAdd(T* address, T value) {
   const T old = *address;
   *address = old + value;
   return old;

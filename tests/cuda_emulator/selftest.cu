@@ -47,3 +47,48 @@ int emu_selftest_return_before_barrier(int* out) {
 }
 
 }  // extern "C"
+
+// For the race-detecting build (race.cpp): each is wrong on a GPU, and must be reported.
+namespace {
+
+__global__ void unsynchronized_increment(int* counter) { *counter += 1; }  // lost updates: not atomicAdd
+
+__global__ void read_unwritten_shared(int* out) {
+  __shared__ int s[64];
+  if (threadIdx.x > 0) s[threadIdx.x] = int(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = s[(threadIdx.x + 63) % 64];  // thread 1 reads s[0], which nobody wrote
+}
+
+__global__ void blocks_write_one_place(int* out) {
+  if (threadIdx.x == 0) out[0] = int(blockIdx.x);  // blocks are not ordered: the last wins, any of them
+}
+
+}  // namespace
+
+extern "C" {
+
+int emu_selftest_race_detecting() {
+#if defined(__SANITIZE_THREAD__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+int emu_selftest_unsynchronized_increment(int* counter, unsigned threads) {
+  unsynchronized_increment<<<1, threads>>>(counter);
+  return cudaGetLastError();
+}
+
+int emu_selftest_read_unwritten_shared(int* out) {
+  read_unwritten_shared<<<1, 64>>>(out);
+  return cudaGetLastError();
+}
+
+int emu_selftest_blocks_write_one_place(int* out, unsigned blocks) {
+  blocks_write_one_place<<<blocks, 32>>>(out);
+  return cudaGetLastError();
+}
+
+}  // extern "C"

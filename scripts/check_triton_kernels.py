@@ -13,8 +13,10 @@ not compile.
 
 ``--quick``: one configuration per variant (what the test suite runs). ``--registers``:
 also each kernel's registers and spills, from ptxas -v (Triton's own ptxas). Every line
-gives the kernel's shared memory; a kernel that needs more than the architecture has
-fails, unless it is one configuration of an autotuned kernel (autotuning skips those).
+gives the kernel's shared memory and its tensor-core instructions (tc=wgmma, mma or none, from
+the PTX); a kernel that needs more shared memory than the architecture has fails, unless it is
+one configuration of an autotuned kernel (autotuning skips those), and so does a 16-bit or TF32
+product without tensor-core instructions, or a Hopper tile of 64 rows or more without wgmma.
 Compiled kernels land in Triton's cache, so a second run of unchanged kernels takes seconds.
 """
 from __future__ import annotations
@@ -212,7 +214,17 @@ def compile_case(case: Case, registers: bool = False) -> tuple:
         if not compiled.asm.get("cubin"):
             raise RuntimeError("no cubin produced")
         shared = compiled.metadata.shared
-        details = f"smem={shared / 1024:.0f}KB"
+        ptx = compiled.asm.get("ptx", "")
+        cores = "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else "none"
+        details = f"smem={shared / 1024:.0f}KB tc={cores}"
+        # A product of 16-bit or TF32 inputs must run on tensor cores, and on Hopper a tile of 64
+        # rows or more on wgmma (Triton's MMAv3): mma.sync there would halve the ceiling.
+        product = case.kernel == "_mlp_kernel" or (case.kernel == "_matmul_kernel" and case.consts["WRITE_C"])
+        if product and case.consts["PRECISION"] == "tf32":
+            if cores == "none":
+                raise RuntimeError("a 16-bit/TF32 product compiled without tensor-core instructions")
+            if case.arch == 90 and case.kernel == "_matmul_kernel" and case.consts["BLOCK_M"] >= 64 and cores != "wgmma":
+                raise RuntimeError(f"a {case.consts['BLOCK_M']}-row tile on sm_90 compiled to {cores}, not wgmma")
         if registers:
             details += _ptxas_info(compiled.asm["ptx"], case.arch)
         if shared > SHARED_LIMIT[case.arch] and not case.autotuned:

@@ -93,3 +93,16 @@ def test_the_sanitizer_stops_a_kernel_writing_past_its_buffer():
                           timeout=300, check=False)
     assert proc.returncode != 0
     assert "heap-buffer-overflow" in proc.stderr and "csrc/kernels/cuda/linear_relu.cu" in proc.stderr, proc.stderr[-5000:]
+
+
+def test_host_code_reading_device_memory_is_stopped():
+    # In the race-detecting build the launchers run with device memory closed to the host: a
+    # launcher reading a device pointer (a GPU would crash or read garbage) stops the process.
+    lib = build.build("race")
+    code = (f"import ctypes; lib = ctypes.CDLL({lib!r}); lib.emu_device_alloc.restype = ctypes.c_void_p; "
+            "p = lib.emu_device_alloc(ctypes.c_size_t(64)); lib.emu_host_side(1); "
+            "lib.emu_selftest_host_reads(ctypes.c_void_p(p))")
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(lib, False), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 70, proc.stderr[-3000:]
+    assert "host code read or wrote device memory" in proc.stderr

@@ -127,7 +127,7 @@ def build(mode: str = "asan", out_dir: Optional[str] = None) -> str:
     work = tempfile.mkdtemp(prefix="building-", dir=os.path.dirname(out_dir))
     try:
         procs = []
-        for source in SOURCES + [os.path.join(HERE, n) for n in ("runtime.cpp", "api.cpp", "race.cpp")]:
+        for source in SOURCES + [os.path.join(HERE, n) for n in ("runtime.cpp", "api.cpp", "race.cpp", "device_memory.cpp")]:
             kernel = source in SOURCES
             unit = os.path.join(work, os.path.basename(source).replace(".cu", ".emulated.cpp"))
             if kernel:

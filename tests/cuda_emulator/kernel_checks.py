@@ -50,7 +50,12 @@ class EmulatedKernels:
         pp = ctypes.POINTER(P)
         lib.emu_adam.argtypes = ([ctypes.c_int, ctypes.c_int, I64] + [pp] * 5 + [ctypes.POINTER(I64), pp, pp,
                                  ctypes.POINTER(ctypes.c_double)] + [ctypes.c_double] * 5 + [ctypes.c_int] * 3)
+        lib.emu_device_alloc.restype = P
+        lib.emu_device_alloc.argtypes = [ctypes.c_size_t]
+        lib.emu_device_free.argtypes = [P]
+        lib.emu_host_side.argtypes = [ctypes.c_int]
         self.lib = lib
+        self.device_memory = self.race_detecting
         self.adam_max_tensors = lib.emu_adam_max_tensors()
         self.adam_max_blocks = lib.emu_adam_max_blocks()
 
@@ -74,42 +79,89 @@ class EmulatedKernels:
                 text += f" = {line[0]} at {line[1]}"
         return text
 
+    def _args(self):
+        return DeviceArgs(self.lib) if self.device_memory else HostArgs()
+
     def bias_relu(self, out, bias):
         rows, cols = out.shape
-        self._check(self.lib.emu_bias_relu(DTYPE_CODE[out.dtype], ptr(out), ptr(bias), rows, cols), "bias_relu")
+        a = self._args()
+        self._check(a.call(self.lib.emu_bias_relu, DTYPE_CODE[out.dtype], a.ptr(out), a.ptr(bias), rows, cols),
+                    "bias_relu")
 
     def relu_grad(self, g, out, gm, grad_bias):
         rows, cols = g.shape
         ws = workspace(self.lib.emu_relu_grad_workspace_bytes(DTYPE_CODE[g.dtype], rows, cols))
-        self._check(self.lib.emu_relu_grad(DTYPE_CODE[g.dtype], ptr(g), ptr(out), ptr(gm), ptr(grad_bias), ptr(ws),
-                                           rows, cols), "relu_grad")
+        a = self._args()
+        self._check(a.call(self.lib.emu_relu_grad, DTYPE_CODE[g.dtype], a.ptr(g), a.ptr(out), a.ptr(gm),
+                           a.ptr(grad_bias), a.ptr(ws), rows, cols), "relu_grad")
 
     def mse_loss(self, x, t, grad, loss, grad_scale, reduction):
         n = x.numel()
         ws = workspace(self.lib.emu_mse_loss_workspace_bytes(n))
-        self._check(self.lib.emu_mse_loss(DTYPE_CODE[x.dtype], ptr(x), ptr(t), ptr(grad), ptr(loss), ptr(ws),
-                                          grad_scale, REDUCTION_CODE[reduction], n), "mse_loss")
+        a = self._args()
+        self._check(a.call(self.lib.emu_mse_loss, DTYPE_CODE[x.dtype], a.ptr(x), a.ptr(t), a.ptr(grad), a.ptr(loss),
+                           a.ptr(ws), grad_scale, REDUCTION_CODE[reduction], n), "mse_loss")
 
     def adam(self, params, grads, m, v, vmax, steps, *, lr, beta1, beta2, eps, weight_decay=0.0, decoupled=False,
              amsgrad=False, maximize=False):
         """steps: per tensor, a 0-dim float32/float64 tensor (a device step the kernel
         increments) or a float (a host step, already incremented)."""
         count = len(params)
-        arr = lambda ts: (P * max(count, 1))(*[ptr(t) for t in ts])  # noqa: E731
-        f32 = [ptr(s) if torch.is_tensor(s) and s.dtype == torch.float32 else None for s in steps]
-        f64 = [ptr(s) if torch.is_tensor(s) and s.dtype == torch.float64 else None for s in steps]
+        a = self._args()
+        arr = lambda ts: (P * max(count, 1))(*[a.ptr(t) for t in ts])  # noqa: E731
+        f32 = [a.ptr(s) if torch.is_tensor(s) and s.dtype == torch.float32 else None for s in steps]
+        f64 = [a.ptr(s) if torch.is_tensor(s) and s.dtype == torch.float64 else None for s in steps]
         host = [0.0 if torch.is_tensor(s) else float(s) for s in steps]
         mode = "none" if weight_decay == 0 else "decoupled" if decoupled else "l2"
         state_dtype = m[0].dtype if m else params[0].dtype
-        self._check(self.lib.emu_adam(
+        self._check(a.call(
+            self.lib.emu_adam,
             DTYPE_CODE[params[0].dtype], DTYPE_CODE[state_dtype], count, arr(params), arr(grads), arr(m), arr(v),
             arr(vmax if amsgrad else [None] * count), (I64 * max(count, 1))(*[p.numel() for p in params]),
             (P * max(count, 1))(*f32), (P * max(count, 1))(*f64), (ctypes.c_double * max(count, 1))(*host),
             lr, beta1, beta2, weight_decay, eps, WD_CODE[mode], int(amsgrad), int(maximize)), "adam")
 
 
-def ptr(t):
-    return None if t is None else t.data_ptr()
+class HostArgs:
+    """The tensors' own memory (the AddressSanitizer build: its redzones guard the buffers)."""
+
+    def ptr(self, t):
+        return None if t is None else t.data_ptr()
+
+    def call(self, fn, *args):
+        return fn(*args)
+
+
+class DeviceArgs(HostArgs):
+    """The race-detecting build: each tensor copied into emulated device memory (at the same
+    offset from 16 bytes, so alignment is kept; one copy per tensor, so a shared step stays
+    shared), which host code cannot touch while the launcher runs: a launcher reading a
+    device pointer on the host segfaults, as on a GPU. Copied back after the call."""
+
+    def __init__(self, lib):
+        self.lib, self.copies = lib, {}
+
+    def ptr(self, t):
+        if t is None or t.numel() == 0:
+            return super().ptr(t)
+        key = t.data_ptr()
+        if key not in self.copies:
+            n = t.numel() * t.element_size()
+            base = self.lib.emu_device_alloc(n + 16)
+            dev = base + key % 16
+            ctypes.memmove(dev, key, n)
+            self.copies[key] = (dev, n, base)
+        return self.copies[key][0]
+
+    def call(self, fn, *args):
+        self.lib.emu_host_side(1)
+        try:
+            return fn(*args)
+        finally:
+            self.lib.emu_host_side(0)
+            for key, (dev, n, base) in self.copies.items():
+                ctypes.memmove(key, dev, n)
+                self.lib.emu_device_free(base)
 
 
 def workspace(nbytes):

@@ -253,6 +253,7 @@ void execute(dim3 grid, dim3 block_dim, size_t shared_bytes, size_t argument_byt
   blockDim = block_dim;
   gridDim = grid;
   race_launch_begins(blk.stacks.get(), threads * kStackBytes);
+  device_memory_for_kernels(true);
   for (unsigned linear : schedule.blocks(grid.x * grid.y * grid.z)) {
     blk.linear_block = linear;
     blk.epoch = 0;
@@ -295,6 +296,7 @@ void execute(dim3 grid, dim3 block_dim, size_t shared_bytes, size_t argument_byt
       }
     }
   }
+  device_memory_for_kernels(false);
   blk.current = nullptr;
   block = outer;
 }

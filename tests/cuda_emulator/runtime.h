@@ -15,7 +15,8 @@
 // __launch_bounds__, a kernel argument list over 4 KiB, a barrier that some thread of the
 // block (or warp) will never reach because it has returned, a shuffle whose mask is not the
 // warp's full set of lanes. Built with AddressSanitizer, a read or write outside a buffer
-// stops the test with its place; built for race detection (race.cpp), so does a data race.
+// stops the test with its place; built for race detection (race.cpp), so does a data race,
+// and host code touching device memory (device_memory.cpp) outside a kernel.
 // AIAAS_FAST_EMULATOR_DRY_RUN=1 checks each launch's configuration and runs nothing.
 //
 // Tensor cores, CUTLASS and the rest of CUDA are not emulated: a kernel file that uses them
@@ -73,6 +74,8 @@ struct Where {
 };
 bool in_thread(Where& where);
 void report(cudaError_t code, const std::string& what);
+// device_memory.cpp: kernels start (true) or have finished (false) running.
+void device_memory_for_kernels(bool kernels_running);
 // race.cpp: a launch starts (the accesses of earlier launches are ordered before it).
 void race_launch_begins(const char* stacks, size_t stack_bytes);
 

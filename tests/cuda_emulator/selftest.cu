@@ -92,3 +92,11 @@ int emu_selftest_blocks_write_one_place(int* out, unsigned blocks) {
 }
 
 }  // extern "C"
+
+extern "C" {
+
+// Host code reading through a device pointer (a launcher bug): the race-detecting build's
+// device memory stops it (device_memory.cpp).
+int emu_selftest_host_reads(const float* device) { return int(*device); }
+
+}  // extern "C"

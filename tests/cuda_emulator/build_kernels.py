@@ -146,7 +146,10 @@ def build(mode: str = "asan", out_dir: Optional[str] = None) -> str:
                 failures.append(f"{unit}:\n{log}")
         if failures:
             raise RuntimeError("the emulated kernels did not compile:\n" + "\n".join(failures))
-        link = subprocess.run(cxx + flags + every_unit + ["-shared", "-o", os.path.join(work, os.path.basename(lib))] +
+        # -Bsymbolic: the library's own cudaGetLastError (runtime.cpp), even in a process where a
+        # CUDA build of torch has loaded the real libcudart first.
+        link = subprocess.run(cxx + flags + every_unit + ["-shared", "-Wl,-Bsymbolic", "-o",
+                                                          os.path.join(work, os.path.basename(lib))] +
                               [o for _, o, _ in procs], capture_output=True, text=True, check=False)
         if link.returncode != 0:
             raise RuntimeError("the emulated kernels did not link:\n" + link.stdout + link.stderr)

@@ -60,6 +60,13 @@ __global__ void read_unwritten_shared(int* out) {
   out[threadIdx.x] = s[(threadIdx.x + 63) % 64];  // thread 1 reads s[0], which nobody wrote
 }
 
+__global__ void write_after_read(int* out) {
+  int seen = 0;
+  if (threadIdx.x == 0) seen = out[0];  // thread 1's write may land before or after this read
+  if (threadIdx.x == 1) out[0] = 7;
+  out[1 + threadIdx.x] = seen;
+}
+
 __global__ void blocks_write_one_place(int* out) {
   if (threadIdx.x == 0) out[0] = int(blockIdx.x);  // blocks are not ordered: the last wins, any of them
 }
@@ -83,6 +90,11 @@ int emu_selftest_unsynchronized_increment(int* counter, unsigned threads) {
 
 int emu_selftest_read_unwritten_shared(int* out) {
   read_unwritten_shared<<<1, 64>>>(out);
+  return cudaGetLastError();
+}
+
+int emu_selftest_write_after_read(int* out) {
+  write_after_read<<<1, 32>>>(out);
   return cudaGetLastError();
 }
 

@@ -132,9 +132,9 @@ def set_backend(name: Optional[str]) -> None:
     """Selects the backend for every op from now on: "native", "triton", "reference", or
     "auto" (or None) for the fastest available per device."""
     parsed = _parse(name, "set_backend()")
-    if parsed == "triton" and not triton_installed():
-        raise RuntimeError("aiaas_fast.set_backend('triton'): Triton is not installed (pip install triton)")
     if parsed == "triton":
+        if not triton_installed():
+            raise RuntimeError("aiaas_fast.set_backend('triton'): Triton is not installed (pip install triton)")
         _register_triton_ops()
     _state.name = parsed
 

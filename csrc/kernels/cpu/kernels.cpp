@@ -4,7 +4,6 @@
 #include "kernels/cpu/kernels.h"
 
 #include <algorithm>
-
 #include <cmath>
 #include <cstring>
 

@@ -26,7 +26,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import _checks

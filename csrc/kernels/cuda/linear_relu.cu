@@ -17,54 +17,157 @@ __global__ void bias_relu_kernel(T* __restrict__ out, const T* __restrict__ bias
   }
 }
 
-// Tiles of tile_rows rows x 32 columns; a block is 32 x kRowGroups threads, thread (tx, ty)
-// walks column tx over the rows ty, ty + kRowGroups, ... of its tile, so each warp reads 32
-// consecutive elements of a row. The per-thread sums are then added over ty in a fixed
-// order, giving one partial sum per (row tile, column) in `partial`.
-constexpr int kRowGroups = 8;
-constexpr int64_t kRowsPerBlock = 256;
-constexpr int64_t kMaxGridY = 65535;
+// The backward's pass. A block is 256 threads, kTx(cols) x (256 / kTx) (x: column groups,
+// y: row groups); thread (tx, ty) takes the VEC = 16 / sizeof(T) columns of its group (one
+// 16-byte load of g and of out, one store of gm, where the pointers and the row length
+// allow, else element by element: the same elements and sums either way) over the rows
+// ty, ty + row_groups, ... of its block's row tile. Narrow matrices get fewer column groups
+// and more row groups, so every lane has work. The bias gradient: each thread sums its
+// rows in double, a fixed tree adds the row groups (one partial sum per tile and column),
+// and a second kernel adds the tiles in a fixed order. Every choice depends on the shape
+// and dtype alone, so the bits do too.
+constexpr int kThreads = 256;
+constexpr int64_t kMaxTiles = 256;       // row tiles, so the second stage adds few partial sums
+constexpr int64_t kMinRowsPerThread = 4;
 
-// The sums are in double (cheap here: the pass is bound by memory): a float32 running sum
-// over thousands of rows drifts by hundreds of ulps, where torch's stays within a few.
-template <typename T, bool kWriteGrad, bool kSumCols>
-__global__ void relu_grad_kernel(const T* __restrict__ g, const T* __restrict__ out, T* __restrict__ gm,
-                                 double* __restrict__ partial, int64_t rows, int64_t cols, int64_t tile_rows) {
+// Column groups per block: the groups a row has, rounded up to a power of two, at most 32.
+template <typename T>
+int col_threads(int64_t cols) {
+  const int64_t groups = ceil_div(cols, 16 / int64_t(sizeof(T)));
+  int tx = 1;
+  while (tx < 32 && tx < groups) tx *= 2;
+  return tx;
+}
+
+// Rows per tile: at least kMinRowsPerThread per thread, more where there would be more than
+// kMaxTiles tiles.
+int64_t tile_rows_for(int64_t rows, int row_groups) {
+  const int64_t per_thread = std::max(kMinRowsPerThread, ceil_div(rows, int64_t(row_groups) * kMaxTiles));
+  return per_thread * row_groups;
+}
+
+template <typename T, bool kVecLoads, bool kWriteGrad, bool kSumCols, bool kDirect>
+__global__ void __launch_bounds__(kThreads)
+    relu_grad_kernel(const T* __restrict__ g, const T* __restrict__ out, T* __restrict__ gm,
+                     double* __restrict__ partial, T* __restrict__ grad_bias, int64_t rows, int64_t cols,
+                     int64_t tile_rows) {
   using A = acc_t<T>;
-  __shared__ double sums[kRowGroups][32];
-  const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
+  constexpr int VEC = 16 / sizeof(T);
+  using V = Vec<T, VEC>;
+  __shared__ double sums[kThreads * VEC];  // 16 KB; [thread][column of its group]
+  const int tx = threadIdx.x, ty = threadIdx.y, row_groups = blockDim.y;
+  const int thread = ty * blockDim.x + tx;
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + tx) * VEC;  // this thread's first column
   const int64_t r0 = int64_t(blockIdx.y) * tile_rows;
   const int64_t r1 = r0 + tile_rows < rows ? r0 + tile_rows : rows;
-  double s = 0;
-  if (c < cols) {
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowGroups) {
-      const int64_t i = r * cols + c;
-      // threshold_backward's rule: zero where out <= 0, so NaN outputs pass the gradient.
-      const A v = to_acc(out[i]) <= A(0) ? A(0) : to_acc(g[i]);
-      if constexpr (kWriteGrad) gm[i] = from_acc<T>(v);
-      if constexpr (kSumCols) s += static_cast<double>(v);
+  double s[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) s[j] = 0;
+  if (c0 < cols) {
+    for (int64_t r = r0 + ty; r < r1; r += row_groups) {
+      const int64_t i = r * cols + c0;
+      V gv, ov, mv;
+      if constexpr (kVecLoads) {  // cols % VEC == 0: the whole group is in the row
+        gv = *reinterpret_cast<const V*>(g + i);
+        ov = *reinterpret_cast<const V*>(out + i);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const bool in = c0 + j < cols;
+          gv.v[j] = in ? g[i + j] : T(0.0f);
+          ov.v[j] = in ? out[i + j] : T(0.0f);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        // threshold_backward's rule: zero where out <= 0, so NaN outputs pass the gradient.
+        const A v = to_acc(ov.v[j]) <= A(0) ? A(0) : to_acc(gv.v[j]);
+        mv.v[j] = from_acc<T>(v);
+        if constexpr (kSumCols) s[j] += static_cast<double>(v);
+      }
+      if constexpr (kWriteGrad) {
+        if constexpr (kVecLoads) {
+          *reinterpret_cast<V*>(gm + i) = mv;
+        } else {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j)
+            if (c0 + j < cols) gm[i + j] = mv.v[j];
+        }
+      }
     }
   }
   if constexpr (kSumCols) {
-    sums[threadIdx.y][threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < cols) {
-      double total = sums[0][threadIdx.x];
-      for (int j = 1; j < kRowGroups; ++j) total += sums[j][threadIdx.x];
-      partial[int64_t(blockIdx.y) * cols + c] = total;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) sums[thread * VEC + j] = s[j];
+    // The row groups added pairwise, a fixed tree (row_groups is a power of two).
+    for (int half = row_groups / 2; half > 0; half /= 2) {
+      __syncthreads();
+      if (ty < half)
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) sums[thread * VEC + j] += sums[(thread + half * blockDim.x) * VEC + j];
+    }
+    if (ty == 0) {
+      for (int j = 0; j < VEC && c0 + j < cols; ++j) {
+        const double total = sums[tx * VEC + j];
+        if constexpr (kDirect) grad_bias[c0 + j] = from_acc<T>(static_cast<A>(total));  // one tile: the sum
+        else partial[int64_t(blockIdx.y) * cols + c0 + j] = total;
+      }
     }
   }
 }
 
-// Stage two: grad_bias[c] = sum over row tiles of partial[tile, c], in tile order.
+// Stage two: grad_bias[c] = the sum over row tiles of partial[tile, c]. Thread (tx, ty) adds
+// the tiles ty, ty + 8, ... of column c, in order; a fixed tree adds the 8.
+constexpr int kSumGroups = 8;
 template <typename T>
-__global__ void column_sum_kernel(const double* __restrict__ partial, T* __restrict__ grad_bias, int64_t tiles,
-                                  int64_t cols) {
-  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (c >= cols) return;
+__global__ void __launch_bounds__(32 * kSumGroups)
+    column_sum_kernel(const double* __restrict__ partial, T* __restrict__ grad_bias, int64_t tiles, int64_t cols) {
+  __shared__ double sums[kSumGroups][32];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = blockIdx.x * int64_t(32) + tx;
   double total = 0;
-  for (int64_t b = 0; b < tiles; ++b) total += partial[b * cols + c];
-  grad_bias[c] = from_acc<T>(static_cast<acc_t<T>>(total));
+  if (c < cols)
+#pragma unroll 8
+    for (int64_t b = ty; b < tiles; b += kSumGroups) total += partial[b * cols + c];
+  sums[ty][tx] = total;
+  for (int half = kSumGroups / 2; half > 0; half /= 2) {
+    __syncthreads();
+    if (ty < half) sums[ty][tx] += sums[ty + half][tx];
+  }
+  if (ty == 0 && c < cols) grad_bias[c] = from_acc<T>(static_cast<acc_t<T>>(sums[0][tx]));
+}
+
+template <typename T>
+struct ReluGradShape {
+  int tx, ty;
+  int64_t tile_rows, tiles;
+  explicit ReluGradShape(int64_t rows, int64_t cols)
+      : tx(col_threads<T>(cols)), ty(kThreads / tx), tile_rows(tile_rows_for(rows, ty)),
+        tiles(ceil_div(rows, tile_rows)) {}
+};
+
+template <typename T, bool kVecLoads, bool kWriteGrad, bool kSumCols>
+cudaError_t launch_relu_grad(const ReluGradShape<T>& shape, const T* g, const T* out, T* gm, double* partial,
+                             T* grad_bias, int64_t rows, int64_t cols, cudaStream_t stream) {
+  constexpr int64_t kVec = 16 / sizeof(T);
+  const dim3 grid(unsigned(ceil_div(ceil_div(cols, kVec), shape.tx)), unsigned(shape.tiles));
+  const dim3 block(unsigned(shape.tx), unsigned(shape.ty));
+  if (kSumCols && shape.tiles == 1)
+    relu_grad_kernel<T, kVecLoads, kWriteGrad, kSumCols, true>
+        <<<grid, block, 0, stream>>>(g, out, gm, partial, grad_bias, rows, cols, shape.tile_rows);
+  else
+    relu_grad_kernel<T, kVecLoads, kWriteGrad, kSumCols, false>
+        <<<grid, block, 0, stream>>>(g, out, gm, partial, grad_bias, rows, cols, shape.tile_rows);
+  return cudaGetLastError();
+}
+
+template <typename T, bool kVecLoads>
+cudaError_t launch_relu_grad(const ReluGradShape<T>& shape, const T* g, const T* out, T* gm, double* partial,
+                             T* grad_bias, int64_t rows, int64_t cols, cudaStream_t stream) {
+  if (gm && grad_bias)
+    return launch_relu_grad<T, kVecLoads, true, true>(shape, g, out, gm, partial, grad_bias, rows, cols, stream);
+  if (gm) return launch_relu_grad<T, kVecLoads, true, false>(shape, g, out, gm, partial, grad_bias, rows, cols, stream);
+  return launch_relu_grad<T, kVecLoads, false, true>(shape, g, out, gm, partial, grad_bias, rows, cols, stream);
 }
 
 }  // namespace
@@ -82,16 +185,13 @@ cudaError_t bias_relu(DType dtype, void* out, const void* bias, int64_t rows, in
   });
 }
 
-// Rows per tile: 256, or more where the tiles would not fit the grid's y dimension (past
-// 16.7M rows). A function of the row count alone, so the sums' order, and bits, are too.
-static int64_t tile_rows(int64_t rows) {
-  const int64_t need = detail::ceil_div(detail::ceil_div(rows, kMaxGridY), kRowGroups) * kRowGroups;
-  return std::max(kRowsPerBlock, need);
-}
-static int64_t row_tiles(int64_t rows) { return detail::ceil_div(rows, tile_rows(rows)); }
-
-size_t relu_grad_workspace_bytes(DType, int64_t rows, int64_t cols) {
-  return size_t(std::max<int64_t>(row_tiles(rows), 1)) * size_t(cols) * sizeof(double);
+size_t relu_grad_workspace_bytes(DType dtype, int64_t rows, int64_t cols) {
+  int64_t tiles = 0;
+  dispatch(dtype, [&](auto* tag) {
+    tiles = ReluGradShape<std::remove_pointer_t<decltype(tag)>>(rows, cols).tiles;
+    return cudaSuccess;
+  });
+  return size_t(tiles > 1 ? tiles : 1) * size_t(cols) * sizeof(double);  // one tile writes grad_bias itself
 }
 
 cudaError_t relu_grad(DType dtype, const void* g, const void* out, void* gm, void* grad_bias, void* workspace,
@@ -99,25 +199,23 @@ cudaError_t relu_grad(DType dtype, const void* g, const void* out, void* gm, voi
   if (cols == 0 || (!gm && !grad_bias)) return cudaSuccess;
   return dispatch(dtype, [&](auto* tag) -> cudaError_t {
     using T = std::remove_pointer_t<decltype(tag)>;
-    const int64_t tiles = row_tiles(rows), per_tile = tile_rows(rows);
+    const ReluGradShape<T> shape(rows, cols);
     auto* gp = static_cast<const T*>(g);
     auto* op = static_cast<const T*>(out);
     auto* mp = static_cast<T*>(gm);
+    auto* bp = static_cast<T*>(grad_bias);
     auto* pp = static_cast<double*>(workspace);
-    if (tiles > 0) {
-      const dim3 grid(unsigned(ceil_div(cols, 32)), unsigned(tiles));
-      const dim3 block(32, kRowGroups);
-      if (gm && grad_bias)
-        relu_grad_kernel<T, true, true><<<grid, block, 0, stream>>>(gp, op, mp, pp, rows, cols, per_tile);
-      else if (gm)
-        relu_grad_kernel<T, true, false><<<grid, block, 0, stream>>>(gp, op, mp, pp, rows, cols, per_tile);
-      else
-        relu_grad_kernel<T, false, true><<<grid, block, 0, stream>>>(gp, op, mp, pp, rows, cols, per_tile);
-      const cudaError_t err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
+    if (shape.tiles > 0) {
+      const bool vec_ok = cols % (16 / int64_t(sizeof(T))) == 0 && aligned(gp, 16) && aligned(op, 16) &&
+                          (!mp || aligned(mp, 16));
+      const cudaError_t err = vec_ok ? launch_relu_grad<T, true>(shape, gp, op, mp, pp, bp, rows, cols, stream)
+                                     : launch_relu_grad<T, false>(shape, gp, op, mp, pp, bp, rows, cols, stream);
+      if (err != cudaSuccess || !grad_bias || shape.tiles == 1) return err;
+    } else if (!grad_bias) {
+      return cudaSuccess;  // no rows, gm only: nothing to write
     }
-    if (!grad_bias) return cudaSuccess;  // (rows == 0 with gm only: nothing to sum, nowhere to write)
-    column_sum_kernel<T><<<unsigned(ceil_div(cols, 256)), 256, 0, stream>>>(pp, static_cast<T*>(grad_bias), tiles, cols);
+    // Several tiles, or no rows at all (the bias gradient is then zero: 0 tiles summed).
+    column_sum_kernel<T><<<unsigned(ceil_div(cols, 32)), dim3(32, kSumGroups), 0, stream>>>(pp, bp, shape.tiles, cols);
     return cudaGetLastError();
   });
 }

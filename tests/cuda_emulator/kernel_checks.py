@@ -285,6 +285,9 @@ def test_a_bad_schedule_is_named(cuda, monkeypatch):
 
 # ------------------------------------------------------------------ linear_relu's element-wise kernels
 SHAPES = [(1, 1), (37, 19), (300, 70), (513, 33), (0, 7), (5, 0)]
+# relu_grad: rows whole 16-byte groups long (its vector path for every dtype), narrow ones
+# (more row groups than column groups), and enough rows for several row tiles.
+RELU_GRAD_SHAPES = SHAPES + [(70, 24), (130, 64), (1000, 8), (2100, 2), (3000, 16), (257, 264)]
 
 
 def with_specials(t):
@@ -308,7 +311,7 @@ def test_bias_relu_is_torchs_relu_of_the_sum_bit_for_bit(cuda, dtype, shape, wit
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", RELU_GRAD_SHAPES, ids=str)
 @pytest.mark.parametrize("outputs", ["both", "grad", "bias"])
 def test_relu_grad_masks_like_threshold_backward_and_sums_the_bias_gradient(cuda, dtype, shape, outputs):
     g = rand(*shape, dtype=dtype)
@@ -324,6 +327,24 @@ def test_relu_grad_masks_like_threshold_backward_and_sums_the_bias_gradient(cuda
         if dtype != torch.float64:  # summed in double: within one rounding of the float64 sum
             torch.testing.assert_close(grad_bias.double(), masked.double().sum(0).to(dtype).double(),
                                        rtol=torch.finfo(dtype).eps, atol=0)
+
+
+@pytest.mark.parametrize("which", ["g", "out", "gm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_relu_grad_any_misaligned_pointer_takes_the_element_path_with_the_same_bits(cuda, dtype, which):
+    # Each pointer off 16 bytes alone (UBSan stops a vector access to a misaligned address):
+    # the element path visits the same elements and adds in the same order as the vector one.
+    shape = (1500, 32)
+    g, out = rand(*shape, dtype=dtype), with_specials(rand(*shape, dtype=dtype))
+    results = []
+    for off in (False, True):
+        place = (lambda name, v: misaligned(v) if off and name == which else v)  # noqa: E731
+        gm, grad_bias = place("gm", torch.zeros(shape, dtype=dtype)), torch.zeros(shape[1], dtype=dtype)
+        cuda.relu_grad(place("g", g), place("out", out), gm, grad_bias)
+        results.append((gm, grad_bias))
+    exact(results[1][0], results[0][0])
+    exact(results[1][1], results[0][1])
+    exact(results[0][0], torch.ops.aten.threshold_backward(g, out, 0))
 
 
 def test_relu_grad_bias_sum_is_accurate_over_many_rows(cuda):
@@ -534,9 +555,33 @@ def test_adam_16_bit_params_match_the_cpu_op_within_one_rounding(cuda, dtype, fl
         torch.testing.assert_close(a, b, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps * 1e-3)
 
 
+@pytest.mark.parametrize("step_dtype", [torch.float32, torch.float64], ids=str)
+def test_adam_a_step_shared_across_launches_is_read_after_every_increment(cuda, step_dtype):
+    # One step tensor for more params than one launch's table holds: it counts once per
+    # param, and every param's update reads the final count, as the CPU op (which adds to
+    # every step, then updates) does; not a count that depends on the launch a param fell in.
+    from aiaas_fast.ops import adam_
+
+    shapes = [(3, 2)] * (cuda.adam_max_tensors + 7)
+    params = [rand(*s) for s in shapes]
+    cpu = [p.clone() for p in params]
+    ours_state = ([torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes])
+    cpu_state = ([torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes])
+    step, cpu_step = torch.zeros((), dtype=step_dtype), torch.zeros(())
+    for _ in range(2):
+        grads = [rand(*s) for s in shapes]
+        cuda.adam(params, grads, *ours_state, [], [step] * len(shapes), **HYPER)
+        adam_(cpu, grads, *cpu_state, [], [cpu_step] * len(shapes), lr=HYPER["lr"], beta1=HYPER["beta1"],
+              beta2=HYPER["beta2"], eps=HYPER["eps"], weight_decay=0.0, amsgrad=False, maximize=False)
+    assert step.item() == cpu_step.item() == 2 * len(shapes)
+    for a, b in zip(params, cpu):
+        assert_close(a, b, torch.float32)
+
+
 def test_relu_grad_tiles_a_grid_taller_than_65535_blocks(cuda, monkeypatch):
-    # Past 65535 x 256 rows the row tiles grow, so the grid's y stays in range. Checked as a
-    # dry run (each launch's configuration checked, nothing run: 16.8M rows would take long).
+    # Past 65535 x 256 rows the row tiles must grow, or the grid's y would be out of range.
+    # Checked as a dry run (each launch's configuration checked, nothing run: 16.8M rows
+    # would take long).
     rows = 65535 * 256 + 1
     g = torch.empty(rows, 1)
     monkeypatch.setenv("AIAAS_FAST_EMULATOR_DRY_RUN", "1")

@@ -28,7 +28,7 @@ struct Table {
   int64_t n[kAdamMaxTensors];
   double host_step[kAdamMaxTensors];
   unsigned char step_kind[kAdamMaxTensors];
-  unsigned char increment[kAdamMaxTensors];  // this table's first launch increments the device step
+  unsigned char increment[kAdamMaxTensors];  // increment_steps_kernel adds 1 to this slot's device step
   unsigned char vector_ok[kAdamMaxTensors];  // every pointer aligned for kVec-element accesses
   unsigned char block_tensor[kAdamMaxBlocks];
   int block_chunk[kAdamMaxBlocks];
@@ -151,19 +151,47 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Table table, Scalars s) 
   }
 }
 
+// Every device step incremented before any update reads one: a step tensor shared by params
+// that land in different tables then reads the same (final) value in each, as the CPU op and
+// torch's _foreach_add_ followed by the update give.
+cudaError_t increment_device_steps(const AdamTensor* tensors, int64_t count, cudaStream_t stream) {
+  Table table{};
+  auto flush = [&]() -> cudaError_t {
+    if (table.tensors == 0) return cudaSuccess;
+    increment_steps_kernel<<<1, kAdamMaxTensors, 0, stream>>>(table);
+    table = Table{};
+    return cudaGetLastError();
+  };
+  for (int64_t i = 0; i < count; ++i) {
+    const AdamTensor& t = tensors[i];
+    if (!t.step_f32 && !t.step_f64) continue;
+    if (table.tensors == kAdamMaxTensors) {
+      const cudaError_t err = flush();
+      if (err != cudaSuccess) return err;
+    }
+    const int slot = table.tensors++;
+    table.step[slot] = t.step_f32 ? static_cast<void*>(t.step_f32) : static_cast<void*>(t.step_f64);
+    table.step_kind[slot] = t.step_f32 ? kStepF32 : kStepF64;
+    table.increment[slot] = 1;
+  }
+  return flush();
+}
+
 template <typename T, typename S>
 cudaError_t run(const AdamTensor* tensors, int64_t count, const AdamOptions& o, cudaStream_t stream) {
   const Scalars s{o.lr, o.beta1, o.beta2, o.weight_decay, o.eps, int(o.wd_mode), o.amsgrad, o.maximize};
+  for (int64_t i = 0; i < count; ++i) {  // checked before anything is launched
+    const AdamTensor& t = tensors[i];
+    if (t.n > 0 && (!t.param || !t.grad || !t.exp_avg || !t.exp_avg_sq)) return cudaErrorInvalidValue;
+    if (t.step_f32 && t.step_f64) return cudaErrorInvalidValue;
+    if (ceil_div(t.n, kChunk) > 0x7fffffff) return cudaErrorInvalidValue;
+  }
+  const cudaError_t incremented = increment_device_steps(tensors, count, stream);
+  if (incremented != cudaSuccess) return incremented;
   Table table{};
   int blocks = 0;
-  bool any_increment = false;
   auto flush = [&]() -> cudaError_t {
     if (table.tensors == 0) return cudaSuccess;
-    if (any_increment) {
-      increment_steps_kernel<<<1, kAdamMaxTensors, 0, stream>>>(table);
-      const cudaError_t err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-    }
     if (blocks > 0) {
       adam_kernel<T, S><<<blocks, kThreads, 0, stream>>>(table, s);
       const cudaError_t err = cudaGetLastError();
@@ -171,17 +199,12 @@ cudaError_t run(const AdamTensor* tensors, int64_t count, const AdamOptions& o, 
     }
     table = Table{};
     blocks = 0;
-    any_increment = false;
     return cudaSuccess;
   };
   for (int64_t i = 0; i < count; ++i) {
     const AdamTensor& t = tensors[i];
-    if (t.n > 0 && (!t.param || !t.grad || !t.exp_avg || !t.exp_avg_sq)) return cudaErrorInvalidValue;
-    if (t.step_f32 && t.step_f64) return cudaErrorInvalidValue;
     const int64_t chunks = ceil_div(t.n, kChunk);
-    if (chunks > 0x7fffffff) return cudaErrorInvalidValue;
     const size_t vt = sizeof(T) * kVec, vs = sizeof(S) * kVec;
-    bool first = true;
     for (int64_t c = 0; c == 0 || c < chunks;) {  // a tensor with no elements still takes a slot: its step
       if (table.tensors == kAdamMaxTensors) {
         const cudaError_t err = flush();
@@ -197,9 +220,6 @@ cudaError_t run(const AdamTensor* tensors, int64_t count, const AdamOptions& o, 
       table.step[slot] = t.step_f32 ? static_cast<void*>(t.step_f32) : static_cast<void*>(t.step_f64);
       table.step_kind[slot] = t.step_f32 ? kStepF32 : t.step_f64 ? kStepF64 : kHostStep;
       table.host_step[slot] = t.host_step;
-      table.increment[slot] = first && table.step_kind[slot] != kHostStep;  // once, before its first chunk
-      first = false;
-      any_increment = any_increment || table.increment[slot];
       table.vector_ok[slot] = aligned(t.param, vt) && aligned(t.grad, vt) && aligned(t.exp_avg, vs) &&
                               aligned(t.exp_avg_sq, vs) && (!o.amsgrad || aligned(t.max_exp_avg_sq, vs));
       for (; c < chunks && blocks < kAdamMaxBlocks; ++c) {

@@ -71,6 +71,15 @@ def test_linear_relu_batch_dims_and_strides(gemm, dtype):
     assert_close(out, ref_linear_relu(x, w, b), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_linear_relu_one_row_with_a_row_stride_under_its_length(gemm, dtype):
+    # A one-row view may carry any row stride (contiguous() keeps it), here 8 < 64: the GEMM
+    # must not be given it as the leading dimension (TMA would refuse or misread it).
+    x = cuda(64, dtype=dtype).as_strided((1, 64), (8, 1))
+    w, b = cuda(16, 64, dtype=dtype), cuda(16, dtype=dtype)
+    assert_close(linear_relu(x, w, b), ref_linear_relu(x, w, b), dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(37, 19, 23), (256, 64, 128), (3000, 32, 40)], ids=str)
 def test_linear_relu_backward(dtype, shape):
@@ -292,22 +301,23 @@ def test_adam_device_steps_non_contiguous_and_many_tensors():
     assert all(s.device.type == "cuda" and s.item() == 3 for s in steps)
 
 
-def test_adam_shared_device_step_counts_once_per_param_as_on_the_cpu():
-    # Two params sharing one step tensor: torch's multi-tensor Adam and the CPU op count it
-    # twice before the update, so both params see step 2; the CUDA increments are atomic, so
-    # the device step does the same.
-    ps = [cuda(6, 5), cuda(7)]
-    gs = [cuda(6, 5), cuda(7)]
+@pytest.mark.parametrize("count", [2, 40], ids=["one-launch", "two-launches"])
+def test_adam_shared_device_step_counts_once_per_param_as_on_the_cpu(count):
+    # Params sharing one step tensor: torch's multi-tensor Adam and the CPU op count it once
+    # per param before any update, so every param sees the final count; the CUDA increments
+    # are atomic and all run before the first update launch (40 params: two launches).
+    ps = [cuda(6, 5) if i % 2 == 0 else cuda(7) for i in range(count)]
+    gs = [cuda(*p.shape) for p in ps]
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
     results = []
     for dev in (DEV, "cpu"):
         p = [x.clone().to(dev) for x in ps]
         m, v = [torch.zeros_like(x) for x in p], [torch.zeros_like(x) for x in p]
         step = torch.zeros((), device=dev)
-        adam_(p, [x.to(dev) for x in gs], m, v, [], [step, step], **hyper)
+        adam_(p, [x.to(dev) for x in gs], m, v, [], [step] * count, **hyper)
         results.append((p, step.item()))
     (gpu, gpu_step), (cpu, cpu_step) = results
-    assert gpu_step == cpu_step == 2.0
+    assert gpu_step == cpu_step == count
     for a, b in zip(gpu, cpu):
         assert_close(a.cpu(), b, torch.float32)
 

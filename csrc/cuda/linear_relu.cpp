@@ -73,6 +73,11 @@ at::Tensor rowmajor_for_gemm(const at::Tensor& m) {
   return m.contiguous();
 }
 
+// Its leading dimension for the GEMM. A one-row matrix may carry any row stride (contiguous()
+// keeps it), even one under its row length, which a TMA descriptor must not be given: its
+// row length then, as there is no second row to reach.
+int64_t leading_dim(const at::Tensor& m) { return m.size(0) == 1 ? m.size(1) : m.stride(0); }
+
 at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "aiaas_fast.linear_relu";
   checks::linear_relu_args(x, weight, bias);
@@ -102,8 +107,8 @@ at::Tensor linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
     // Hopper: the CUTLASS 3.x wgmma kernel where the build has it; else the 2.x kernel.
     const bool hopper = cuda_glue::cc_major(x.get_device()) == 9 && cuda::have_cutlass_sm90_gemm();
     const auto gemm = hopper ? cuda::linear_relu_gemm_sm90 : cuda::linear_relu_gemm;
-    const cudaError_t err = gemm(dtype, rows, out_f, in_f, xa.data_ptr(), xa.stride(0), wa.data_ptr(), wa.stride(0),
-                                 ba.data_ptr(), o.data_ptr(), stream);
+    const cudaError_t err = gemm(dtype, rows, out_f, in_f, xa.data_ptr(), leading_dim(xa), wa.data_ptr(),
+                                 leading_dim(wa), ba.data_ptr(), o.data_ptr(), stream);
     if (err == cudaSuccess) {
       out = o;
       detail::count_cuda_gemm(hopper ? "cutlass_sm90" : "cutlass_sm80");

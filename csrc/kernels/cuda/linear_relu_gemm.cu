@@ -11,6 +11,8 @@
 // AIAAS_FAST_CUDA_GEMM; the benchmark (benchmarks/cuda_ops.py) measures both.
 //
 // Compiled with CUTLASS only where its headers were found (AIAAS_FAST_HAVE_CUTLASS=1).
+#include <cstring>
+
 #include "kernels/cuda/common.cuh"
 
 #if AIAAS_FAST_HAVE_CUTLASS
@@ -33,6 +35,11 @@ void detail::cutlass_clear_failure() { cutlass_failure_reason = ""; }
 
 cudaError_t detail::cutlass_failed(const char* reason) {
   const cudaError_t err = cudaGetLastError();
+  // CUTLASS's "Error Internal" is a kernel launch or cudaFuncSetAttribute that failed: it read
+  // (and so cleared) the CUDA error itself, which is then lost here.
+  if (reason && std::strcmp(reason, "Error Internal") == 0)
+    reason = "Error Internal (a kernel launch or cudaFuncSetAttribute failed inside CUTLASS, which cleared the CUDA "
+             "error; CUDA_LAUNCH_BLOCKING=1 or compute-sanitizer shows it)";
   cutlass_failure_reason = err == cudaSuccess && reason ? reason : "";
   return err != cudaSuccess ? err : cudaErrorUnknown;
 }

@@ -130,3 +130,32 @@ def test_a_model_on_the_second_gpu_trains_there(path):
     assert loss == pytest.approx(torch_steps(ref, [(x, y)], torch.optim.Adam(ref.parameters(), lr=1e-2))[0], rel=1e-4)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_runs_with_data_on_the_cpu_reuse_their_graphs(path):
+    # Data from the CPU goes into a buffer kept between calls: a second run() of the same
+    # shape replays the graphs (their address is the graphs'), on the new values.
+    model = sequential([6, 24, 1], device="cuda")
+    twin = copy.deepcopy(model)
+    a, b = Engine(model, lr=1e-2, path=path), Engine(twin, lr=1e-2, path=path)
+    for call in range(2):
+        X, Y = torch.randn(50, 6), torch.randn(50, 1)
+        from_cpu = a.run(X, Y, epochs=1, batch_size=16, seed=call)
+        if call == 0:
+            entry = a._core._run_entry
+        assert a._core._run_entry is entry
+        assert from_cpu.tolist() == b.run(X.cuda(), Y.cuda(), epochs=1, batch_size=16, seed=call).tolist()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_change_of_torchs_tf32_setting_captures_again(path):
+    # A graph keeps the float32 product precision it was captured with.
+    engine = Engine(sequential([4, 8, 1], device="cuda"), lr=1e-2, path=path)
+    x, y = torch.randn(16, 4, device="cuda"), torch.randn(16, 1, device="cuda")
+    engine.step(x, y)
+    first = engine._core._graphs[16]
+    torch.backends.cuda.matmul.allow_tf32 = True  # the ieee_float32 fixture restores it
+    engine.step(x, y)
+    assert engine._core._graphs[16] is not first

@@ -276,3 +276,24 @@ def test_fit_many_on_cuda_with_groups():
     for k in range(3):
         rows = unit == k
         assert (pred[rows] - y[rows]).pow(2).mean().sqrt() < 0.5 * y[rows].std()
+
+
+@cuda_only
+@pytest.mark.gpu
+@pytest.mark.usefixtures("ieee_float32")
+def test_on_cuda_runs_with_data_on_the_cpu_reuse_their_graph():
+    # Data from the CPU goes into a buffer kept between calls: a second run() of the same
+    # shape replays the graph (its address is the graph's), on the new values.
+    torch.manual_seed(6)
+    ens = aiaas_fast.Ensemble(4, 6, [12], 1, device="cuda")
+    twin = aiaas_fast.Ensemble.from_models([ens.member(k) for k in range(4)])
+    a, _ = ensemble_engine(ens, lr=1e-2)
+    b, _ = ensemble_engine(twin, lr=1e-2)
+    for call in range(2):
+        X, Y = torch.randn(70, 6), torch.randn(70, 1)
+        from_cpu = a.run(X, Y, epochs=1, batch_size=16, seed=call)
+        if call == 0:
+            entry = a._run_entry
+        assert a._run_entry is entry
+        torch.testing.assert_close(from_cpu, b.run(X.cuda(), Y.cuda(), epochs=1, batch_size=16, seed=call))
+    assert all(torch.equal(p, q) for p, q in zip(ens.parameters(), twin.parameters()))

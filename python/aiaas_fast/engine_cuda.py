@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from ._tf32 import cuda_matmul_allows_tf32
 from .engine import UnsupportedModel
 
 __all__ = ["CudaGraphEngine", "GraphCapture", "fused_reason", "needs_new_capture"]
@@ -61,9 +62,35 @@ class GraphCapture:
     (everything a step writes: parameters, optimizer state, step counters)."""
 
     device: torch.device
+    _tf32: Optional[bool] = None  # torch's TF32 setting when the graphs were captured
 
     def _tensors(self) -> List[Tensor]:
         raise NotImplementedError
+
+    def _staged(self, t: Tensor, name: str) -> Tensor:
+        """run()'s data on the engine's GPU. run()'s graphs keep the address of the data they
+        gather from; data from elsewhere (the CPU) is copied into a buffer kept between calls,
+        so that the next call with data of the same shape replays them instead of capturing
+        new ones (a new copy each call would be a new address: a capture every call)."""
+        if t.device == self.device:
+            return t
+        staged = self.__dict__.setdefault("_staged_data", {})
+        buf = staged.get(name)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = staged[name] = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+        buf.copy_(t)
+        return buf
+
+    def _drop_graphs(self) -> None:
+        raise NotImplementedError
+
+    def _follow_precision(self) -> None:
+        """A graph freezes torch's TF32 setting for float32 products at capture (the fused
+        kernel's dot precision, cuBLAS's math mode): after a change, capture again."""
+        tf32 = cuda_matmul_allows_tf32()
+        if self._tf32 is not None and tf32 != self._tf32:
+            self._drop_graphs()
+        self._tf32 = tf32
 
     def _capture_without_training(self, body: Callable[[], Tensor]):
         # Capture needs warm-up (lazy initialisation, cuBLAS workspaces, autotuning), and the
@@ -211,10 +238,13 @@ class CudaGraphEngine(GraphCapture):
         if hyper == self.hyper:
             return
         if needs_new_capture(self.hyper, hyper):  # betas, eps, weight decay are baked into the launches
-            self._graphs.clear()
-            self._run_key = None
+            self._drop_graphs()
         self.hyper = dict(hyper)
         self._lr.fill_(float(hyper["lr"]))  # in stream order: the next replay reads it
+
+    def _drop_graphs(self) -> None:
+        self._graphs.clear()
+        self._run_key = None
 
     def _write_back_steps(self) -> None:
         values = torch.stack(self.steps).tolist()  # one read from the device for all of them
@@ -224,7 +254,7 @@ class CudaGraphEngine(GraphCapture):
             else:
                 s["step"] = v
 
-    def _check(self, t: Tensor, name: str, cols: int) -> Tensor:
+    def _check(self, t: Tensor, name: str, cols: int, move: bool = True) -> Tensor:
         if not isinstance(t, Tensor):
             raise TypeError(f"aiaas_fast.Engine: {name} must be a tensor, got {type(t).__name__}")
         if t.dim() == 1 and cols == 1:
@@ -233,12 +263,13 @@ class CudaGraphEngine(GraphCapture):
             raise RuntimeError(f"aiaas_fast.Engine: {name} must be (rows, {cols}), got shape {list(t.shape)}")
         if t.dtype != torch.float32:
             raise RuntimeError(f"aiaas_fast.Engine: {name} must be float32, got {t.dtype}")
-        return t.to(self.device, non_blocking=True)
+        return t.to(self.device, non_blocking=True) if move else t
 
     def step(self, x: Tensor, y: Tensor) -> float:
         x, y = self._check(x, "x", self.in_features), self._check(y, "y", self.out_features)
         if len(x) != len(y) or len(x) == 0:
             raise RuntimeError(f"aiaas_fast.Engine.step: x has {len(x)} rows and y has {len(y)}")
+        self._follow_precision()
         replay, xs, ys, loss = self._graph(len(x))
         xs.copy_(x)
         ys.copy_(y)
@@ -248,9 +279,10 @@ class CudaGraphEngine(GraphCapture):
 
     def run(self, X: Tensor, Y: Tensor, *, epochs: int, batch_size: int, seed: int, shuffle: bool,
             callback: Optional[Callable] = None, callback_every: int = 0, rows: Optional[Tensor] = None) -> Tensor:
-        X, Y = self._check(X, "x", self.in_features), self._check(Y, "y", self.out_features)
+        X, Y = self._check(X, "x", self.in_features, False), self._check(Y, "y", self.out_features, False)
         if len(X) != len(Y):
             raise RuntimeError(f"aiaas_fast.Engine.run: x has {len(X)} rows but y has {len(Y)}")
+        X, Y = self._staged(X, "x"), self._staged(Y, "y")
         if batch_size < 1:
             raise RuntimeError(f"aiaas_fast.Engine.run: batch_size must be >= 1, got {batch_size}")
         base = torch.as_tensor(rows, dtype=torch.int64) if rows is not None else torch.arange(len(X))
@@ -265,6 +297,7 @@ class CudaGraphEngine(GraphCapture):
         n, losses = len(base), []
         batch_size = min(batch_size, n)  # one batch of all rows: buffers follow the rows, not the number asked for
         steps_in_epoch = (n + batch_size - 1) // batch_size
+        self._follow_precision()
         graphs, order, pos, total = self._run_graphs(X, Y, n, batch_size)
         for epoch in range(epochs):
             order[:n].copy_(base[torch.randperm(n, generator=gen).to(self.device)] if shuffle else base)

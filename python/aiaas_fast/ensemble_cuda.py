@@ -87,13 +87,16 @@ class CudaEnsembleEngine(GraphCapture):
         if hyper == self.hyper:
             return
         if needs_new_capture(self.hyper, hyper):  # the other scalars are baked into the launches
-            self._step_graphs = {}
-            self._run_key = None
+            self._drop_graphs()
         self.hyper = hyper
         self._lr.fill_(hyper["lr"])  # in stream order: the next replay reads it
 
     def _tensors(self) -> List[Tensor]:
         return self.params + [self.exp_avg, self.exp_avg_sq, self.steps]
+
+    def _drop_graphs(self) -> None:
+        self._step_graphs = {}
+        self._run_key = None
 
     # -- the step body, captured into the graphs
     def _forward(self, x: Tensor) -> List[Tensor]:
@@ -165,7 +168,7 @@ class CudaEnsembleEngine(GraphCapture):
         return out
 
     # -- inputs
-    def _matrix(self, t: Tensor, name: str, cols: int, allow_models: bool) -> Tensor:
+    def _matrix(self, t: Tensor, name: str, cols: int, allow_models: bool, move: bool = True) -> Tensor:
         if not isinstance(t, Tensor):
             raise TypeError(f"{WHO}: {name} must be a tensor, got {type(t).__name__}")
         if t.dtype != torch.float32:
@@ -180,7 +183,7 @@ class CudaEnsembleEngine(GraphCapture):
         if m.dim() == 3 and m.shape[0] != self.K:
             raise RuntimeError(f"{WHO}: {name} holds {m.shape[0]} models in dim 0 (shape {list(t.shape)}) but the "
                                f"engine trains {self.K}")
-        return m.to(self.device, non_blocking=True)
+        return m.to(self.device, non_blocking=True) if move else m
 
     # -- one step of every model on one batch (shared, or one per model)
     def step(self, x: Tensor, y: Tensor) -> Tensor:
@@ -193,6 +196,7 @@ class CudaEnsembleEngine(GraphCapture):
             raise RuntimeError(f"{WHO}.step: x has no rows")
         if y.shape[-2] != batch:
             raise RuntimeError(f"{WHO}.step: x has {batch} rows but y has {y.shape[-2]}")
+        self._follow_precision()
         entry = self._step_graphs.get(batch)
         if entry is None and len(self._step_graphs) >= MAX_STEP_GRAPHS:  # each holds a memory pool
             self._step_graphs.pop(next(iter(self._step_graphs)))
@@ -268,8 +272,8 @@ class CudaEnsembleEngine(GraphCapture):
         the per-epoch mean losses, (epochs run, K) float64. ``callback(epoch, step,
         steps_in_epoch, epoch_end, losses)`` every ``callback_every`` steps and at each epoch's
         end, losses the K means so far this epoch; a true return stops the run."""
-        X = self._matrix(x, "x", self.in_features, False).contiguous()
-        Y = self._matrix(y, "y", self.out_features, False).contiguous()
+        X = self._staged(self._matrix(x, "x", self.in_features, False, move=False), "x").contiguous()
+        Y = self._staged(self._matrix(y, "y", self.out_features, False, move=False), "y").contiguous()
         n = X.shape[0]
         if Y.shape[0] != n:
             raise RuntimeError(f"{WHO}.run: x has {n} rows but y has {Y.shape[0]}")
@@ -279,6 +283,7 @@ class CudaEnsembleEngine(GraphCapture):
         table, counts = self._rows(n, sample_index, sample_offsets)
         batch_size = min(batch_size, int(counts.max()))  # buffers follow the rows, not the number asked for
         steps_in_epoch = int((counts.max() + batch_size - 1) // batch_size)
+        self._follow_precision()
         replay, order, pos, total, seen = self._run_graph(X, Y, table, counts, batch_size, steps_in_epoch)
         gen = torch.Generator(device=self.device).manual_seed(int(seed)) if shuffle else None
         cols = table.shape[1]

@@ -31,8 +31,8 @@ The optimizer step is not here: the engine hands the flat gradient's views to th
 multi-tensor Adam. Used by :mod:`aiaas_fast.engine_cuda` (captured in its CUDA graph);
 not an operator of its own.
 
-Precision: float32 in and out, float32 accumulation; the products follow
-``torch.backends.cuda.matmul.allow_tf32`` as torch.mm does (IEEE float32 by default).
+Precision: float32 in and out, float32 accumulation; the products follow torch's TF32
+setting for CUDA matmuls as torch.mm does (IEEE float32 by default).
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
+from .._tf32 import cuda_matmul_allows_tf32
 from ._common import INTERPRET, autotuning, on_device
 
 #: Widest layer (inputs and outputs included) the kernel takes: tiles of 128x128 float32
@@ -233,8 +234,15 @@ def unsupported_reason(layers: Sequence[Tuple[nn.Linear, bool]]) -> Optional[str
     return None
 
 
+def _columns_addressable(t: Tensor) -> bool:
+    """Whether the kernel can address t's columns in place: it forms a column index (under
+    128) times the column stride in 32-bit arithmetic, which a column-major view of more than
+    16.7M rows would overflow."""
+    return t.stride(1) * max(t.shape[1] - 1, 0) < 2**31
+
+
 def _precision() -> str:
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if cuda_matmul_allows_tf32() else "ieee"
 
 
 class FusedMLP:
@@ -284,6 +292,8 @@ class FusedMLP:
 
     def _launch(self, x: Tensor, y: Optional[Tensor], out: Optional[Tensor], train: bool) -> int:
         """Launches the kernel; returns the number of programs (rows of the partial buffer)."""
+        x = x if _columns_addressable(x) else x.contiguous()
+        y = y if y is None or _columns_addressable(y) else y.contiguous()
         M = x.shape[0]
         y_ = y if y is not None else x
         out_ = out if out is not None else x
@@ -317,8 +327,13 @@ class FusedMLP:
 
     def forward(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """The model's output for x (rows, in), written into ``out`` (rows, out) if given."""
-        if out is None:
-            out = torch.empty((x.shape[0], self.widths[-1]), dtype=torch.float32, device=x.device)
+        if out is None or not _columns_addressable(out):
+            result = torch.empty((x.shape[0], self.widths[-1]), dtype=torch.float32, device=x.device)
+        else:
+            result = out
         if x.shape[0]:
-            self._launch(x, None, out, False)
-        return out
+            self._launch(x, None, result, False)
+        if out is not None and result is not out:
+            out.copy_(result)
+            return out
+        return result

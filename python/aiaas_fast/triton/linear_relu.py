@@ -13,8 +13,8 @@ to fuse:
   configuration (autotuning picks by timing: another process may choose other tiles, and
   with them another summation order).
 
-Precision: products accumulate in float32. For float32 inputs the dot follows
-``torch.backends.cuda.matmul.allow_tf32`` as torch.mm does: ``input_precision="ieee"``
+Precision: products accumulate in float32. For float32 inputs the dot follows torch's TF32
+setting for CUDA matmuls as torch.mm does (``aiaas_fast._tf32``): ``input_precision="ieee"``
 by default (float32 products, no TF32), ``"tf32"`` when the user allows TF32.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import _checks
 from .._flops import linear_relu_backward_flops, linear_relu_flops
+from .._tf32 import cuda_matmul_allows_tf32
 from ._common import DTYPES, INTERPRET, autotuning, check_device, is_fake, launcher, on_device, register
 
 OP = "aiaas_fast.linear_relu"
@@ -128,7 +129,7 @@ def _matmul_kernel(
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and cuda_matmul_allows_tf32():
         return "tf32"
     return "ieee" if dtype == torch.float32 else "tf32"  # 16-bit inputs: the setting is unused
 

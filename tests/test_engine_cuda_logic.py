@@ -1,0 +1,197 @@
+"""The CUDA training engine's logic (aiaas_fast.engine_cuda) on the CPU, with its graph
+capture swapped for eager replays: the step and run bodies, the static buffers, the
+warm-up's restore, the optimizer state it shares, the learning rate through a device
+scalar, the graphs dropped when torch's TF32 setting changes, against plain PyTorch.
+The fused path runs the fused MLP kernel in Triton's interpreter. On a GPU the same
+engine runs for real in tests/test_engine_cuda.py."""
+import copy
+
+import pytest
+import torch
+
+from aiaas_fast._tf32 import cuda_matmul_allows_tf32
+from aiaas_fast.engine import Engine, _optimizer_hyper, mlp_layers
+from aiaas_fast.engine_cuda import CudaGraphEngine
+from helpers import sequential, torch_steps, triton_interpreter_reason
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine runs the engine for real "
+                                "(tests/test_engine_cuda.py)")
+
+
+class EagerReplay(CudaGraphEngine):
+    """The engine with its capture swapped for a replay that runs the body eagerly."""
+
+    captures = 0
+
+    def _capture(self, body):
+        type(self).captures += 1
+        body()
+        body()  # the two warm-up calls of a capture, which must not train
+        out = body()  # the captured call's output buffer, refilled by each replay
+        holder = {"out": out}
+
+        def replay():
+            r = body()
+            if r.data_ptr() != holder["out"].data_ptr():
+                holder["out"].copy_(r)
+        return replay, out
+
+
+def engine_for(model, path, optimizer=None, lr=1e-2):
+    params = [p for lin, _ in mlp_layers(model) for p in (lin.weight, lin.bias) if p is not None]
+    if optimizer is None:
+        state = [Engine._fresh_state(p, False) for p in params]
+        hyper = dict(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                     decoupled_weight_decay=False)
+    else:
+        shell = Engine.__new__(Engine)
+        shell.optimizer = optimizer
+        hyper = _optimizer_hyper(optimizer, params)
+        state = [shell._optimizer_state(p, hyper["amsgrad"]) for p in params]
+    return EagerReplay(mlp_layers(model), params, state, hyper, path=path)
+
+
+@pytest.fixture(params=["fused", "graph"])
+def path(request):
+    if request.param == "fused" and triton_interpreter_reason() is not None:
+        pytest.skip(str(triton_interpreter_reason()))
+    return request.param
+
+
+def assert_params_close(model, ref, atol=1e-5):
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=atol)
+
+
+@pytest.mark.parametrize("widths,batch", [([10, 20, 1], 64), ([13, 37, 5, 3], 67), ([20, 40, 1], 130)])
+def test_steps_match_pytorch(path, widths, batch):
+    model = sequential(widths)
+    ref = copy.deepcopy(model)
+    engine = engine_for(model, path)
+    assert engine.path == path
+    data = [(torch.randn(batch, widths[0]), torch.randn(batch, widths[-1])) for _ in range(4)]
+    losses = [engine.step(x, y) for x, y in data]
+    assert losses == pytest.approx(torch_steps(ref, data, torch.optim.Adam(ref.parameters(), lr=1e-2)), rel=1e-5)
+    assert_params_close(model, ref)
+
+
+def test_run_with_a_partial_batch_and_a_shared_optimizer(path):
+    model = sequential([7, 19, 2])
+    ref = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    X, Y = torch.randn(103, 7), torch.randn(103, 2)
+    rows = torch.randperm(103)
+    losses = engine_for(model, path, opt).run(X, Y, epochs=2, batch_size=20, seed=0, shuffle=False, rows=rows)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    expected = []
+    for _ in range(2):
+        batches = [(X[rows[i:i + 20]], Y[rows[i:i + 20]]) for i in range(0, 103, 20)]
+        step_losses = torch_steps(ref, batches, ref_opt)
+        expected.append(sum(v * len(b[0]) for v, b in zip(step_losses, batches)) / 103)
+    assert losses.tolist() == pytest.approx(expected, rel=1e-5)
+    assert_params_close(model, ref)
+    assert all(float(opt.state[p]["step"]) == 12 for p in model.parameters())  # written back to the optimizer
+
+
+def test_shuffled_run_follows_the_seeds_orders(path):
+    model = sequential([5, 16, 1])
+    ref = copy.deepcopy(model)
+    X, Y = torch.randn(50, 5), torch.randn(50, 1)
+    losses = engine_for(model, path).run(X, Y, epochs=3, batch_size=16, seed=7, shuffle=True)
+    gen, ref_opt, expected = torch.Generator().manual_seed(7), torch.optim.Adam(ref.parameters(), lr=1e-2), []
+    for _ in range(3):
+        order = torch.randperm(50, generator=gen)
+        batches = [(X[order[i:i + 16]], Y[order[i:i + 16]]) for i in range(0, 50, 16)]
+        step_losses = torch_steps(ref, batches, ref_opt)
+        expected.append(sum(v * len(b[0]) for v, b in zip(step_losses, batches)) / 50)
+    assert losses.tolist() == pytest.approx(expected, rel=1e-5)
+    assert_params_close(model, ref)
+
+
+@pytest.mark.parametrize("hyper", [dict(amsgrad=True), dict(weight_decay=0.1), dict(weight_decay=0.1, decoupled=True),
+                                   dict(maximize=True)], ids=str)
+def test_adam_variants_and_a_scheduler_every_step(path, hyper):
+    hyper = dict(hyper)
+    opt_cls = torch.optim.AdamW if hyper.pop("decoupled", False) else torch.optim.Adam
+    model = sequential([6, 24, 2])
+    ref = copy.deepcopy(model)
+    opt, ref_opt = opt_cls(model.parameters(), lr=1e-2, **hyper), opt_cls(ref.parameters(), lr=1e-2, **hyper)
+    sched, ref_sched = (torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.7) for o in (opt, ref_opt))
+    engine = engine_for(model, path, opt)
+    before = EagerReplay.captures
+    losses, expected = [], []
+    for batch in (32, 5, 32, 70, 5, 1):
+        x, y = torch.randn(batch, 6), torch.randn(batch, 2)
+        losses.append(engine.step(x, y))
+        opt._opt_called = True  # as Engine tells a scheduler the optimizer stepped
+        sched.step()
+        engine.set_hyperparameters(**_optimizer_hyper(opt, engine.params))  # what Engine does every call
+        expected += torch_steps(ref, [(x, y)], ref_opt)
+        ref_sched.step()
+    assert losses == pytest.approx(expected, rel=1e-5)
+    assert_params_close(model, ref)
+    assert EagerReplay.captures - before == 4  # one per batch size: a new rate is a write, not a capture
+
+
+def test_predict_matches_the_model_for_a_column_major_input(path):
+    model = sequential([9, 33, 3], final_relu=True)
+    engine = engine_for(model, path)
+    x = torch.randn(9, 100).t()  # a column-major view
+    with torch.no_grad():
+        torch.testing.assert_close(engine.predict(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_change_of_torchs_tf32_setting_captures_again(path):
+    engine = engine_for(sequential([4, 8, 1]), path)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        before = EagerReplay.captures
+        engine.step(x, y)
+        engine.step(x, y)
+        assert EagerReplay.captures - before == 1
+        torch.backends.cuda.matmul.allow_tf32 = not old  # a graph keeps the precision it was captured with
+        engine.step(x, y)
+        assert EagerReplay.captures - before == 2
+        engine.run(x, y, epochs=1, batch_size=8, seed=0, shuffle=False)
+        engine.run(x, y, epochs=1, batch_size=8, seed=0, shuffle=False)
+        assert EagerReplay.captures - before == 3  # run()'s graph: one batch size, once
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_tf32_setting_is_read_through_the_new_api():
+    # Once a program sets torch.backends.cuda.matmul.fp32_precision, reading allow_tf32 raises
+    # in torch >= 2.9: the kernels read the setting without it.
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch before 2.9 has no fp32_precision")
+    old = matmul.fp32_precision, torch.backends.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert cuda_matmul_allows_tf32()
+        matmul.fp32_precision = "ieee"
+        assert not cuda_matmul_allows_tf32()
+        matmul.fp32_precision = "none"  # not set for matmul: the global setting
+        torch.backends.fp32_precision = "tf32"
+        assert cuda_matmul_allows_tf32()
+    finally:
+        torch.backends.fp32_precision = old[1]
+        matmul.fp32_precision = old[0]
+    matmul.allow_tf32 = True  # the older setter, still read
+    try:
+        assert cuda_matmul_allows_tf32()
+    finally:
+        matmul.allow_tf32 = False
+    assert not cuda_matmul_allows_tf32()
+
+
+def test_the_fused_kernel_copies_an_input_whose_columns_it_cannot_address():
+    if triton_interpreter_reason() is not None:
+        pytest.skip(str(triton_interpreter_reason()))
+    from aiaas_fast.triton.fused_mlp import _columns_addressable
+
+    # 2^25 rows, column-major: column 127 starts past 2^31 elements in
+    column_major = torch.empty_strided((2**25, 128), (1, 2**25), device="meta")
+    assert not _columns_addressable(column_major) and _columns_addressable(torch.empty(2**25, 128, device="meta"))
+    assert _columns_addressable(torch.empty_strided((2**20, 128), (1, 2**20), device="meta"))

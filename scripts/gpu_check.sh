@@ -44,6 +44,14 @@ finish() {  # on any exit: results.json and the extras into OUTDIR, and the log 
 trap finish EXIT
 step() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
 fail() { echo "FAILED: $*"; status=1; }
+# Each timed step's exit status, for the report: 124 is timeout's "cut short by the limit".
+timed() {  # timed NAME LIMIT CMD...: CMD under LIMIT seconds (SIGINT, a kill 5 s later)
+  local name="$1" limit="$2" rc=0
+  shift 2
+  timeout --signal=INT --kill-after=5 "$limit" "$@" || rc=$?
+  echo "$name $rc" >> "$WORK/steps.txt"
+  return "$rc"
+}
 
 step "environment"
 command -v nvidia-smi >/dev/null || { echo "nvidia-smi not found: not an NVIDIA GPU machine"; exit 2; }
@@ -64,12 +72,12 @@ step "build and install (no downloads; CUDA architecture ${CAP} only)"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}" CMAKE_GENERATOR=Ninja
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 build_start=$SECONDS
-if ! timeout 150 "$PY" -m pip install --no-build-isolation --no-deps --no-index \
+if ! timeout 120 "$PY" -m pip install --no-build-isolation --no-deps --no-index \
       -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=${CAP}" -v . > "$WORK/build.txt" 2>&1; then
   tail -40 "$WORK/build.txt"
   # A build that failed early (a compile error in the CUDA code): without the native CUDA
-  # kernels the Triton half can still run, in the rest of this step's 150 s.
-  left=$((150 - (SECONDS - build_start)))
+  # kernels the Triton half can still run, in the rest of this step's 120 s.
+  left=$((120 - (SECONDS - build_start)))
   if (( left < 30 )); then echo "FAILED: build"; exit 1; fi
   fail "build with the native CUDA kernels; building without them ($left s left)"
   if ! timeout "$left" "$PY" -m pip install --no-build-isolation --no-deps --no-index -C cmake.define.AIAAS_FAST_CUDA=OFF \
@@ -96,15 +104,20 @@ export AIAAS_FAST_TRITON_AUTOTUNE=0 TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-cach
 export AIAAS_FAST_TEST_INDUCTOR_CACHE="$WORK/inductor-cache"  # new with this run: shared by both pytest runs
 # -m gpu: the cases that run on the GPU (the CUDA backends' and the GPU-only files'); the
 # CPU-only tests of the same files are CI's.
-PYTEST=("$PY" -m pytest -v -rfE --durations=10 -p no:cacheprovider -m gpu)
+# A file that fails to import costs its own tests, not the run's (--continue-on-collection-errors).
+PYTEST=("$PY" -m pytest -v -rfE --durations=10 -p no:cacheprovider --continue-on-collection-errors -m gpu)
+# Worker processes (pytest-xdist, where installed): the Triton kernels' first compiles, one
+# after another, alone take some 45 s of the ops run (about 180 kernels); 8 workers spread
+# them over the cores. Each worker has its own CUDA context; the GPU has room for all.
+if "$PY" -c "import xdist" 2>/dev/null; then PYTEST+=(-n 8); else echo "NOTE: no pytest-xdist: tests in one process"; fi
 step "tests on the GPU: native CUDA kernels, the engine, the fused MLP, many models"
-if ! timeout --signal=INT --kill-after=5 65 "${PYTEST[@]}" --junitxml="$WORK/tests-gpu.xml" \
+if ! timed tests-gpu 70 "${PYTEST[@]}" --junitxml="$WORK/tests-gpu.xml" \
       tests/test_fused_mlp.py tests/test_engine_cuda.py tests/test_cuda_ops.py tests/test_ensemble_cuda.py; then
   fail "tests (GPU kernels; see log.txt; results still written)"
 fi
 step "tests on the GPU: every op on every CUDA backend (one autotuning config: many shapes)"
-if ! timeout --signal=INT --kill-after=5 70 "${PYTEST[@]}" --junitxml="$WORK/tests-ops.xml" \
-      tests/test_linear_relu.py tests/test_mse_loss.py tests/test_adam.py tests/test_backends.py; then
+if ! timed tests-ops 90 "${PYTEST[@]}" --junitxml="$WORK/tests-ops.xml" \
+      tests/test_adam.py tests/test_backends.py tests/test_mse_loss.py tests/test_linear_relu.py; then
   fail "tests (ops; see log.txt; results still written)"
 fi
 unset AIAAS_FAST_TRITON_AUTOTUNE AIAAS_FAST_TEST_DEVICES
@@ -116,13 +129,13 @@ unset AIAAS_FAST_TRITON_AUTOTUNE AIAAS_FAST_TEST_DEVICES
 step "benchmarks (autotuned, do_bench medians)"
 export TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$WORK/bench"
-if ! timeout --signal=INT --kill-after=5 45 "$PY" benchmarks/triton_ops.py --device cuda --no-compile --out "$WORK/bench"; then
+if ! timed triton_ops 50 "$PY" benchmarks/triton_ops.py --device cuda --no-compile --out "$WORK/bench"; then
   fail "benchmarks (Triton; what it measured is still written)"
 fi
-if ! timeout --signal=INT --kill-after=5 45 "$PY" benchmarks/cuda_ops.py --out "$WORK/bench"; then
+if ! timed cuda-ops 45 "$PY" benchmarks/cuda_ops.py --out "$WORK/bench"; then
   fail "benchmarks (native CUDA; what it measured is still written)"
 fi
-if ! timeout --signal=INT --kill-after=5 55 "$PY" benchmarks/engine.py --device cuda --no-compile --out "$WORK/bench"; then
+if ! timed engine 55 "$PY" benchmarks/engine.py --device cuda --no-compile --out "$WORK/bench"; then
   fail "benchmarks (training engine; what it measured is still written)"
 fi
 

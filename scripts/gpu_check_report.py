@@ -82,6 +82,16 @@ def gather(out: str) -> dict:
                     row["ratio"], row["ratio_vs"] = r[own[0]], own[0][3:]
                 rows.append(row)
     result["benchmarks"] = rows
+    # gpu_check.sh's timed steps, "NAME STATUS" a line: 124 (SIGINT at the limit) or 137 (killed
+    # after it) mean the step was cut short, and a test run's totals are then a part of it.
+    steps = {}
+    if os.path.exists(os.path.join(out, "steps.txt")):
+        for line in open(os.path.join(out, "steps.txt")):
+            name, _, rc = line.strip().rpartition(" ")
+            if name and rc.lstrip("-").isdigit():
+                steps[name] = int(rc)
+    result["steps"] = steps
+    result["cut_short_steps"] = [name for name, rc in steps.items() if rc in (124, 137)]
     # A benchmark that wrote no file (killed before its first write, or never started) says so.
     names = {os.path.basename(p).split("-")[0] for p in glob.glob(os.path.join(out, "bench", "*.json"))}
     result["missing_benchmarks"] = [b for b in EXPECTED_BENCHMARKS if b.split("-")[0] not in names]
@@ -121,11 +131,6 @@ def table(result: dict) -> str:
     out = []
     gpu = result.get("gpu") or {}
     out.append(f"GPU {gpu.get('name', '?')}, driver {gpu.get('driver_version', '?')}, torch {result['torch']}, triton {result['triton']}")
-    t = result.get("tests")
-    out.append("tests: none run" if not t else
-               f"tests: {t['tests']} run, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped ({t['time_s']:.0f} s)")
-    if t:
-        out += [f"  failed: {name}" for name in t["failed"][:30]]
     out.append(f"{'kernel':<12} {'case':<40} {'provider':<18} {'median':>12} {'ratio':>28}  rate")
     for r in result["benchmarks"]:
         median = f"{r['y50'] * 1e6:>10.1f}us" if isinstance(r.get("y50"), (int, float)) else f"{'-':>12}"
@@ -136,6 +141,18 @@ def table(result: dict) -> str:
             median, ratio, rate = f"{'FAILED':>12}", f" {r['error'][:120]}", ""
         out.append(f"{str(r['kernel']):<12} {str(r['x']):<40} {str(r['provider']):<18} {median} {ratio}  {rate}")
     out += [f"note: {n}" for n in result.get("notes", [])]
+    # The summary last: a device tool may bring back only the end of the output.
+    t = result.get("tests")
+    if t:
+        out += [f"  failed: {name}" for name in t["failed"][:30]]
+    out.append("tests: none run" if not t else
+               f"tests: {t['tests']} run, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped ({t['time_s']:.0f} s)")
+    cut = result.get("cut_short_steps") or []
+    if cut:
+        out.append(f"STEPS CUT SHORT by their time limit (totals above count only what ran): {', '.join(cut)}")
+    failed_steps = [f"{n} ({rc})" for n, rc in (result.get("steps") or {}).items() if rc not in (0, 124, 137)]
+    if failed_steps:
+        out.append(f"steps that exited non-zero: {', '.join(failed_steps)}")
     if result.get("missing_benchmarks"):
         out.append(f"MISSING (no results file): {', '.join(result['missing_benchmarks'])}")
     if result.get("interrupted_benchmarks"):

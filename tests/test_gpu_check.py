@@ -84,6 +84,8 @@ def test_report_names_missing_and_cut_short_benchmarks(tmp_path):
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "engine-cuda-x.json").write_text(json.dumps(
         {"environment": {"interrupted": "during the many-model table"}, "rows": []}))
+    # gpu_check.sh's step statuses: a test run cut short at its limit (124), one that failed (1)
+    (tmp_path / "steps.txt").write_text("tests-gpu 1\ntests-ops 124\nengine 0\n")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check_report.py"), str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -91,6 +93,11 @@ def test_report_names_missing_and_cut_short_benchmarks(tmp_path):
     assert data["missing_benchmarks"] == ["triton_ops", "cuda-ops"]
     assert data["interrupted_benchmarks"] == ["engine-cuda-x.json"]
     assert "MISSING (no results file): triton_ops, cuda-ops" in r.stdout and "cut short" in r.stdout
+    assert data["steps"] == {"tests-gpu": 1, "tests-ops": 124, "engine": 0} and data["cut_short_steps"] == ["tests-ops"]
+    last = r.stdout.strip().splitlines()[-6:]  # the summary ends the output (a tool may keep only its tail)
+    assert any(l.startswith("STEPS CUT SHORT") and "tests-ops" in l for l in last), last
+    assert any(l == "steps that exited non-zero: tests-gpu (1)" for l in last), last
+    assert any(l.startswith("tests: none run") for l in last), last
 
 
 def test_every_gpu_test_file_is_in_the_script():
@@ -110,8 +117,13 @@ def test_step_time_limits_fit_the_eight_minutes():
     import re
 
     script = open(os.path.join(ROOT, "scripts", "gpu_check.sh")).read()
-    # A limit and the grace before a kill: `timeout [--signal=INT] [--kill-after=K] LIMIT cmd`.
+    # A limit and the grace before a kill: `timeout [--signal=INT] [--kill-after=K] LIMIT cmd`,
+    # or the script's `timed NAME LIMIT cmd` (a kill GRACE s after the limit).
     steps = re.findall(r"\btimeout ((?:--\S+ )*)(\d+) ", script)
     limits = [int(limit) + sum(int(k) for k in re.findall(r"--kill-after=(\d+)", opts)) for opts, limit in steps]
+    grace = re.search(r"timed\(\) \{.*?timeout --signal=INT --kill-after=(\d+) \"\$limit\"", script, re.S)
+    assert grace, "timed() no longer runs `timeout --signal=INT --kill-after=K \"$limit\"`: update this test"
+    limits += [int(limit) + int(grace.group(1)) for limit in re.findall(r"\btimed [\w-]+ (\d+) ", script)]
     # The steps without a limit (nvidia-smi, the imports, the report) take some 15-25 s more.
     assert len(limits) >= 6 and sum(limits) <= 455, limits
+    assert len(re.findall(r"\btimed [\w-]+ \d+ ", script)) == 5, "the two test runs and three benchmarks are timed"

@@ -9,7 +9,8 @@ cublaslt / auto), as TFLOP/s and as a fraction of torch.mm (target >= 95%).
 linear_relu forward+backward at batch 4096, 1024->1024 bf16: eager, torch.compile, Triton,
 ours (target >= 1.3x eager and ahead of torch.compile).
 mse_loss (forward writing the gradient) and Adam (16M float32 params in 6 tensors) as GB/s
-against the copy bandwidth measured in the same run (target >= 85%).
+against the copy bandwidth measured in the same run (target >= 85%); so is the pass of
+linear_relu's backward before its products (the ReLU mask and the bias gradient's sums).
 Writes benchmarks/results/cuda-ops-<date>T<time>.{json,md} after each section (cheapest first);
 Ctrl-C (SIGINT) writes what was measured and exits 130. Without CUDA it says so and exits 1.
 """
@@ -148,6 +149,22 @@ def bench_memory_bound(run, q):
             gbs = byts / tm["y50"] / 1e9
             run.record("mse_loss (loss + grad)", f"{numel} {str(dtype)[6:]}", name, tm["y50"], "GB/s", gbs, gbs / copy,
                        "copy bandwidth")
+
+    # linear_relu's backward pass before its products: the ReLU mask on the gradient and the
+    # bias gradient's column sums (here the bias gradient alone: the pass reads g and out).
+    for rows, cols, dtype in ((256, 64, torch.float32) if q else (4096, 1024, torch.bfloat16),
+                              (1024, 16, torch.float32) if q else (65536, 256, torch.float32)):
+        g = torch.randn(rows, cols, device=dev, dtype=dtype)
+        out = torch.randn(rows, cols, device=dev, dtype=dtype).relu_()
+        x, w = torch.empty(rows, 8, device=dev, dtype=dtype), torch.empty(cols, 8, device=dev, dtype=dtype)
+        byts = 2 * g.numel() * g.element_size()
+        fns = {"eager threshold_backward + sum": lambda: torch.ops.aten.threshold_backward(g, out, 0).sum(0)}
+        if has_native_cuda():
+            fns["aiaas_fast native"] = lambda: torch.ops.aiaas_fast.linear_relu_backward(g, x, w, out, [False, False, True])
+        shape = f"{rows}x{cols} {str(dtype)[6:]}"
+        for name, tm in run.timed(fns, f"relu mask + bias grad {shape}").items():
+            gbs = byts / tm["y50"] / 1e9
+            run.record("relu mask + bias grad", shape, name, tm["y50"], "GB/s", gbs, gbs / copy, "copy bandwidth")
 
     sizes = [numel // 6] * 5 + [numel - 5 * (numel // 6)]
     params = [torch.randn(s, device=dev) for s in sizes]

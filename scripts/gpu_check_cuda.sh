@@ -3,7 +3,9 @@
 # AIAAS_FAST_CUDA_ARCHS says otherwise), run the op test suite on the GPU (tests/test_cuda_ops.py,
 # with the CPU op suite alongside), then the CUDA benchmark, whose results land in
 # benchmarks/results/ (or $OUT/results when $OUT is set, as on the device runner).
-# To be called from scripts/gpu_check.sh (the Triton issue's GPU check).
+# Not part of scripts/gpu_check.sh (which covers the native backend within its 8 minutes): an
+# unhurried check of the native backend alone, without time limits, the CPU op tests alongside,
+# for a GPU session with time to spare.
 #
 # CUTLASS headers: set AIAAS_FAST_CUTLASS_INCLUDE_DIR, or have nvidia-cutlass installed, or a
 # build/cutlass-headers/include left by scripts/check_cuda_kernels.sh (carry it to the machine).

@@ -159,3 +159,16 @@ def test_a_change_of_torchs_tf32_setting_captures_again(path):
     torch.backends.cuda.matmul.allow_tf32 = True  # the ieee_float32 fixture restores it
     engine.step(x, y)
     assert engine._core._graphs[16] is not first
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_last_gradients_are_the_last_replays(path):
+    model = sequential([7, 21, 3], device="cuda")
+    ref = copy.deepcopy(model)
+    engine = Engine(model, lr=0.0, path=path)  # lr 0: the reference keeps the engine's weights
+    for batch in (16, 9, 16):  # two graphs; the last step's gradients from the one it replayed
+        x, y = torch.randn(batch, 7, device="cuda"), torch.randn(batch, 3, device="cuda")
+        engine.step(x, y)
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    for g, p in zip(engine.last_gradients(), ref.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)

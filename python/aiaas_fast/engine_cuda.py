@@ -155,7 +155,9 @@ class CudaGraphEngine(GraphCapture):
         self.device = params[0].device
         self.in_features, self.out_features = layers[0][0].in_features, layers[-1][0].out_features
         self.steps = [torch.tensor(float(s["step"]), dtype=torch.float32, device=self.device) for s in state]
-        self._graphs: Dict[int, tuple] = {}  # batch size -> (replay, x, y, loss): static buffers
+        self._graphs: Dict[int, tuple] = {}  # batch size -> (replay, x, y, loss, grads): static buffers
+        self._captured_grads: List[Tensor] = []  # the gradients the body computed last (its graph's, after a capture)
+        self._last_grads: Optional[List[Tensor]] = None  # those of the graph replayed last
         self._run_key = None  # run()'s graphs: for which data and sizes (_run_graphs)
         # float32: torch's fused kernels read a tensor lr as float
         self._lr = torch.tensor(float(hyper["lr"]), dtype=torch.float32, device=self.device)
@@ -174,6 +176,7 @@ class CudaGraphEngine(GraphCapture):
             with torch.enable_grad():
                 loss = ops.mse_loss(self._forward(x), y)
                 grads = torch.autograd.grad(loss, self.params)
+        self._captured_grads = list(grads)
         with torch.no_grad():
             max_sqs = [s["max_exp_avg_sq"] for s in self.state] if self.hyper["amsgrad"] else []
             _adam(self.params, list(grads), [s["exp_avg"] for s in self.state], [s["exp_avg_sq"] for s in self.state],
@@ -181,7 +184,7 @@ class CudaGraphEngine(GraphCapture):
         return loss.detach()
 
     def _graph(self, batch: int):
-        """step()'s graph for this batch size: (replay, static x, static y, loss)."""
+        """step()'s graph for this batch size: (replay, static x, static y, loss, gradients)."""
         entry = self._graphs.get(batch)
         if entry is not None:
             return entry
@@ -190,7 +193,7 @@ class CudaGraphEngine(GraphCapture):
         x = torch.zeros(batch, self.in_features, device=self.device)
         y = torch.zeros(batch, self.out_features, device=self.device)
         replay, loss = self._capture_without_training(lambda: self._body(x, y))
-        entry = self._graphs[batch] = (replay, x, y, loss)
+        entry = self._graphs[batch] = (replay, x, y, loss, self._captured_grads)
         return entry
 
     def _run_graphs(self, X: Tensor, Y: Tensor, n: int, batch: int):
@@ -222,7 +225,7 @@ class CudaGraphEngine(GraphCapture):
                 return loss
 
             with torch.no_grad():
-                graphs[size] = self._capture_without_training(body)[0]
+                graphs[size] = (self._capture_without_training(body)[0], self._captured_grads)
             pos.zero_()
             total.zero_()
         self._run_key, self._run_entry = key, (graphs, order, pos, total)
@@ -270,10 +273,11 @@ class CudaGraphEngine(GraphCapture):
         if len(x) != len(y) or len(x) == 0:
             raise RuntimeError(f"aiaas_fast.Engine.step: x has {len(x)} rows and y has {len(y)}")
         self._follow_precision()
-        replay, xs, ys, loss = self._graph(len(x))
+        replay, xs, ys, loss, grads = self._graph(len(x))
         xs.copy_(x)
         ys.copy_(y)
         replay()
+        self._last_grads = grads
         self._write_back_steps()
         return float(loss)
 
@@ -305,7 +309,8 @@ class CudaGraphEngine(GraphCapture):
             total.zero_()
             stop = False
             for s in range(steps_in_epoch):
-                graphs[min(batch_size, n - s * batch_size)]()
+                replay, self._last_grads = graphs[min(batch_size, n - s * batch_size)]
+                replay()
                 done = s + 1
                 at_end = done == steps_in_epoch
                 if callback is not None and (at_end or (callback_every and done % callback_every == 0)):
@@ -321,6 +326,13 @@ class CudaGraphEngine(GraphCapture):
                 break
         self._write_back_steps()
         return torch.tensor(losses, dtype=torch.float64)
+
+    def last_gradients(self) -> List[Tensor]:
+        """The last step's gradients, in parameter order (weight, bias per layer): for tests.
+        A graph's gradient tensors keep their addresses, and the last replay's values."""
+        if self._last_grads is None:
+            raise RuntimeError("aiaas_fast.Engine.last_gradients: no step has run yet")
+        return [g.detach().clone() for g in self._last_grads]
 
     def predict(self, X: Tensor) -> Tensor:
         X = self._check(X, "x", self.in_features)

@@ -7,6 +7,12 @@ namespace aiaas_fast::cuda {
 namespace {
 using namespace detail;
 
+// The grid's cap: past it (16.7M elements at 256 threads) each thread loops over the rest.
+// The CUDA emulator's build (tests/cuda_emulator) lowers it, so that its checks run the loop.
+#ifndef AIAAS_FAST_BIAS_RELU_MAX_BLOCKS
+#define AIAAS_FAST_BIAS_RELU_MAX_BLOCKS 65536
+#endif
+
 template <typename T>
 __global__ void bias_relu_kernel(T* __restrict__ out, const T* __restrict__ bias, int64_t total, int64_t cols) {
   using A = acc_t<T>;
@@ -178,7 +184,7 @@ cudaError_t bias_relu(DType dtype, void* out, const void* bias, int64_t rows, in
   return dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int threads = 256;
-    const int64_t blocks = std::min<int64_t>(ceil_div(total, threads), int64_t(1) << 16);
+    const int64_t blocks = std::min<int64_t>(ceil_div(total, threads), AIAAS_FAST_BIAS_RELU_MAX_BLOCKS);
     bias_relu_kernel<T><<<unsigned(blocks), threads, 0, stream>>>(static_cast<T*>(out), static_cast<const T*>(bias),
                                                                   total, cols);
     return cudaGetLastError();

@@ -17,7 +17,7 @@ from torch.nn.utils import prune
 import aiaas_fast
 from aiaas_fast.engine import Engine, UnsupportedModel, mlp_layers, unsupported_reason
 from aiaas_fast.ensemble import ensemble_engine
-from helpers import needs_triton_interpreter, sequential, torch_steps
+from helpers import sequential, torch_steps
 
 PATHS = ["small", "blas", "auto"]
 
@@ -695,128 +695,6 @@ def test_concurrent_calls_on_one_engine_are_serialised():
     for t in threads:
         t.join()
     assert len(losses) == 60 and all(v == expected for v in losses)
-
-
-def eager_replay_engine():
-    """The CUDA engine with its capture swapped for a replay that runs the body eagerly."""
-    from aiaas_fast.engine_cuda import CudaGraphEngine
-
-    class EagerReplay(CudaGraphEngine):
-        def _capture(self, body):
-            body()  # the warm-up that capture does, which must not train
-            out = torch.zeros(())
-            return (lambda: out.copy_(body())), out
-
-    return EagerReplay
-
-
-def replayed_seed_like_engine(path):
-    """(model 5->12->1, its copy for torch, the Engine holding its state, the CUDA engine's
-    logic on that state with eager replay)."""
-    model = sequential([5, 12, 1])
-    ref = copy.deepcopy(model)
-    engine = Engine(model, lr=1e-2)
-    core = eager_replay_engine()(mlp_layers(model), list(model.parameters()), engine.state, engine._hyper, path=path)
-    return model, ref, engine, core
-
-
-@pytest.mark.parametrize("path", ["graph", pytest.param("fused", marks=needs_triton_interpreter)])
-def test_cuda_engine_run_shuffles_stops_and_reuses_its_graphs(path):
-    # run()'s graphs gather each batch by the epoch's order at a position counter and add up
-    # the loss inside the graph; checked against torch steps over the same shuffled batches.
-    model, ref, engine, core = replayed_seed_like_engine(path)
-    X, Y = torch.randn(50, 5), torch.randn(50, 1)
-    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(7)
-    expected = []
-    for _ in range(2):
-        order = torch.randperm(50, generator=gen)
-        batches = [(X[order[i:i + 16]], Y[order[i:i + 16]]) for i in range(0, 50, 16)]
-        step_losses = torch_steps(ref, batches, ref_opt)
-        expected.append(sum(v * len(b[0]) for v, b in zip(step_losses, batches)) / 50)
-    first = core.run(X, Y, epochs=2, batch_size=16, seed=7, shuffle=True)
-    graphs = core._run_entry
-    # A second call on the same data reuses the graphs; its callback stops it after one step.
-    seen = []
-    stopped = core.run(X, Y, epochs=3, batch_size=16, seed=7, shuffle=True, callback_every=1,
-                       callback=lambda e, s, n, end, loss: seen.append((e, s)) or True)
-    assert first.tolist() == pytest.approx(expected, rel=1e-5)
-    assert core._run_entry is graphs and seen == [(0, 1)] and len(stopped) == 1
-    core.set_hyperparameters(**dict(engine._hyper, lr=5e-3))
-    assert core._run_entry is graphs  # a new learning rate: the same graphs (next test)
-    core.set_hyperparameters(**dict(engine._hyper, lr=5e-3, beta2=0.99))
-    core.run(X, Y, epochs=1, batch_size=16, seed=7, shuffle=True)
-    assert core._run_entry is not graphs  # betas are baked into the captured launches: new graphs
-
-
-@pytest.mark.parametrize("path", ["graph", pytest.param("fused", marks=needs_triton_interpreter)])
-def test_cuda_engine_learning_rate_changes_keep_the_graphs(path):
-    # A scheduler may change the learning rate every step: the graphs read it from a device
-    # scalar, so a change is a write to it, not a new capture, and the steps follow it.
-    model, ref, engine, core = replayed_seed_like_engine(path)
-    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
-    losses, expected = [], []
-    for i, (x, y) in enumerate(batches(4, 16, 5, 1)):
-        lr = 1e-2 * 0.5 ** i
-        core.set_hyperparameters(**dict(engine._hyper, lr=lr))
-        ref_opt.param_groups[0]["lr"] = lr
-        losses.append(core.step(x, y))
-        expected += torch_steps(ref, [(x, y)], ref_opt)
-        if i == 0:
-            graph = core._graphs[16]
-    assert core._graphs[16] is graph
-    assert losses == pytest.approx(expected, rel=1e-5)
-    assert_same_weights(model, ref)
-    # Rows out of range are refused before any graph runs (inside one, a device assert).
-    with pytest.raises(RuntimeError, match="sample_index holds row 7 for model 0, but x has 3 rows"):
-        core.run(torch.randn(3, 5), torch.randn(3, 1), epochs=1, batch_size=2, seed=0, shuffle=False,
-                 rows=torch.tensor([0, 7]))
-
-
-@pytest.mark.parametrize("path", ["graph", pytest.param("fused", marks=needs_triton_interpreter)])
-def test_cuda_graph_engine_logic_with_the_capture_replaced_by_eager_calls(path):
-    # The CUDA engine's buffers, warm-up restore, partial batches, loss accounting and step
-    # write-back, on the CPU: its capture swapped for a replay that runs the body eagerly
-    # (the capture itself only runs on a GPU: tests/test_engine_cuda.py).
-    EagerReplay = eager_replay_engine()
-    model = sequential([7, 19, 2])
-    ref = copy.deepcopy(model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    engine = Engine(model, opt)  # on the CPU: the C++ core; build the CUDA one by hand
-    core = EagerReplay(mlp_layers(model), list(model.parameters()), engine.state, engine._hyper, path=path)
-    assert core.path == path
-    X, Y = torch.randn(103, 7), torch.randn(103, 2)
-    rows = torch.randperm(103)
-    losses = core.run(X, Y, epochs=2, batch_size=20, seed=0, shuffle=False, rows=rows)
-    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
-    expected = []
-    for _ in range(2):
-        per_batch = [(X[rows[i:i + 20]], Y[rows[i:i + 20]]) for i in range(0, 103, 20)]
-        step_losses = torch_steps(ref, per_batch, ref_opt)
-        expected.append(sum(v * len(b[0]) for v, b in zip(step_losses, per_batch)) / 103)
-    assert losses.tolist() == pytest.approx(expected, rel=1e-5)
-    assert_same_weights(model, ref)
-    assert all(float(opt.state[p]["step"]) == 12 for p in model.parameters())
-    x, y = X[:9], Y[:9]
-    assert core.step(x, y) == pytest.approx(torch_steps(ref, [(x, y)], ref_opt)[0], rel=1e-5)
-    assert_same_weights(model, ref)
-    with torch.no_grad():
-        torch.testing.assert_close(core.predict(X), model(X), rtol=1e-5, atol=1e-6)
-
-
-@needs_triton_interpreter
-def test_cuda_engine_paths_are_checked():
-    from aiaas_fast.engine_cuda import CudaGraphEngine
-
-    for widths, path, error, match in (([3, 4, 1], "small", ValueError, "path on CUDA"),
-                                       ([3, 200, 1], "fused", UnsupportedModel, "widths up to 128")):
-        model = sequential(widths)
-        engine = Engine(model)
-        with pytest.raises(error, match=match):
-            CudaGraphEngine(mlp_layers(model), list(model.parameters()), engine.state, engine._hyper, path=path)
-    wide = sequential([3, 200, 1])
-    engine = Engine(wide)
-    assert CudaGraphEngine(mlp_layers(wide), list(wide.parameters()), engine.state, engine._hyper, path="auto").path == "graph"
 
 
 def test_replaced_parameters_are_refused_not_trained_silently():

@@ -255,13 +255,18 @@ def test_tf32_setting_is_read_through_the_new_api():
 
 
 @needs_triton_interpreter
-def test_the_fused_kernel_copies_an_input_whose_columns_it_cannot_address():
-    from aiaas_fast.triton.fused_mlp import _columns_addressable
+def test_the_fused_kernel_copies_an_input_it_cannot_address_in_32_bits():
+    from aiaas_fast.triton.fused_mlp import _in_place_or_copied
 
     # 2^25 rows, column-major: column 127 starts past 2^31 elements in
     column_major = torch.empty_strided((2**25, 128), (1, 2**25), device="meta")
-    assert not _columns_addressable(column_major) and _columns_addressable(torch.empty(2**25, 128, device="meta"))
-    assert _columns_addressable(torch.empty_strided((2**20, 128), (1, 2**20), device="meta"))
+    assert _in_place_or_copied(column_major).is_contiguous()
+    # a row stride that the last row of a tile (16 rows at the least) times past 2^31
+    wide_rows = torch.empty_strided((100, 8), (2**28, 1), device="meta")
+    assert _in_place_or_copied(wide_rows).stride() == (8, 1)
+    for fine in (torch.empty(2**25, 128, device="meta"), torch.empty_strided((2**20, 128), (1, 2**20), device="meta"),
+                 torch.empty_strided((1, 8), (2**40, 1), device="meta")):  # one row: its stride is never used
+        assert _in_place_or_copied(fine) is fine
 
 
 @needs_triton_interpreter

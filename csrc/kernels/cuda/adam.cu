@@ -204,8 +204,9 @@ cudaError_t run(const AdamTensor* tensors, int64_t count, const AdamOptions& o, 
   for (int64_t i = 0; i < count; ++i) {
     const AdamTensor& t = tensors[i];
     const int64_t chunks = ceil_div(t.n, kChunk);
+    if (chunks == 0) continue;  // nothing to update (its device step was incremented above)
     const size_t vt = sizeof(T) * kVec, vs = sizeof(S) * kVec;
-    for (int64_t c = 0; c == 0 || c < chunks;) {  // a tensor with no elements still takes a slot: its step
+    for (int64_t c = 0; c < chunks;) {
       if (table.tensors == kAdamMaxTensors) {
         const cudaError_t err = flush();
         if (err != cudaSuccess) return err;
@@ -227,7 +228,6 @@ cudaError_t run(const AdamTensor* tensors, int64_t count, const AdamOptions& o, 
         table.block_chunk[blocks] = static_cast<int>(c);
         ++blocks;
       }
-      if (chunks == 0) break;
       if (c < chunks) {  // the table is full of blocks: launch it, the tensor continues in the next
         const cudaError_t err = flush();
         if (err != cudaSuccess) return err;

@@ -52,6 +52,10 @@ int64_t tile_rows_for(int64_t rows, int row_groups) {
   return per_thread * row_groups;
 }
 
+// A block covers kTx * VEC columns. On the vector path thread tx takes the VEC consecutive
+// columns of its 16-byte group; on the element path it takes every kTx-th column of the
+// block's span (tx, tx + kTx, ...), so that a warp's accesses stay consecutive. Either way
+// one thread owns each column, over the same rows, and the sums keep their order and bits.
 template <typename T, bool kVecLoads, bool kWriteGrad, bool kSumCols, bool kDirect>
 __global__ void __launch_bounds__(kThreads)
     relu_grad_kernel(const T* __restrict__ g, const T* __restrict__ out, T* __restrict__ gm,
@@ -60,28 +64,33 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_t<T>;
   constexpr int VEC = 16 / sizeof(T);
   using V = Vec<T, VEC>;
-  __shared__ double sums[kThreads * VEC];  // 16 KB; [thread][column of its group]
-  const int tx = threadIdx.x, ty = threadIdx.y, row_groups = blockDim.y;
-  const int thread = ty * blockDim.x + tx;
-  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + tx) * VEC;  // this thread's first column
+  // 16 KB; column-major ([column of the thread's set][thread]), so a warp's accesses to one
+  // column set are consecutive doubles: no bank conflicts.
+  __shared__ double sums[VEC * kThreads];
+  const int tx = threadIdx.x, ty = threadIdx.y, row_groups = blockDim.y, col_threads = blockDim.x;
+  const int thread = ty * col_threads + tx;
+  const int64_t span = int64_t(blockIdx.x) * col_threads * VEC;  // the block's first column
+  // This thread's j-th column.
+  auto col = [&](int j) -> int64_t { return kVecLoads ? span + int64_t(tx) * VEC + j : span + int64_t(j) * col_threads + tx; };
   const int64_t r0 = int64_t(blockIdx.y) * tile_rows;
   const int64_t r1 = r0 + tile_rows < rows ? r0 + tile_rows : rows;
   double s[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) s[j] = 0;
-  if (c0 < cols) {
+  if (col(0) < cols) {
     for (int64_t r = r0 + ty; r < r1; r += row_groups) {
-      const int64_t i = r * cols + c0;
+      const T* g_row = g + r * cols;
+      const T* out_row = out + r * cols;
       V gv, ov, mv;
       if constexpr (kVecLoads) {  // cols % VEC == 0: the whole group is in the row
-        gv = *reinterpret_cast<const V*>(g + i);
-        ov = *reinterpret_cast<const V*>(out + i);
+        gv = *reinterpret_cast<const V*>(g_row + col(0));
+        ov = *reinterpret_cast<const V*>(out_row + col(0));
       } else {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const bool in = c0 + j < cols;
-          gv.v[j] = in ? g[i + j] : T(0.0f);
-          ov.v[j] = in ? out[i + j] : T(0.0f);
+          const bool in = col(j) < cols;
+          gv.v[j] = in ? g_row[col(j)] : T(0.0f);
+          ov.v[j] = in ? out_row[col(j)] : T(0.0f);
         }
       }
 #pragma unroll
@@ -92,31 +101,34 @@ __global__ void __launch_bounds__(kThreads)
         if constexpr (kSumCols) s[j] += static_cast<double>(v);
       }
       if constexpr (kWriteGrad) {
+        T* gm_row = gm + r * cols;
         if constexpr (kVecLoads) {
-          *reinterpret_cast<V*>(gm + i) = mv;
+          *reinterpret_cast<V*>(gm_row + col(0)) = mv;
         } else {
 #pragma unroll
           for (int j = 0; j < VEC; ++j)
-            if (c0 + j < cols) gm[i + j] = mv.v[j];
+            if (col(j) < cols) gm_row[col(j)] = mv.v[j];
         }
       }
     }
   }
   if constexpr (kSumCols) {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) sums[thread * VEC + j] = s[j];
+    for (int j = 0; j < VEC; ++j) sums[j * kThreads + thread] = s[j];
     // The row groups added pairwise, a fixed tree (row_groups is a power of two).
     for (int half = row_groups / 2; half > 0; half /= 2) {
       __syncthreads();
       if (ty < half)
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) sums[thread * VEC + j] += sums[(thread + half * blockDim.x) * VEC + j];
+        for (int j = 0; j < VEC; ++j) sums[j * kThreads + thread] += sums[j * kThreads + thread + half * col_threads];
     }
     if (ty == 0) {
-      for (int j = 0; j < VEC && c0 + j < cols; ++j) {
-        const double total = sums[tx * VEC + j];
-        if constexpr (kDirect) grad_bias[c0 + j] = from_acc<T>(static_cast<A>(total));  // one tile: the sum
-        else partial[int64_t(blockIdx.y) * cols + c0 + j] = total;
+      for (int j = 0; j < VEC; ++j) {
+        const int64_t c = col(j);
+        if (c >= cols) continue;
+        const double total = sums[j * kThreads + tx];
+        if constexpr (kDirect) grad_bias[c] = from_acc<T>(static_cast<A>(total));  // one tile: the sum
+        else partial[int64_t(blockIdx.y) * cols + c] = total;
       }
     }
   }
@@ -197,7 +209,7 @@ size_t relu_grad_workspace_bytes(DType dtype, int64_t rows, int64_t cols) {
     tiles = ReluGradShape<std::remove_pointer_t<decltype(tag)>>(rows, cols).tiles;
     return cudaSuccess;
   });
-  return size_t(tiles > 1 ? tiles : 1) * size_t(cols) * sizeof(double);  // one tile writes grad_bias itself
+  return tiles > 1 ? size_t(tiles) * size_t(cols) * sizeof(double) : 0;  // one tile writes grad_bias itself
 }
 
 cudaError_t relu_grad(DType dtype, const void* g, const void* out, void* gm, void* grad_bias, void* workspace,

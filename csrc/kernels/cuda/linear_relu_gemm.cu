@@ -38,8 +38,8 @@ cudaError_t detail::cutlass_failed(const char* reason) {
   // CUTLASS's "Error Internal" is a kernel launch or cudaFuncSetAttribute that failed: it read
   // (and so cleared) the CUDA error itself, which is then lost here.
   if (reason && std::strcmp(reason, "Error Internal") == 0)
-    reason = "Error Internal (a kernel launch or cudaFuncSetAttribute failed inside CUTLASS, which cleared the CUDA "
-             "error; CUDA_LAUNCH_BLOCKING=1 or compute-sanitizer shows it)";
+    reason = "Error Internal (a kernel launch or cudaFuncSetAttribute failed inside CUTLASS, which read and so "
+             "cleared the CUDA error; compute-sanitizer reports the failing call)";
   cutlass_failure_reason = err == cudaSuccess && reason ? reason : "";
   return err != cudaSuccess ? err : cudaErrorUnknown;
 }

@@ -234,11 +234,17 @@ def unsupported_reason(layers: Sequence[Tuple[nn.Linear, bool]]) -> Optional[str
     return None
 
 
-def _columns_addressable(t: Tensor) -> bool:
-    """Whether the kernel can address t's columns in place: it forms a column index (under
-    128) times the column stride in 32-bit arithmetic, which a column-major view of more than
-    16.7M rows would overflow."""
-    return t.stride(1) * max(t.shape[1] - 1, 0) < 2**31
+def _addressable(t: Tensor) -> bool:
+    """Whether the kernel can address (rows, cols) t in place: within a tile it forms a column
+    index (under 128) times the column stride, and for the weight gradients a row index within
+    the tile times the row stride, in 32-bit arithmetic (a column-major view of more than
+    16.7M rows would overflow)."""
+    rows_in_tile = min(t.shape[0], _MAX_BLOCK_M)
+    return max(t.stride(1) * max(t.shape[1] - 1, 0), t.stride(0) * max(rows_in_tile - 1, 0)) < 2**31
+
+
+def _in_place_or_copied(t: Tensor) -> Tensor:
+    return t if _addressable(t) else t.contiguous()
 
 
 def _precision() -> str:
@@ -292,8 +298,8 @@ class FusedMLP:
 
     def _launch(self, x: Tensor, y: Optional[Tensor], out: Optional[Tensor], train: bool) -> int:
         """Launches the kernel; returns the number of programs (rows of the partial buffer)."""
-        x = x if _columns_addressable(x) else x.contiguous()
-        y = y if y is None or _columns_addressable(y) else y.contiguous()
+        x = _in_place_or_copied(x)
+        y = None if y is None else _in_place_or_copied(y)
         M = x.shape[0]
         y_ = y if y is not None else x
         out_ = out if out is not None else x
@@ -327,7 +333,7 @@ class FusedMLP:
 
     def forward(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """The model's output for x (rows, in), written into ``out`` (rows, out) if given."""
-        if out is None or not _columns_addressable(out):
+        if out is None or not _addressable(out):
             result = torch.empty((x.shape[0], self.widths[-1]), dtype=torch.float32, device=x.device)
         else:
             result = out

@@ -28,7 +28,6 @@ struct Table {
   int64_t n[kAdamMaxTensors];
   double host_step[kAdamMaxTensors];
   unsigned char step_kind[kAdamMaxTensors];
-  unsigned char increment[kAdamMaxTensors];  // increment_steps_kernel adds 1 to this slot's device step
   unsigned char vector_ok[kAdamMaxTensors];  // every pointer aligned for kVec-element accesses
   unsigned char block_tensor[kAdamMaxBlocks];
   int block_chunk[kAdamMaxBlocks];
@@ -45,7 +44,7 @@ static_assert(sizeof(Table) + sizeof(Scalars) <= 4000, "the Adam table must fit 
 
 __global__ void increment_steps_kernel(Table table) {
   const int i = threadIdx.x;
-  if (i >= table.tensors || !table.increment[i]) return;
+  if (i >= table.tensors) return;
   // Atomic: two params may share one step tensor, which then counts twice, as
   // torch._foreach_add_ counts it (exact either way: whole numbers).
   if (table.step_kind[i] == kStepF32) atomicAdd(static_cast<float*>(table.step[i]), 1.0f);
@@ -172,7 +171,6 @@ cudaError_t increment_device_steps(const AdamTensor* tensors, int64_t count, cud
     const int slot = table.tensors++;
     table.step[slot] = t.step_f32 ? static_cast<void*>(t.step_f32) : static_cast<void*>(t.step_f64);
     table.step_kind[slot] = t.step_f32 ? kStepF32 : kStepF64;
-    table.increment[slot] = 1;
   }
   return flush();
 }

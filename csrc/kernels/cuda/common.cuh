@@ -51,8 +51,9 @@ inline bool gemm_bias_relu_takes(DType dtype, int64_t N, int64_t K, const void* 
 }
 
 // A CUTLASS call that did not succeed: the CUDA error behind it where there is one, else
-// cudaErrorUnknown, with CUTLASS's reason kept for cutlass_failure() (kernels.cuh).
-cudaError_t cutlass_failed(const char* reason);
+// cudaErrorUnknown, with CUTLASS's reason kept for cutlass_failure() (kernels.cuh); `internal`:
+// CUTLASS's status was kErrorInternal, a failed launch whose CUDA error CUTLASS cleared.
+cudaError_t cutlass_failed(const char* reason, bool internal);
 // Forgets the last reason: each CUTLASS GEMM calls it first, so a reason is never a stale one.
 void cutlass_clear_failure();
 

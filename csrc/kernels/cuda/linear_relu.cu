@@ -23,15 +23,16 @@ __global__ void bias_relu_kernel(T* __restrict__ out, const T* __restrict__ bias
   }
 }
 
-// The backward's pass. A block is 256 threads, kTx(cols) x (256 / kTx) (x: column groups,
-// y: row groups); thread (tx, ty) takes the VEC = 16 / sizeof(T) columns of its group (one
+// The backward's pass. A block is 256 threads, col_threads<T>(cols) x the rest (x: column
+// groups, y: row groups); thread (tx, ty) takes the VEC = 16 / sizeof(T) columns of its group (one
 // 16-byte load of g and of out, one store of gm, where the pointers and the row length
 // allow, else element by element: the same elements and sums either way) over the rows
 // ty, ty + row_groups, ... of its block's row tile. Narrow matrices get fewer column groups
 // and more row groups, so every lane has work. The bias gradient: each thread sums its
 // rows in double, a fixed tree adds the row groups (one partial sum per tile and column),
 // and a second kernel adds the tiles in a fixed order. Every choice depends on the shape
-// and dtype alone, so the bits do too.
+// and dtype alone, so the bits do too. The sums are in double (cheap: the pass is bound by
+// memory): a float32 running sum over thousands of rows drifts by hundreds of ulps.
 constexpr int kThreads = 256;
 constexpr int64_t kMaxTiles = 256;       // row tiles, so the second stage adds few partial sums
 constexpr int64_t kMinRowsPerThread = 4;
@@ -52,9 +53,9 @@ int64_t tile_rows_for(int64_t rows, int row_groups) {
   return per_thread * row_groups;
 }
 
-// A block covers kTx * VEC columns. On the vector path thread tx takes the VEC consecutive
-// columns of its 16-byte group; on the element path it takes every kTx-th column of the
-// block's span (tx, tx + kTx, ...), so that a warp's accesses stay consecutive. Either way
+// A block covers col_threads * VEC columns. On the vector path thread tx takes the VEC
+// consecutive columns of its 16-byte group; on the element path it takes every col_threads-th
+// column of the block's span (tx, tx + col_threads, ...), so that a warp's accesses stay consecutive. Either way
 // one thread owns each column, over the same rows, and the sums keep their order and bits.
 template <typename T, bool kVecLoads, bool kWriteGrad, bool kSumCols, bool kDirect>
 __global__ void __launch_bounds__(kThreads)

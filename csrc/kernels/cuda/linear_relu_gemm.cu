@@ -11,8 +11,6 @@
 // AIAAS_FAST_CUDA_GEMM; the benchmark (benchmarks/cuda_ops.py) measures both.
 //
 // Compiled with CUTLASS only where its headers were found (AIAAS_FAST_HAVE_CUTLASS=1).
-#include <cstring>
-
 #include "kernels/cuda/common.cuh"
 
 #if AIAAS_FAST_HAVE_CUTLASS
@@ -33,11 +31,11 @@ const char* cutlass_failure() { return cutlass_failure_reason; }
 
 void detail::cutlass_clear_failure() { cutlass_failure_reason = ""; }
 
-cudaError_t detail::cutlass_failed(const char* reason) {
+cudaError_t detail::cutlass_failed(const char* reason, bool internal) {
   const cudaError_t err = cudaGetLastError();
-  // CUTLASS's "Error Internal" is a kernel launch or cudaFuncSetAttribute that failed: it read
+  // CUTLASS's kErrorInternal is a kernel launch or cudaFuncSetAttribute that failed: it read
   // (and so cleared) the CUDA error itself, which is then lost here.
-  if (reason && std::strcmp(reason, "Error Internal") == 0)
+  if (internal)
     reason = "Error Internal (a kernel launch or cudaFuncSetAttribute failed inside CUTLASS, which read and so "
              "cleared the CUDA error; compute-sanitizer reports the failing call)";
   cutlass_failure_reason = err == cudaSuccess && reason ? reason : "";
@@ -87,9 +85,9 @@ cudaError_t run_gemm(int64_t M, int64_t N, int64_t K, const void* x, int64_t ldx
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
   // split_k_slices = 1: no workspace. initialize() opts into > 48 KiB of dynamic shared memory.
   cutlass::Status status = gemm.initialize(args, nullptr, stream);
-  if (status != cutlass::Status::kSuccess) return detail::cutlass_failed(cutlass::cutlassGetStatusString(status));
+  if (status != cutlass::Status::kSuccess) return detail::cutlass_failed(cutlass::cutlassGetStatusString(status), status == cutlass::Status::kErrorInternal);
   status = gemm.run(stream);
-  if (status != cutlass::Status::kSuccess) return detail::cutlass_failed(cutlass::cutlassGetStatusString(status));
+  if (status != cutlass::Status::kSuccess) return detail::cutlass_failed(cutlass::cutlassGetStatusString(status), status == cutlass::Status::kErrorInternal);
   return cudaGetLastError();
 }
 

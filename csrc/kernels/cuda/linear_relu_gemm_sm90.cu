@@ -56,7 +56,7 @@ struct Sm90GemmBiasRelu {
 };
 
 cudaError_t status_error(cutlass::Status s) {
-  return s == cutlass::Status::kSuccess ? cudaSuccess : detail::cutlass_failed(cutlass::cutlassGetStatusString(s));
+  return s == cutlass::Status::kSuccess ? cudaSuccess : detail::cutlass_failed(cutlass::cutlassGetStatusString(s), s == cutlass::Status::kErrorInternal);
 }
 
 template <typename Element>

@@ -6,13 +6,19 @@
 
 #include <cstring>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #define AIAAS_CAT_(a, b) a##b
 #define AIAAS_CAT(a, b) AIAAS_CAT_(a, b)
 
 namespace aiaas_fast::cpu::AIAAS_CAT(isa_, AIAAS_FAST_ISA) {
 namespace {
 
-#if defined(__AVX512F__)
+#if defined(AIAAS_FAST_MLP_VW)  // tests/test_mlp_kernels.py: another width's code on this CPU
+constexpr int VW = AIAAS_FAST_MLP_VW;
+#elif defined(__AVX512F__)
 constexpr int VW = 16;
 #elif defined(__AVX2__)
 constexpr int VW = 8;
@@ -30,11 +36,24 @@ inline vf vload(const float* p) {
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf splat(float s) { return vf{} + s; }
 inline vf relu(vf v) { return v < vf{} ? vf{} : v; }  // NaN passes through, as torch.relu
-inline float hsum(vf v) {
-  float s = 0;
-  for (int k = 0; k < VW; ++k) s += v[k];
-  return s;
+// The sum of a vector's lanes as a fixed tree of halvings (lane k + lane k + W/2, ...): the
+// halves are register moves, where a loop over lanes sent the vector through the stack.
+template <int W>
+struct Vec {
+  typedef float type __attribute__((vector_size(W * sizeof(float))));
+};
+template <int W>
+inline float hsum(typename Vec<W>::type v) {
+  if constexpr (W == 2) {
+    return v[0] + v[1];
+  } else {
+    typename Vec<W / 2>::type lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+    return hsum<W / 2>(lo + hi);
+  }
 }
+inline float hsum(vf v) { return hsum<VW>(v); }
 
 // ---- forward: z[o, :] = act(b[o] + sum_i w[o, i] a[i, :])
 template <int OT, int CT>
@@ -84,7 +103,9 @@ void bias_act(float* z, const float* b, int64_t rows, int64_t ld, bool act) {
 template <int OT, int IT>
 inline void grad_weight_tile(const float* __restrict g, const float* __restrict a, float* __restrict dw, int64_t in,
                              int64_t ld, int64_t o0, int64_t i0) {
-  vf acc[OT][IT] = {};
+  vf acc[OT][IT];
+  for (int r = 0; r < OT; ++r)
+    for (int c = 0; c < IT; ++c) acc[r][c] = vf{};  // not "= {}": GCC zeroes that array with rep stos
   for (int64_t j = 0; j < ld; j += VW) {
     vf x[IT];
     for (int c = 0; c < IT; ++c) x[c] = vload(a + (i0 + c) * ld + j);
@@ -123,7 +144,9 @@ void dense_grad_weight(const float* g, const float* a, float* dw, float* db, int
 template <int IT, int CT>
 inline void grad_input_tile(const float* __restrict w, const float* __restrict g, const float* __restrict a_in,
                             float* __restrict ga, int64_t in, int64_t out, int64_t ld, int64_t i0, int64_t j0) {
-  vf acc[IT][CT] = {};
+  vf acc[IT][CT];
+  for (int r = 0; r < IT; ++r)
+    for (int c = 0; c < CT; ++c) acc[r][c] = vf{};
   for (int64_t o = 0; o < out; ++o) {
     vf gv[CT];
     for (int c = 0; c < CT; ++c) gv[c] = vload(g + o * ld + j0 + c * VW);
@@ -185,9 +208,43 @@ double mse_grad(const float* z, const float* y, float* g, int64_t rows, int64_t 
 }
 
 // ---- layout changes at the edges of a step
+#if defined(__AVX2__)
+// Rows j..j+7, columns c..c+7 of the gathered batch as 8 column vectors: an 8x8 transpose in
+// registers, where one element at a time cost ~10% of a small model's step.
+inline void transpose8x8(const float* const rows[8], int64_t c, float* xt, int64_t ld, int64_t j) {
+  __m256 r[8], t[8], u[8];
+  for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(rows[k] + c);
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);      // r_k[0] r_k+1[0] r_k[1] r_k+1[1] | same for [4], [5]
+    t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);  // ... [2], [3] | [6], [7]
+  }
+  for (int k = 0; k < 8; k += 4) {
+    u[k] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(1, 0, 1, 0));      // column 0 of 4 rows | column 4
+    u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(3, 2, 3, 2));  // column 1 | 5
+    u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(1, 0, 1, 0));  // column 2 | 6
+    u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(3, 2, 3, 2));  // column 3 | 7
+  }
+  for (int q = 0; q < 4; ++q) {
+    _mm256_storeu_ps(xt + (c + q) * ld + j, _mm256_permute2f128_ps(u[q], u[q + 4], 0x20));
+    _mm256_storeu_ps(xt + (c + q + 4) * ld + j, _mm256_permute2f128_ps(u[q], u[q + 4], 0x31));
+  }
+}
+#endif
+
 void gather_transpose(const float* x, int64_t ldx, const int64_t* idx, int64_t batch, int64_t cols, float* xt,
                       int64_t ld) {
-  for (int64_t j = 0; j < batch; ++j) {
+  int64_t j = 0;
+#if defined(__AVX2__)
+  for (; j + 8 <= batch && cols >= 8; j += 8) {
+    const float* rows[8];
+    for (int k = 0; k < 8; ++k) rows[k] = x + (idx ? idx[j + k] : j + k) * ldx;
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) transpose8x8(rows, c, xt, ld, j);
+    for (; c < cols; ++c)
+      for (int k = 0; k < 8; ++k) xt[c * ld + j + k] = rows[k][c];
+  }
+#endif
+  for (; j < batch; ++j) {
     const float* row = x + (idx ? idx[j] : j) * ldx;
     for (int64_t c = 0; c < cols; ++c) xt[c * ld + j] = row[c];
   }

@@ -36,8 +36,8 @@ inline vf vload(const float* p) {
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf splat(float s) { return vf{} + s; }
 inline vf relu(vf v) { return v < vf{} ? vf{} : v; }  // NaN passes through, as torch.relu
-// The sum of a vector's lanes as a fixed tree of halvings (lane k + lane k + W/2, ...): the
-// halves are register moves, where a loop over lanes sent the vector through the stack.
+// The sum of a vector's lanes as a fixed tree: lanes k and k + W/2 added, then the same on
+// that half. The halves are register moves; a loop over the lanes went through the stack.
 template <int W>
 struct Vec {
   typedef float type __attribute__((vector_size(W * sizeof(float))));
@@ -210,7 +210,7 @@ double mse_grad(const float* z, const float* y, float* g, int64_t rows, int64_t 
 // ---- layout changes at the edges of a step
 #if defined(__AVX2__)
 // Rows j..j+7, columns c..c+7 of the gathered batch as 8 column vectors: an 8x8 transpose in
-// registers, where one element at a time cost ~10% of a small model's step.
+// registers, where one element at a time cost ~8% of a small model's step.
 inline void transpose8x8(const float* const rows[8], int64_t c, float* xt, int64_t ld, int64_t j) {
   __m256 r[8], t[8], u[8];
   for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(rows[k] + c);

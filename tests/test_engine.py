@@ -473,6 +473,11 @@ for path in ('small', 'blas'):
         assert abs(l - lr.item()) < 1e-5 * abs(lr.item()) + 1e-6, (path, l, lr.item())
     for p, q in zip(m.parameters(), r.parameters()):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+# the switch to the BLAS measured for this copy: more than 96 x 128 weights on AVX-512, 64 x 96 else
+wide = {{'avx512': ['small', 'small', 'blas', 'small'], 'avx2': ['small', 'blas', 'blas', 'small']}}
+paths = Engine(torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 96), torch.nn.Linear(96, 192),
+                                   torch.nn.Linear(192, 1))).layer_paths(64)
+assert paths == wide.get('{isa}', wide['avx2']), paths
 print('ok')
 """
 

@@ -15,6 +15,7 @@
 #include <limits>
 #include <mutex>
 #include <numeric>
+#include <string>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -32,10 +33,14 @@ constexpr int64_t kAlign = cpu::kBatchAlign;
 
 // A layer with more weights than this goes to the BLAS; up to it the hand kernels win, as
 // they skip the BLAS call and keep the tiles in registers. Measured with
-// benchmarks/engine.py --sweep (w->w->w->1, batch 64 to 4096, 2-core AVX-512): the hand
-// kernels lead up to w = 96 at every batch and lose from w = 128 at batch <= 256 (from
-// w = 192 at 1024 and more, by a few percent between); see the README.
-constexpr int64_t kSmallMaxWeights = 96 * 128;
+// benchmarks/engine.py --sweep (w->w->w->1, batch 64 to 4096, 2 cores; see the README):
+// - AVX-512: the hand kernels lead up to w = 96 at every batch and lose from w = 128 at
+//   batch <= 256 (from w = 192 at 1024 and more, by a few percent between);
+// - AVX2 (half the vector; two runs): they lead up to w = 64 (1.05x-1.3x up to batch 1024,
+//   0.87x at 4096) and lose from w = 96 (0.76x-1.02x).
+// The x86-64 baseline copy takes AVX2's point: it was not measured on a CPU with nothing
+// better (there the BLAS would be slower too).
+int64_t small_max_weights(const char* isa) { return std::string(isa) == "avx512" ? 96 * 128 : 64 * 96; }
 // Models per thread below which K models run on one thread: a parallel region costs tens of
 // microseconds on a busy VM, more than a few small steps.
 constexpr int64_t kParallelMinMacs = int64_t(1) << 18;
@@ -110,11 +115,12 @@ struct MLPEngine::Impl {
   mutable std::recursive_mutex busy;
   const cpu::MlpKernels& mk = cpu_mlp_kernels();
   const cpu::Kernels<float>& kf = cpu_kernel_set().f32;
+  const int64_t small_max = small_max_weights(cpu_kernel_set().isa);
 
   bool blas(int64_t l, int64_t ld) const {
     if (path == "small") return false;
     if (path == "blas") return true;
-    return width[l] * width[l + 1] > kSmallMaxWeights;
+    return width[l] * width[l + 1] > small_max;
   }
   int64_t macs_per_step(int64_t ld) const {
     int64_t m = 0;

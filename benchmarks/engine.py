@@ -126,6 +126,19 @@ def many_providers(K, widths, batch, steps_per_run, device="cpu"):
     Y = torch.randn(batch * steps_per_run, widths[-1], device=device)
     out["engine run() (K models, own rows)"] = (
         lambda: core_r.run(X, Y, epochs=1, batch_size=batch, shuffle=True), steps_per_run)
+    if device == "cpu":
+        # One model per plant unit, units sorted by name: the first quarter has all the rows,
+        # the others a fraction, so a fixed share of models per thread would leave threads idle.
+        # Timed per step of all K at the same number of model-steps as the other rows.
+        ens_u = aiaas_fast.Ensemble.from_models(copy.deepcopy(models))
+        core_u, _ = ensemble_engine(ens_u)
+        n_rows = [batch * steps_per_run if k < K // 4 else batch * max(1, steps_per_run // 8) for k in range(K)]
+        index = torch.cat([torch.arange(n) for n in n_rows])
+        offsets = torch.tensor([0] + n_rows).cumsum(0)
+        model_steps = sum(n // batch for n in n_rows) / K
+        out["engine run() (K models, uneven rows)"] = (
+            lambda: core_u.run(X, Y, epochs=1, batch_size=batch, shuffle=True, sample_index=index,
+                               sample_offsets=offsets), model_steps)
     return out
 
 

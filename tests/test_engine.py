@@ -521,6 +521,32 @@ def test_ensemble_refuses_models_and_inputs_it_would_compute_wrongly():
         assert ens(torch.randn(5, 4).bfloat16()).dtype == torch.bfloat16
 
 
+def test_many_models_on_uneven_rows_give_the_same_bits_on_any_number_of_threads():
+    # Enough work for the models to run on the threads, which take them as they free up (the
+    # first models have most of the rows): each model's losses and weights must not depend on
+    # the thread, or the number of threads, that ran it.
+    K, widths = 24, [16, 64, 1]
+    g = torch.Generator().manual_seed(4)
+    X, Y = torch.randn(400, 16, generator=g), torch.randn(400, 1, generator=g)
+    counts = [400 if k < 6 else 40 + 7 * k for k in range(K)]
+    index = torch.cat([torch.randint(400, (n,), generator=g) for n in counts])
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            torch.manual_seed(0)
+            ens = aiaas_fast.Ensemble(K, widths[0], widths[1:-1], widths[-1])
+            core, _ = ensemble_engine(ens, lr=1e-2)
+            losses = core.run(X, Y, epochs=2, batch_size=32, seed=9, sample_index=index, sample_offsets=offsets)
+            results.append((losses, [p.detach().clone() for p in ens.parameters()]))
+    finally:
+        torch.set_num_threads(threads)
+    for losses, params in results[1:]:
+        assert torch.equal(losses, results[0][0])
+        assert all(torch.equal(p, q) for p, q in zip(params, results[0][1]))
+
+
 @pytest.mark.parametrize("path", ["small", "blas"])
 def test_many_models_each_on_its_own_rows_match_a_loop_of_pytorch_models(path):
     K, widths = 6, [5, 13, 3]

@@ -10,6 +10,7 @@
 #include "aiaas_fast/engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <exception>
 #include <limits>
@@ -274,6 +275,9 @@ struct MLPEngine::Impl {
   }
 
   // fn(workspace, k0, k1) over the models, on the threads when the work pays for a region.
+  // Each thread takes the next few models as it frees up, not a fixed share: models may
+  // have very different numbers of rows (one per plant unit), and a VM's threads do not all
+  // run at one speed. A model's results do not depend on the thread that runs it.
   template <typename F>
   void for_models(int64_t ld, const F& fn) {
     const int64_t threads = at::get_num_threads();
@@ -281,7 +285,12 @@ struct MLPEngine::Impl {
                           macs_per_step(ld) * K >= kParallelMinMacs * threads;
     ensure(ld, parallel ? threads : 1);
     if (!parallel) return fn(ws[0], int64_t(0), K);
-    at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) { fn(ws[at::get_thread_num()], k0, k1); });
+    const int64_t chunk = std::max<int64_t>(1, K / (threads * 8));  // fn gathers a shared batch once per call
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      Workspace& w = ws[at::get_thread_num()];
+      for (int64_t k0; (k0 = next.fetch_add(chunk)) < K;) fn(w, k0, std::min(K, k0 + chunk));
+    });
   }
 
   void hold(const at::Tensor& t, std::string name) {

@@ -8,6 +8,7 @@ would never run the widest copy's code."""
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def _variants():
     """(id, AIAAS_FAST_ISA, compiler flags) for each width this CPU can run."""
     out = [("vw4", "default", [])]
     flags = _cpu_flags()
-    x86 = os.uname().machine in ("x86_64", "AMD64")
+    x86 = platform.machine() in ("x86_64", "AMD64")
     if x86 and {"avx2", "fma"} <= flags:
         out.append(("vw8-avx2", "avx2", ["-mavx2", "-mfma", "-mf16c"]))
         out.append(("vw16-on-avx2", "avx512", ["-mavx2", "-mfma", "-mf16c", "-DAIAAS_FAST_MLP_VW=16"]))

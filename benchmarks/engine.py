@@ -199,8 +199,8 @@ def sweep(res, quick):
             lines.append([str(batch), str(w), fmt_time(t["small"]["y50"]), fmt_time(t["blas"]["y50"]), f"{ratio:.2f}x",
                           "small" if ratio > 1 else "blas", auto])
     res.table("Kernel paths: engine step of w->w->w->1, hand kernels against BLAS (per-layer switch: a layer of more "
-              "than 96 x 128 weights goes to BLAS on AVX-512, more than 64 x 96 on AVX2 and the baseline)", ["batch", "width", "small", "blas", "small speed / blas", "faster",
-                                            "auto picks (middle layer)"], lines)
+              "than 96 x 128 weights goes to BLAS on AVX-512, more than 64 x 96 on AVX2 and the baseline)",
+              ["batch", "width", "small", "blas", "small speed / blas", "faster", "auto picks (middle layer)"], lines)
 
 
 def main(argv=None) -> int:

@@ -69,9 +69,11 @@ def _build(isa, flags):
     cxx = _compiler()
     if cxx is None:
         pytest.skip("no C++ compiler")
-    with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + open(os.path.join(ROOT, "csrc", "kernels", "cpu", "mlp.h"), "rb").read()
-                             + " ".join([isa] + flags).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(" ".join([isa] + flags).encode())
+    for path in (SOURCE, os.path.join(ROOT, "csrc", "kernels", "cpu", "mlp.h")):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    key = digest.hexdigest()[:16]
     if key in _BUILT:
         return _BUILT[key]
     out_dir = tempfile.mkdtemp(prefix="aiaas_fast_mlp_kernels_")

@@ -26,7 +26,11 @@ constexpr int VW = 8;
 constexpr int VW = 4;
 #endif
 static_assert(kBatchAlign % VW == 0, "a row of the batch must hold whole vectors");
-typedef float vf __attribute__((vector_size(VW * sizeof(float))));
+template <int W>
+struct Vec {
+  typedef float type __attribute__((vector_size(W * sizeof(float))));
+};
+typedef Vec<VW>::type vf;
 
 inline vf vload(const float* p) {
   vf v;
@@ -38,10 +42,6 @@ inline vf splat(float s) { return vf{} + s; }
 inline vf relu(vf v) { return v < vf{} ? vf{} : v; }  // NaN passes through, as torch.relu
 // The sum of a vector's lanes as a fixed tree: lanes k and k + W/2 added, then the same on
 // that half. The halves are register moves; a loop over the lanes went through the stack.
-template <int W>
-struct Vec {
-  typedef float type __attribute__((vector_size(W * sizeof(float))));
-};
 template <int W>
 inline float hsum(typename Vec<W>::type v) {
   if constexpr (W == 2) {

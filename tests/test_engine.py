@@ -54,6 +54,7 @@ def test_gradients_match_autograd(path):
     engine = Engine(model, path=path)
     (x, y), = batches(1, 50, 9, 4)
     engine.step(x, y)
+    ref.zero_grad()
     nn.functional.mse_loss(ref(x), y).backward()
     for g, p in zip(engine.last_gradients(), ref.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
@@ -94,6 +95,88 @@ def test_final_relu_and_layers_without_bias(path):
         assert [engine.step(x, y) for x, y in data] == pytest.approx(
             torch_steps(ref, data, torch.optim.Adam(ref.parameters())), rel=1e-5, abs=1e-7)
         assert_same_weights(model, ref)
+
+
+# The engine trains a batch of more than 1024 rows in chunks of 1024 (csrc/engine/mlp_engine.cpp,
+# kChunkCols), adding the weight gradients over them: 2500 rows are two full chunks and a part.
+CHUNKED_BATCH = 2500
+
+
+@pytest.mark.parametrize("path", ["small", "blas"])
+@pytest.mark.parametrize("final_relu", [False, True])
+def test_a_batch_of_several_chunks_matches_pytorch(path, final_relu):
+    model = sequential([11, 24, 9, 2], final_relu=final_relu)
+    ref = copy.deepcopy(model)
+    engine = Engine(model, lr=1e-2, path=path)
+    data = batches(4, CHUNKED_BATCH, 11, 2)
+    losses = [engine.step(x, y) for x, y in data[:3]]
+    assert losses == pytest.approx(torch_steps(ref, data[:3], torch.optim.Adam(ref.parameters(), lr=1e-2)), rel=1e-5)
+    assert_same_weights(model, ref)
+    # A step's gradients are summed over all three chunks, not the last chunk's alone.
+    x, y = data[3]
+    engine.step(x, y)
+    ref.zero_grad()
+    nn.functional.mse_loss(ref(x), y).backward()
+    for g, p in zip(engine.last_gradients(), ref.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["small", "blas"])
+def test_run_with_batches_of_several_chunks_and_a_short_last_batch(path):
+    model = sequential([6, 17, 1])
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    n, batch = 5300, 2100  # batches of 2100, 2100 and 1100 rows: chunks of 1024 and the rest
+    X, Y = torch.randn(n, 6, generator=g), torch.randn(n, 1, generator=g)
+    rows = torch.randperm(n, generator=g)
+    losses = Engine(model, lr=1e-2, path=path).run(X, Y, epochs=2, batch_size=batch, shuffle=False, rows=rows)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    expected = []
+    for _ in range(2):
+        per_batch = [(X[rows[i:i + batch]], Y[rows[i:i + batch]]) for i in range(0, n, batch)]
+        step_losses = torch_steps(ref, per_batch, opt)
+        expected.append(sum(loss * len(b[0]) for loss, b in zip(step_losses, per_batch)) / n)
+    assert losses.tolist() == pytest.approx(expected, rel=1e-5)
+    assert_same_weights(model, ref)
+
+
+def test_many_models_on_a_shared_batch_of_several_chunks_train_as_each_would_alone():
+    # A shared batch is gathered once for all models only when it is one chunk: each model
+    # must see every chunk, so each trains to the same bits as an engine of its own.
+    # One thread: there the models run one after another in one workspace.
+    K, widths, threads = 3, [5, 12, 2], torch.get_num_threads()
+    for n in sorted({1, threads}):
+        torch.manual_seed(0)
+        ens = aiaas_fast.Ensemble(K, widths[0], widths[1:-1], widths[-1])
+        alone = [ens.member(k) for k in range(K)]
+        core, _ = ensemble_engine(ens, lr=1e-2)
+        engines = [Engine(m, lr=1e-2) for m in alone]
+        try:
+            torch.set_num_threads(n)
+            for x, y in batches(2, CHUNKED_BATCH, 5, 2):
+                losses = core.step(x, y)
+                assert losses.tolist() == [e.step(x, y) for e in engines], n
+        finally:
+            torch.set_num_threads(threads)
+        for k, m in enumerate(alone):
+            assert all(torch.equal(p, q) for p, q in zip(ens.member(k).parameters(), m.parameters())), (n, k)
+
+
+def test_a_batch_of_several_chunks_gives_the_same_bits_on_any_number_of_threads():
+    # 40 x 64 x 2500 multiply-adds per layer: each chunk's layers split across the threads.
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            model = sequential([40, 64, 64, 1])
+            engine = Engine(model, lr=1e-2, path="small")
+            losses = [engine.step(x, y) for x, y in batches(2, CHUNKED_BATCH, 40, 1)]
+            results.append((losses, [p.detach().clone() for p in model.parameters()]))
+    finally:
+        torch.set_num_threads(threads)
+    for losses, params in results[1:]:
+        assert losses == results[0][0]
+        assert all(torch.equal(p, q) for p, q in zip(params, results[0][1]))
 
 
 def test_converted_and_aiaas_models_are_supported():

@@ -98,10 +98,10 @@ class MlpKernels(ctypes.Structure):
     _fields_ = [
         ("dense_forward", ctypes.CFUNCTYPE(None, vp, vp, vp, vp, i64, i64, i64, i64, b_)),
         ("bias_act", ctypes.CFUNCTYPE(None, vp, vp, i64, i64, b_)),
-        ("dense_grad_weight", ctypes.CFUNCTYPE(None, vp, vp, vp, vp, i64, i64, i64)),
+        ("dense_grad_weight", ctypes.CFUNCTYPE(None, vp, vp, vp, vp, i64, i64, i64, b_)),
         ("dense_grad_input", ctypes.CFUNCTYPE(None, vp, vp, vp, vp, i64, i64, i64, i64)),
         ("relu_mask", ctypes.CFUNCTYPE(None, vp, vp, i64, i64)),
-        ("row_sums", ctypes.CFUNCTYPE(None, vp, vp, i64, i64)),
+        ("row_sums", ctypes.CFUNCTYPE(None, vp, vp, i64, i64, b_)),
         ("mse_grad", ctypes.CFUNCTYPE(ctypes.c_double, vp, vp, vp, i64, i64, i64, ctypes.c_float)),
         ("gather_transpose", ctypes.CFUNCTYPE(None, vp, i64, vp, i64, i64, vp, i64)),
         ("transpose_out", ctypes.CFUNCTYPE(None, vp, i64, i64, i64, vp)),
@@ -164,8 +164,12 @@ def test_bias_act_relu_mask_and_row_sums(k, rows, ld):
     k.relu_mask(P(masked), P(a), rows, ld)
     assert torch.equal(masked, torch.where(a <= 0, 0.0, g))  # threshold_backward's rule
     db = torch.empty(rows)
-    k.row_sums(P(g), P(db), rows, ld)
+    k.row_sums(P(g), P(db), rows, ld, False)
     close(db, g.double().sum(1))
+    start = torch.randn(rows)
+    db = start.clone()
+    k.row_sums(P(g), P(db), rows, ld, True)  # a later chunk of the batch: added
+    close(db, start.double() + g.double().sum(1))
 
 
 @pytest.mark.parametrize("inf,outf,ld", SHAPES)
@@ -173,10 +177,17 @@ def test_bias_act_relu_mask_and_row_sums(k, rows, ld):
 def test_dense_grad_weight(k, inf, outf, ld, bias):
     g, a = feature_major(outf, ld - 3 if ld > 16 else ld, ld), feature_major(inf, ld, ld)
     dw, db = torch.full((outf, inf), 7.0), torch.full((outf,), 7.0) if bias else None
-    k.dense_grad_weight(P(g), P(a), P(dw), P(db), inf, outf, ld)
+    k.dense_grad_weight(P(g), P(a), P(dw), P(db), inf, outf, ld, False)
     close(dw, g.double() @ a.double().T)
     if bias:
         close(db, g.double().sum(1))
+    # add: a later chunk of a large batch adds its sums to the earlier chunks'
+    dw0, db0 = torch.randn(outf, inf), torch.randn(outf) if bias else None
+    dw, db = dw0.clone(), db0.clone() if bias else None
+    k.dense_grad_weight(P(g), P(a), P(dw), P(db), inf, outf, ld, True)
+    close(dw, dw0.double() + g.double() @ a.double().T)
+    if bias:
+        close(db, db0.double() + g.double().sum(1))
 
 
 @pytest.mark.parametrize("inf,outf,ld", SHAPES)

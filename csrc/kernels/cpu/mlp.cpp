@@ -102,7 +102,7 @@ void bias_act(float* z, const float* b, int64_t rows, int64_t ld, bool act) {
 // ---- weight gradient: dw[o, i] = sum_j g[o, j] a[i, j], reduced along the batch
 template <int OT, int IT>
 inline void grad_weight_tile(const float* __restrict g, const float* __restrict a, float* __restrict dw, int64_t in,
-                             int64_t ld, int64_t o0, int64_t i0) {
+                             int64_t ld, int64_t o0, int64_t i0, bool add) {
   vf acc[OT][IT];
   for (int r = 0; r < OT; ++r)
     for (int c = 0; c < IT; ++c) acc[r][c] = vf{};  // not "= {}": GCC zeroes that array with rep stos
@@ -115,29 +115,33 @@ inline void grad_weight_tile(const float* __restrict g, const float* __restrict 
     }
   }
   for (int r = 0; r < OT; ++r)
-    for (int c = 0; c < IT; ++c) dw[(o0 + r) * in + i0 + c] = hsum(acc[r][c]);
+    for (int c = 0; c < IT; ++c) {
+      float& d = dw[(o0 + r) * in + i0 + c];
+      d = add ? d + hsum(acc[r][c]) : hsum(acc[r][c]);
+    }
 }
 
 template <int OT>
-inline void grad_weight_rows(const float* g, const float* a, float* dw, int64_t in, int64_t ld, int64_t o0) {
+inline void grad_weight_rows(const float* g, const float* a, float* dw, int64_t in, int64_t ld, int64_t o0, bool add) {
   int64_t i = 0;
-  for (; i + 2 <= in; i += 2) grad_weight_tile<OT, 2>(g, a, dw, in, ld, o0, i);
-  for (; i < in; ++i) grad_weight_tile<OT, 1>(g, a, dw, in, ld, o0, i);
+  for (; i + 2 <= in; i += 2) grad_weight_tile<OT, 2>(g, a, dw, in, ld, o0, i, add);
+  for (; i < in; ++i) grad_weight_tile<OT, 1>(g, a, dw, in, ld, o0, i, add);
 }
 
-void row_sums(const float* g, float* db, int64_t rows, int64_t ld) {
+void row_sums(const float* g, float* db, int64_t rows, int64_t ld, bool add) {
   for (int64_t r = 0; r < rows; ++r) {
     vf acc = {};
     for (int64_t j = 0; j < ld; j += VW) acc += vload(g + r * ld + j);
-    db[r] = hsum(acc);
+    db[r] = add ? db[r] + hsum(acc) : hsum(acc);
   }
 }
 
-void dense_grad_weight(const float* g, const float* a, float* dw, float* db, int64_t in, int64_t out, int64_t ld) {
+void dense_grad_weight(const float* g, const float* a, float* dw, float* db, int64_t in, int64_t out, int64_t ld,
+                       bool add) {
   int64_t o = 0;
-  for (; o + 4 <= out; o += 4) grad_weight_rows<4>(g, a, dw, in, ld, o);
-  for (; o < out; ++o) grad_weight_rows<1>(g, a, dw, in, ld, o);
-  if (db) row_sums(g, db, out, ld);
+  for (; o + 4 <= out; o += 4) grad_weight_rows<4>(g, a, dw, in, ld, o, add);
+  for (; o < out; ++o) grad_weight_rows<1>(g, a, dw, in, ld, o, add);
+  if (db) row_sums(g, db, out, ld, add);
 }
 
 // ---- input gradient: ga[i, :] = sum_o w[o, i] g[o, :], masked by the ReLU below

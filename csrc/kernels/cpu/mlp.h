@@ -23,18 +23,19 @@ struct MlpKernels {
                         int64_t ld, int64_t cols, bool relu);
   // z[o, :] = act(z[o, :] + b[o]): the epilogue after a BLAS product. b may be null.
   void (*bias_act)(float* z, const float* b, int64_t rows, int64_t ld, bool relu);
-  // dw[o, i] = sum_j g[o, j] a[i, j]; db[o] = sum_j g[o, j] (db may be null), j < ld.
+  // dw[o, i] = sum_j g[o, j] a[i, j]; db[o] = sum_j g[o, j] (db may be null), j < ld; with
+  // add, these sums are added to dw and db (the engine's later chunks of a large batch).
   // Threads split the outputs by passing g, dw, db offset by their first row.
   void (*dense_grad_weight)(const float* g, const float* a, float* dw, float* db, int64_t in, int64_t out,
-                            int64_t ld);
+                            int64_t ld, bool add);
   // ga[i, j] = sum_o w[o, i] g[o, j], then times [a_in[i, j] > 0] when a_in is not null
   // (the ReLU of the layer below, read from its output), for j < cols.
   void (*dense_grad_input)(const float* w, const float* g, const float* a_in, float* ga, int64_t in, int64_t out,
                            int64_t ld, int64_t cols);
   // g[r, :] *= [a[r, :] > 0] over rows r < rows: the ReLU mask after a BLAS product.
   void (*relu_mask)(float* g, const float* a, int64_t rows, int64_t ld);
-  // db[r] = sum_j g[r, j].
-  void (*row_sums)(const float* g, float* db, int64_t rows, int64_t ld);
+  // db[r] = sum_j g[r, j]; with add, db[r] += it.
+  void (*row_sums)(const float* g, float* db, int64_t rows, int64_t ld, bool add);
   // MSE against y (feature-major like z): g = (z - y) * scale for columns < batch, 0 past
   // it; returns sum (z - y)^2 over the batch.
   double (*mse_grad)(const float* z, const float* y, float* g, int64_t rows, int64_t batch, int64_t ld,

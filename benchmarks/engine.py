@@ -1,8 +1,9 @@
 """Training steps per second of the compiled engine against PyTorch, in one run.
 
-    python benchmarks/engine.py [--quick] [--no-compile] [--sweep] [--models K] [--out DIR]
+    python benchmarks/engine.py [--quick] [--no-compile] [--sweep] [--batch-scaling] [--models K] [--out DIR]
 
-Single models (seed 10->20->1 at batch 64; 64->256->256->1 at batch 512): eager PyTorch with
+Single models (seed 10->20->1 at batch 64; 64->256->256->1 at batch 512; a 64-wide,
+4-hidden-layer MLP at batch 16384, which the engine trains in chunks): eager PyTorch with
 Adam(fused=True) (the reference) and Adam(foreach=True), torch.compile of model and loss with
 fused Adam, the op-by-op aiaas_fast path (convert, MSELoss, optim.Adam), the engine's step()
 (one Python call per step) and the engine's run() (the whole epoch in C++, time per step).
@@ -15,11 +16,14 @@ stacked models with torch.bmm and autograd (aiaas_fast.Ensemble.forward), and th
 Every table has the achieved GFLOP/s (6 x batch x weights per step) beside torch.mm's at the
 layer's shape and at 1024^3 (the machine's product ceiling), timed in the same run.
 ``--sweep`` times the engine's two kernel paths (hand kernels, BLAS) over widths and batches:
-the measurement behind the engine's switch point (CPU only). ``--device cuda`` times the
+the measurement behind the engine's switch point (CPU only). ``--batch-scaling`` times a
+64-wide MLP's step from batch 64 to 65536 against eager, both paths (CPU only): the
+measurement behind training large batches in chunks of 1024 rows. ``--device cuda`` times the
 single-model table on the GPU for the seed network and a 64-wide, 4-hidden-layer MLP at batch
 65536 (the engine there is a captured CUDA graph of the fused MLP kernel, and, for
-comparison, a graph of the fused ops, ``path="graph"``), and the many-model table with the
-models on the GPU (the engine there: batched products, a CUDA graph per step of all K).
+comparison, a graph of the fused ops, ``path="graph"``), the many-model table with the
+models on the GPU (the engine there: batched products, a CUDA graph per step of all K), and
+last the 64-wide MLP again with TF32 allowed for eager and engine alike.
 """
 from __future__ import annotations
 
@@ -179,6 +183,32 @@ def report(res, title, label, batch, per_step, ref_names, flops, mm_shape, mm_pe
                       f"{flops / t['y50'] / 1e9:.2f}", f"{mm_same:.0f} / {mm_peak:.0f}"])
 
 
+def batch_scaling(res, quick):
+    """A 64-wide, 4-hidden-layer MLP from batch 64 to 65536, eager against the engine's two
+    kernel paths: the measurement behind training large batches in chunks of 1024 rows."""
+    lines = []
+    widths = [64] * 5 + [1]
+    for batch in ([64, 4096] if quick else [64, 512, 4096, 16384, 65536]):
+        torch.manual_seed(0)
+        base = mlp(widths, "cpu")
+        x, y = torch.randn(batch, widths[0]), torch.randn(batch, widths[-1])
+        m = copy.deepcopy(base)
+        fns = {"eager (Adam fused)": make_step(m, nn.MSELoss(), torch.optim.Adam(m.parameters(), lr=1e-3, fused=True), x, y)}
+        for p in ("small", "blas"):
+            fns[f"engine {p}"] = (lambda e=Engine(copy.deepcopy(base), path=p): e.step(x, y))
+        t = time_providers(fns, "cpu", reps=3 if quick else 5, block_seconds=0.02 if quick else 0.3)
+        ref = t["eager (Adam fused)"]["y50"]
+        res.add(kernel="engine_batch_scaling", provider="eager/small/blas", mode="train_step", metric="time", unit="s",
+                x=f"64x4@{batch}", config={"widths": widths, "batch": batch},
+                eager_s=ref, small_s=t["engine small"]["y50"], blas_s=t["engine blas"]["y50"],
+                small_vs_eager=ref / t["engine small"]["y50"], blas_vs_eager=ref / t["engine blas"]["y50"])
+        lines.append([str(batch)] + [fmt_time(v["y50"]) for v in t.values()] +
+                     [f"{ref / t[p]['y50']:.2f}x" for p in ("engine small", "engine blas")])
+    res.table("Batch scaling: engine step of a 64-wide, 4-hidden-layer MLP against eager (batches over 1024 rows "
+              "train in chunks of 1024)",
+              ["batch", "eager (Adam fused)", "engine small", "engine blas", "small vs eager", "blas vs eager"], lines)
+
+
 def sweep(res, quick):
     lines = []
     widths = [8, 16, 32, 64, 128, 256] if quick else [8, 16, 32, 64, 96, 128, 192, 256, 384, 512]
@@ -208,6 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, short blocks: a smoke test")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--sweep", action="store_true", help="also time the small/BLAS kernel paths over widths")
+    p.add_argument("--batch-scaling", action="store_true",
+                   help="also time a 64-wide MLP's step from batch 64 to 65536 against eager")
     p.add_argument("--models", type=positive_int, default=None, help="K for the many-model table (default 256; 16 with --quick)")
     p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--out", default=None)
@@ -223,7 +255,9 @@ def main(argv=None) -> int:
     if device.startswith("cuda"):  # the H200 targets: the seed network, and a 64-wide 4-hidden-layer MLP
         nets = [("seed 10->20->1", [10, 20, 1], 64)] + ([] if args.quick else [("64x4 hidden", [64] * 5 + [1], 65536)])
     else:
-        nets = [("seed 10->20->1", [10, 20, 1], 64)] + ([] if args.quick else [("64->256->256->1", [64, 256, 256, 1], 512)])
+        # and a large batch, which the engine trains in chunks of 1024 rows
+        nets = [("seed 10->20->1", [10, 20, 1], 64)] + ([] if args.quick else [
+            ("64->256->256->1", [64, 256, 256, 1], 512), ("64x4 hidden", [64] * 5 + [1], 16384)])
     lines, failed = [], res.env.setdefault("failed_providers", [])
     res.env["timer"] = "interleaved blocks of steps, synchronized at block ends (time.perf_counter)"
     try:
@@ -245,14 +279,54 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return interrupted(res, args.out, "during the one-model table")
     res.table("One model: training step (forward, MSE, backward, Adam), float32",
-              ["network @ batch", "provider", "median per step", "p20 - p80", "steps/s", "vs eager (Adam fused)",
-               "GFLOP/s", "torch.mm GFLOP/s (same shape / 1024^3)"],
-              [[f"{l[0]} @ {nets[[n[0] for n in nets].index(l[0])][2]}", *l[1:]] for l in lines])
+              SINGLE_COLUMNS, [[f"{l[0]} @ {nets[[n[0] for n in nets].index(l[0])][2]}", *l[1:]] for l in lines])
     res.write(args.out)
     try:
-        return many_models(res, args, device, block, failed)
+        rc = many_models(res, args, device, block, failed)
     except KeyboardInterrupt:
         return interrupted(res, args.out, "during the many-model table")
+    if device.startswith("cuda") and not args.quick:
+        try:  # last: a time limit that cuts it costs no other table
+            tf32_table(res, args, device, reps, block, failed)
+        except KeyboardInterrupt:
+            return interrupted(res, args.out, "during the TF32 table")
+    base = res.write(args.out)
+    print(f"results: {base}.json, {base}.md")
+    return rc
+
+
+SINGLE_COLUMNS = ["network @ batch", "provider", "median per step", "p20 - p80", "steps/s", "vs eager (Adam fused)",
+                  "GFLOP/s", "torch.mm GFLOP/s (same shape / 1024^3)"]
+
+
+def tf32_table(res, args, device, reps, block, failed):
+    """The 64-wide, 4-hidden-layer MLP again with TF32 allowed for float32 products, for
+    eager and the engine alike (torch.set_float32_matmul_precision("high")): in IEEE float32
+    both run on the FMA units, and the 5x target is predicted missed there; TF32 puts the
+    products on the tensor cores. Restores the setting it found."""
+    label, widths, batch = "64x4 hidden, TF32", [64] * 5 + [1], 65536
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        try:
+            provs, paths = single_providers(widths, batch, False, steps_per_run=10, device=device)
+        except Exception as e:  # noqa: BLE001
+            record_failure(failed, label, "setting up the providers", e, "benchmarks/engine.py")
+            return
+        provs = working(provs, failed, label)
+        if "eager (Adam fused)" not in provs:
+            return
+        per_step, mm_peak = timed(provs, reps, block, device=device, failed=failed, case=label)
+        flops = 6.0 * batch * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+        lines = []
+        report(res, "single", label, batch, per_step, ["eager (Adam fused)"], flops, (batch, widths[1], widths[0]),
+               mm_peak, lines, {"widths": widths, "engine_paths": paths, "float32_matmul_precision": "high"},
+               device=device)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    res.table("One model with TF32 allowed (torch.set_float32_matmul_precision('high')) for eager and engine alike",
+              SINGLE_COLUMNS, [[f"{l[0]} @ {batch}", *l[1:]] for l in lines])
+    res.write(args.out)
 
 
 def interrupted(res, out, where) -> int:
@@ -287,8 +361,9 @@ def many_models(res, args, device, block, failed) -> int:
                "GFLOP/s", "torch.mm GFLOP/s (same shape / 1024^3)"], lines)
     if args.sweep and not device.startswith("cuda"):
         sweep(res, args.quick)
-    base = res.write(args.out)
-    print(f"results: {base}.json, {base}.md")
+    if args.batch_scaling and not device.startswith("cuda"):
+        batch_scaling(res, args.quick)
+    res.write(args.out)
     return 0
 
 

@@ -101,7 +101,8 @@ def main(argv=None) -> int:
 
 
 def _sweep_table(runs) -> list:
-    """benchmarks/engine.py --sweep's rows (hand kernels against BLAS per width and batch), as
+    """benchmarks/engine.py --sweep's and --batch-scaling's rows (hand kernels against BLAS per width and
+    batch; the engine against eager over batches), as
     table lines: the speed ratio's median over runs and its range; [] when no run has them."""
     ratios, auto = defaultdict(list), {}
     for run in runs:
@@ -109,13 +110,25 @@ def _sweep_table(runs) -> list:
             if row.get("kernel") == "engine_sweep" and "small_over_blas_speed" in row:
                 ratios[str(row["x"])].append(row["small_over_blas_speed"])
                 auto[str(row["x"])] = row.get("auto_path", "")
-    if not ratios:
-        return []
-    lines = ["", "Kernel paths (engine.py --sweep): engine step of w->w->w->1, hand kernels' speed over BLAS's, "
-             "median over runs (min - max).", "", "| width x width @ batch | small speed / blas | auto picks |",
-             "|---|---|---|"]
-    for x, r in ratios.items():
-        lines.append(f"| {x} | {statistics.median(r):.2f}x ({min(r):.2f} - {max(r):.2f}) | {auto[x]} |")
+    lines = []
+    if ratios:
+        lines = ["", "Kernel paths (engine.py --sweep): engine step of w->w->w->1, hand kernels' speed over BLAS's, "
+                 "median over runs (min - max).", "", "| width x width @ batch | small speed / blas | auto picks |",
+                 "|---|---|---|"]
+        for x, r in ratios.items():
+            lines.append(f"| {x} | {statistics.median(r):.2f}x ({min(r):.2f} - {max(r):.2f}) | {auto[x]} |")
+    scaling = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for row in run["rows"]:
+            if row.get("kernel") == "engine_batch_scaling":
+                for k in ("small_vs_eager", "blas_vs_eager"):
+                    scaling[str(row["x"])][k].append(row[k])
+    if scaling:
+        span = lambda r: f"{statistics.median(r):.2f}x ({min(r):.2f} - {max(r):.2f})"  # noqa: E731
+        lines += ["", "Batch scaling (engine.py --batch-scaling): engine step of a 64-wide, 4-hidden-layer MLP against eager, "
+                  "median over runs (min - max).", "", "| MLP @ batch | small vs eager | blas vs eager |", "|---|---|---|"]
+        for x, c in scaling.items():
+            lines.append(f"| {x} | {span(c['small_vs_eager'])} | {span(c['blas_vs_eager'])} |")
     return lines
 
 

@@ -102,13 +102,14 @@ def test_final_relu_and_layers_without_bias(path):
 CHUNKED_BATCH = 2500
 
 
-@pytest.mark.parametrize("path", ["small", "blas"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("final_relu", [False, True])
 def test_a_batch_of_several_chunks_matches_pytorch(path, final_relu):
-    model = sequential([11, 24, 9, 2], final_relu=final_relu)
+    # "auto" on AVX2: the first layer (40 x 64 weights) on the BLAS, the others on the hand kernels
+    model = sequential([40, 64, 9, 2], final_relu=final_relu)
     ref = copy.deepcopy(model)
     engine = Engine(model, lr=1e-2, path=path)
-    data = batches(4, CHUNKED_BATCH, 11, 2)
+    data = batches(4, CHUNKED_BATCH, 40, 2)
     losses = [engine.step(x, y) for x, y in data[:3]]
     assert losses == pytest.approx(torch_steps(ref, data[:3], torch.optim.Adam(ref.parameters(), lr=1e-2)), rel=1e-5)
     assert_same_weights(model, ref)
@@ -162,14 +163,15 @@ def test_many_models_on_a_shared_batch_of_several_chunks_train_as_each_would_alo
             assert all(torch.equal(p, q) for p, q in zip(ens.member(k).parameters(), m.parameters())), (n, k)
 
 
-def test_a_batch_of_several_chunks_gives_the_same_bits_on_any_number_of_threads():
-    # 40 x 64 x 2500 multiply-adds per layer: each chunk's layers split across the threads.
+@pytest.mark.parametrize("path", ["small", "blas"])
+def test_a_batch_of_several_chunks_gives_the_same_bits_on_any_number_of_threads(path):
+    # The threads take the chunks' lanes as they free up (one to three lanes per thread here).
     results, threads = [], torch.get_num_threads()
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             model = sequential([40, 64, 64, 1])
-            engine = Engine(model, lr=1e-2, path="small")
+            engine = Engine(model, lr=1e-2, path=path)
             losses = [engine.step(x, y) for x, y in batches(2, CHUNKED_BATCH, 40, 1)]
             results.append((losses, [p.detach().clone() for p in model.parameters()]))
     finally:
@@ -561,6 +563,11 @@ wide = {{'avx512': ['small', 'small', 'blas', 'small'], 'avx2': ['small', 'blas'
 paths = Engine(torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 96), torch.nn.Linear(96, 192),
                                    torch.nn.Linear(192, 1))).layer_paths(64)
 assert paths == wide.get('{isa}', wide['avx2']), paths
+# a batch of several chunks (each lane on one thread): more than 64 x 64 weights on AVX-512, 32 x 64 else
+chunked = {{'avx512': ['small', 'small', 'blas', 'small'], 'avx2': ['small', 'blas', 'blas', 'small']}}
+paths = Engine(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 96),
+                                   torch.nn.Linear(96, 1))).layer_paths(4096)
+assert paths == chunked.get('{isa}', chunked['avx2']), paths
 print('ok')
 """
 
@@ -788,6 +795,10 @@ def test_fit_compiled_resumes_from_a_checkpoint_exactly(tmp_path):
 def test_auto_path_picks_hand_kernels_for_narrow_layers_and_blas_for_wide_ones():
     assert Engine(sequential([10, 20, 1])).layer_paths(64) == ["small", "small"]
     assert Engine(sequential([64, 256, 256, 1])).layer_paths(512) == ["blas", "blas", "small"]
+    # A batch of several chunks, each lane on one thread, goes to the BLAS sooner (see also
+    # test_every_compiled_engine_kernel_set_is_correct for every instruction set's points).
+    assert Engine(sequential([40, 128, 8, 1])).layer_paths(4096) == ["blas", "small", "small"]
+    assert Engine(sequential([40, 128, 8, 1])).layer_paths(1024) == ["small", "small", "small"]
 
 
 def test_concurrent_calls_on_one_engine_are_serialised():

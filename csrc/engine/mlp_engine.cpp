@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <mutex>
@@ -42,6 +43,11 @@ constexpr int64_t kAlign = cpu::kBatchAlign;
 // The x86-64 baseline copy takes AVX2's point: it was not measured on a CPU with nothing
 // better (there the BLAS would be slower too).
 int64_t small_max_weights(const char* isa) { return std::string(isa) == "avx512" ? 96 * 128 : 64 * 96; }
+// The same for a batch of several chunks, whose lanes each run on one thread: there the BLAS
+// gains sooner. AVX2 (w->w->w->1 at batches 2048 and 8192, one run): the hand kernels lead
+// at w = 8-16 (1.3x-2.4x), are even at 32 (0.95x-1.12x) and lose from 64 (0.78x-0.83x).
+// AVX-512's point is AVX2's scaled as the one-chunk points are (not measured).
+int64_t small_max_weights_chunked(const char* isa) { return std::string(isa) == "avx512" ? 64 * 64 : 32 * 64; }
 // Models per thread below which K models run on one thread: a parallel region costs tens of
 // microseconds on a busy VM, more than a few small steps.
 constexpr int64_t kParallelMinMacs = int64_t(1) << 18;
@@ -59,6 +65,14 @@ constexpr int64_t kElementwiseWeight = 16;
 // batch 65536 ran 4x slower than eager PyTorch). The bits of a step depend on the batch
 // (where its chunks end), never on the threads.
 constexpr int64_t kChunkCols = 1024;
+
+// The chunks of a batch fall into up to this many lanes, contiguous runs of chunks whose
+// weight gradients are summed apart and then added in lane order: the threads take lanes as
+// they free up, and the sums depend on the batch alone, never on the threads. Each lane
+// keeps a copy of the gradients, at most kLaneBytes of them in all (fewer lanes for a large
+// model).
+constexpr int64_t kMaxLanes = 32;
+constexpr int64_t kLaneBytes = int64_t(64) << 20;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -78,6 +92,8 @@ struct Rng {
 struct Workspace {
   int64_t ld = 0;
   at::Tensor storage;
+  at::Tensor lanes;  // (lanes, gradient floats): a chunked batch's per-lane weight gradients
+  bool chunked = false;  // the batch in work is one of several chunks: picks the kernel path
   std::vector<float*> act;  // act[0]: the input (in x ld); act[l + 1]: the output of layer l
   float* target = nullptr;  // (out x ld)
   float* grad[2] = {nullptr, nullptr};  // dL/dz of the current and the next layer down
@@ -124,11 +140,13 @@ struct MLPEngine::Impl {
   const cpu::MlpKernels& mk = cpu_mlp_kernels();
   const cpu::Kernels<float>& kf = cpu_kernel_set().f32;
   const int64_t small_max = small_max_weights(cpu_kernel_set().isa);
+  const int64_t small_max_chunked = small_max_weights_chunked(cpu_kernel_set().isa);
 
-  bool blas(int64_t l, int64_t ld) const {
+  // Layer l on the BLAS? chunked: a batch of several chunks (each lane on one thread).
+  bool blas(int64_t l, bool chunked) const {
     if (path == "small") return false;
     if (path == "blas") return true;
-    return width[l] * width[l + 1] > small_max;
+    return width[l] * width[l + 1] > (chunked ? small_max_chunked : small_max);
   }
   int64_t macs_per_step(int64_t ld) const {
     int64_t m = 0;
@@ -193,7 +211,7 @@ struct MLPEngine::Impl {
   void forward(Workspace& w, int64_t k) const {
     for (int64_t l = 0; l < L; ++l) {
       const int64_t in = width[l], out = width[l + 1];
-      if (blas(l, w.ld)) {
+      if (blas(l, w.chunked)) {
         float* z = w.act[l + 1];
         at::Tensor zt = blob(z, out, w.ld);
         at::mm_out(zt, blob(weight_ptr(l, k), out, in), blob(w.act[l], in, w.ld));
@@ -221,7 +239,7 @@ struct MLPEngine::Impl {
     for (int64_t l = L - 1; l >= 0; --l) {
       const int64_t in = width[l], out = width[l + 1];
       float* g = w.grad[cur];
-      const bool use_blas = blas(l, w.ld);
+      const bool use_blas = blas(l, w.chunked);
       if (use_blas) {
         at::Tensor dw = blob(w.dw[l], out, in);
         if (add)
@@ -277,22 +295,74 @@ struct MLPEngine::Impl {
     }
   }
 
-  // One training step of model k on `batch` rows; returns the loss. gather(r0, n) puts rows
-  // [r0, r0 + n) of the batch into w.act[0] / w.target, a chunk of at most kChunkCols.
+  // One training step of model k on `batch` rows, in workspace w; returns the loss.
+  // gather(ws, r0, n) puts rows [r0, r0 + n) of the batch into ws.act[0] / ws.target, a chunk
+  // of at most kChunkCols.
   template <typename Gather>
-  double train_step(Workspace& w, int64_t k, int64_t batch, const Gather& gather) const {
+  double train_step(Workspace& w, int64_t k, int64_t batch, const Gather& gather) {
     const int64_t out = width[L];
     const double denom = double(batch) * double(out);
+    const float scale = float(2.0 / denom);
+    const int64_t chunks = (batch + kChunkCols - 1) / kChunkCols;
     double sse = 0;
-    for (int64_t r0 = 0; r0 < batch; r0 += kChunkCols) {
-      const int64_t n = std::min(kChunkCols, batch - r0);
-      gather(r0, n);
+    if (chunks == 1) {
+      w.chunked = false;
+      gather(w, int64_t(0), batch);
       forward(w, k);
-      sse += mk.mse_grad(w.act[L], w.target, w.grad[0], out, n, w.ld, float(2.0 / denom));
-      backward(w, k, r0 > 0);
+      sse = mk.mse_grad(w.act[L], w.target, w.grad[0], out, batch, w.ld, scale);
+      backward(w, k, false);
+    } else {
+      sse = chunked_gradients(w, k, batch, chunks, scale, gather);
     }
     adam(w, k);
     return sse / denom;
+  }
+
+  // The weight gradients of a batch of several chunks into w.dw / w.db, lane by lane (see
+  // kMaxLanes); returns the sum of squared errors. The lanes run on the threads when
+  // for_models gave each thread a workspace (one model at a time), else one after another.
+  template <typename Gather>
+  double chunked_gradients(Workspace& w, int64_t k, int64_t batch, int64_t chunks, float scale, const Gather& gather) {
+    float* grads = w.dw[0];  // dw and db of every layer lie together at the end of the storage
+    const int64_t size = w.storage.data_ptr<float>() + w.storage.numel() - grads;
+    const int64_t lanes = std::clamp<int64_t>(kLaneBytes / (size * int64_t(sizeof(float))), 1,
+                                              std::min(chunks, kMaxLanes));
+    if (!w.lanes.defined() || w.lanes.numel() < lanes * size) w.lanes = at::empty({lanes * size}, at::kFloat);
+    float* lane_grads = w.lanes.data_ptr<float>();
+    std::vector<double> sse(lanes);
+    const int64_t out = width[L];
+    auto run_lane = [&](Workspace& lw, int64_t g) {
+      const int64_t c0 = g * chunks / lanes, c1 = (g + 1) * chunks / lanes;
+      double s = 0;
+      lw.chunked = true;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t r0 = c * kChunkCols, n = std::min(kChunkCols, batch - r0);
+        gather(lw, r0, n);
+        forward(lw, k);
+        s += mk.mse_grad(lw.act[L], lw.target, lw.grad[0], out, n, lw.ld, scale);
+        backward(lw, k, c > c0);
+      }
+      sse[g] = s;
+      std::memcpy(lane_grads + g * size, lw.dw[0], size * sizeof(float));
+    };
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(ws.size()));
+    if (threads > 1 && lanes > 1 && !at::in_parallel_region() && &w == &ws[0]) {
+      std::atomic<int64_t> next{0};
+      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+        Workspace& lw = ws[at::get_thread_num()];
+        for (int64_t g; (g = next.fetch_add(1)) < lanes;) run_lane(lw, g);
+      });
+    } else {
+      for (int64_t g = 0; g < lanes; ++g) run_lane(w, g);
+    }
+    split(size, size * lanes, [&](int64_t i0, int64_t i1) {
+      std::memcpy(grads + i0, lane_grads + i0, (i1 - i0) * sizeof(float));
+      for (int64_t g = 1; g < lanes; ++g)
+        for (int64_t i = i0; i < i1; ++i) grads[i] += lane_grads[g * size + i];
+    });
+    double total = 0;
+    for (double s : sse) total += s;
+    return total;
   }
 
   // fn(workspace, k0, k1) over the models, on the threads when the work pays for a region.
@@ -304,7 +374,9 @@ struct MLPEngine::Impl {
     const int64_t threads = at::get_num_threads();
     const bool parallel = K > 1 && threads > 1 && !at::in_parallel_region() &&
                           macs_per_step(ld) * K >= kParallelMinMacs * threads;
-    ensure(ld, parallel ? threads : 1);
+    // One model at a time on a batch of several chunks: a workspace per thread for its lanes.
+    const bool lanes = !parallel && ld > kChunkCols && threads > 1 && !at::in_parallel_region();
+    ensure(ld, parallel || lanes ? threads : 1);
     if (!parallel) return fn(ws[0], int64_t(0), K);
     const int64_t chunk = std::max<int64_t>(1, K / (threads * 8));  // fn gathers a shared batch once per call
     std::atomic<int64_t> next{0};
@@ -492,7 +564,7 @@ void MLPEngine::set_options(const AdamOptions& o) {
 
 std::vector<std::string> MLPEngine::layer_paths(int64_t batch_size) const {
   std::vector<std::string> r;
-  for (int64_t l = 0; l < impl_->L; ++l) r.push_back(impl_->blas(l, round_up(batch_size, kAlign)) ? "blas" : "small");
+  for (int64_t l = 0; l < impl_->L; ++l) r.push_back(impl_->blas(l, batch_size > kChunkCols) ? "blas" : "small");
   return r;
 }
 
@@ -517,9 +589,9 @@ at::Tensor MLPEngine::step(const at::Tensor& x_in, const at::Tensor& y_in) {
     for (int64_t k = k0; k < k1; ++k) {
       const float* xk = xp + (x_per_model ? k * batch * in : 0);
       const float* yk = yp + (y_per_model ? k * batch * out : 0);
-      loss[k] = I.train_step(w, k, batch, [&](int64_t r0, int64_t n) {
-        if (k == k0 || x_per_model || !one_chunk) I.mk.gather_transpose(xk + r0 * in, in, nullptr, n, in, w.act[0], w.ld);
-        if (k == k0 || y_per_model || !one_chunk) I.mk.gather_transpose(yk + r0 * out, out, nullptr, n, out, w.target, w.ld);
+      loss[k] = I.train_step(w, k, batch, [&](Workspace& lw, int64_t r0, int64_t n) {
+        if (k == k0 || x_per_model || !one_chunk) I.mk.gather_transpose(xk + r0 * in, in, nullptr, n, in, lw.act[0], lw.ld);
+        if (k == k0 || y_per_model || !one_chunk) I.mk.gather_transpose(yk + r0 * out, out, nullptr, n, out, lw.target, lw.ld);
       });
     }
   });
@@ -605,9 +677,9 @@ at::Tensor MLPEngine::run(const at::Tensor& x_in, const at::Tensor& y_in, const 
             for (int64_t i = nk - 1; i > 0; --i) std::swap(r[i], r[rng[k].below(uint64_t(i + 1))]);
           for (int64_t s = s0; s < std::min(s1, nb[k]); ++s) {
             const int64_t b0 = s * B, bn = std::min(B, nk - b0);
-            loss_sum[k] += I.train_step(w, k, bn, [&](int64_t r0, int64_t n) {
-              I.mk.gather_transpose(xp, in, r.data() + b0 + r0, n, in, w.act[0], w.ld);
-              I.mk.gather_transpose(yp, out, r.data() + b0 + r0, n, out, w.target, w.ld);
+            loss_sum[k] += I.train_step(w, k, bn, [&](Workspace& lw, int64_t r0, int64_t n) {
+              I.mk.gather_transpose(xp, in, r.data() + b0 + r0, n, in, lw.act[0], lw.ld);
+              I.mk.gather_transpose(yp, out, r.data() + b0 + r0, n, out, lw.target, lw.ld);
             }) * double(bn);
             rows_seen[k] += double(bn);
           }
@@ -642,6 +714,7 @@ at::Tensor MLPEngine::predict(const at::Tensor& x_in) {
   const float* xp = x.data_ptr<float>();
   float* rp = result.data_ptr<float>();
   I.for_models(chunk, [&](Workspace& w, int64_t k0, int64_t k1) {
+    w.chunked = false;  // each chunk's layers split across the threads, as a one-chunk batch's
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
       const int64_t bn = std::min(chunk, n - r0);
       I.mk.gather_transpose(xp + r0 * in, in, nullptr, bn, in, w.act[0], w.ld);

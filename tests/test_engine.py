@@ -997,6 +997,20 @@ def test_fit_many_bootstrap_gives_each_member_its_own_sample():
     assert (spread[True] > 1e-3).all(), spread[True]
 
 
+def test_predict_many_refuses_inputs_of_the_wrong_width():
+    x, y, _ = fit_data(100)
+    ens = aiaas_fast.Ensemble(3, 3, [8], 1)
+    aiaas_fast.fit_many(ens, x, y, epochs=1, progress=False)
+    for bad, width in ((x[:, :1], 1), (x[:, :2], 2), (x[:, 0], 1)):
+        with pytest.raises(ValueError, match=f"predict_many: X has {width} column\\(s\\).*models take 3 feature"):
+            aiaas_fast.predict_many(ens, bad)
+    with pytest.raises(ValueError, match="for one row pass shape \\(1, 3\\)"):
+        aiaas_fast.predict_many(ens, x[0])
+    plain = aiaas_fast.Ensemble(3, 3, [8], 1)  # not fitted: no scalers, the same check
+    with pytest.raises(ValueError, match="X has 2 column"):
+        aiaas_fast.predict_many(plain, x[:, :2])
+
+
 def test_predict_many_mean_and_spread_are_over_the_members():
     x, _, _ = fit_data(200)
     y = torch.cat([x[:, :1] * 2, x[:, 1:2].cos()], 1)

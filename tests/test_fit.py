@@ -117,6 +117,29 @@ def test_bad_data_is_named():
     with pytest.raises(ValueError, match="no rows"):
         aiaas_fast.fit(model(), x[:0], y[:0])
 
+def test_predict_refuses_inputs_of_the_wrong_width():
+    # The scalers would broadcast a 1-column X over the model's 4 columns: wrong numbers, no error.
+    x, y = data(60)
+    m = model()
+    aiaas_fast.fit(m, x, y, epochs=1, progress=False)
+    for bad, width in ((x[:, :1], 1), (x[:, :3], 3), (torch.cat([x, x[:, :1]], 1), 5), (x[:, 0], 1)):
+        with pytest.raises(ValueError, match=f"aiaas_fast.predict: X has {width} column\\(s\\).*fitted on 4 feature"):
+            aiaas_fast.predict(m, bad)
+    with pytest.raises(ValueError, match="for one row pass shape \\(1, 4\\)"):
+        aiaas_fast.predict(m, x[0])  # one row as a 1-D tensor reads as 4 rows of one column
+    with pytest.raises(ValueError, match="for one row pass shape \\(1, 4\\)"):
+        aiaas_fast.predict(m, x[0].numpy())
+    torch.testing.assert_close(aiaas_fast.predict(m, x[0][None]), aiaas_fast.predict(m, x[:1]), rtol=0, atol=0)
+
+
+def test_a_scaler_refuses_data_of_another_width():
+    from aiaas_fast.scaler import Scaler
+    sc = Scaler.fit(torch.randn(10, 3))
+    for method in (sc.transform, sc.inverse):
+        with pytest.raises(ValueError, match="the data has 1 column\\(s\\), shape \\[10, 1\\]; the scaler was fitted on 3"):
+            method(torch.randn(10, 1))
+
+
 def test_a_foreign_checkpoint_is_refused(tmp_path):
     x, y = data(50)
     path = str(tmp_path / "x.pt")

@@ -30,11 +30,19 @@ class Scaler:
         std = torch.where(std > 0, std, torch.ones_like(std))
         return cls(d.mean(0), std)
 
+    def _check_columns(self, v: Tensor) -> None:
+        # Broadcasting would scale a 1-column input by every column's mean and std: wrong numbers, no error.
+        if v.dim() == 0 or v.shape[-1] != self.mean.shape[-1]:
+            raise ValueError(f"Scaler: the data has {v.shape[-1] if v.dim() else 0} column(s), shape "
+                             f"{list(v.shape)}; the scaler was fitted on {self.mean.shape[-1]}")
+
     def transform(self, v: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        self._check_columns(v)
         mean, std = self.mean.to(v.device, torch.float64), self.std.to(v.device, torch.float64)
         return ((v.double() - mean) / std).to(dtype)
 
     def inverse(self, v: Tensor) -> Tensor:
+        self._check_columns(v)
         mean, std = self.mean.to(v.device, torch.float64), self.std.to(v.device, torch.float64)
         return (v.double() * std + mean).to(v.dtype)
 

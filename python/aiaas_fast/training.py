@@ -68,6 +68,17 @@ def _as_tensor(name: str, value, who: str = "aiaas_fast.fit") -> Tensor:
     return value
 
 
+def check_feature_count(who: str, given, x: Tensor, features: int, what: str) -> None:
+    """A clear error for X of the wrong width (given: X as the user passed it), where a
+    scaler's broadcast or a model's own message would hide what is wrong."""
+    if x.shape[1] == features:
+        return
+    hint = (f"; for one row pass shape (1, {features}), e.g. X[None]"
+            if getattr(given, "ndim", 2) == 1 and len(given) == features else "")
+    raise ValueError(f"{who}: X has {x.shape[1]} column(s) (shape {list(getattr(given, 'shape', x.shape))}), but "
+                     f"{what} {features} feature(s){hint}")
+
+
 def _from_loader(loader) -> tuple:
     xs, ys = [], []
     for i, batch in enumerate(loader):
@@ -144,6 +155,8 @@ def predict(model: nn.Module, X, batch_size: int = 4096) -> Tensor:
     """The model's predictions in the targets' units, using the scalers ``fit`` kept."""
     x = _as_tensor("X", X, "aiaas_fast.predict")
     scalers = getattr(model, "aiaas_fast_scalers", None)
+    if scalers:
+        check_feature_count("aiaas_fast.predict", X, x, scalers["x"].mean.shape[-1], "the model was fitted on")
     first = next(model.parameters())
     device, dtype = first.device, first.dtype if first.is_floating_point() else torch.float32
     outs = []

@@ -396,6 +396,18 @@ def test_fit_auto_falls_back_for_them_and_trains_what_the_model_computes():
         assert h["train_loss"] == h_ref["train_loss"]
 
 
+def test_settings_given_beside_an_optimizer_are_refused_not_ignored():
+    model = sequential([3, 4, 1])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="lr, amsgrad given with an optimizer"):
+        Engine(model, opt, lr=1e-3, amsgrad=False)  # the defaults' values too: the user said them
+    with pytest.raises(ValueError, match="betas given with an optimizer"):
+        Engine(model, opt, betas=(0.9, 0.99))
+    assert Engine(model, opt)._hyper["lr"] == 1e-2
+    assert Engine(sequential([3, 4, 1]))._hyper == dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                                        amsgrad=False, maximize=False, decoupled_weight_decay=False)
+
+
 def test_optimizer_changes_after_the_engine_is_built_are_followed_or_refused():
     model = sequential([3, 8, 1])
     ref = copy.deepcopy(model)

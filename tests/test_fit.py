@@ -91,6 +91,7 @@ def test_early_stopping_keeps_the_best_weights():
     (dict(min_delta=float("nan")), "invalid min_delta=nan"),
     (dict(seed=None), "invalid seed=None"),
     (dict(seed=-1), "invalid seed=-1"),
+    (dict(resume=True), "resume=True needs checkpoint="),
 ])
 def test_bad_hyperparameters(kwargs, message):
     x, y = data(50)

@@ -259,16 +259,30 @@ def auto_reason(model: nn.Module, optimizer=None, loss_fn=None) -> Optional[str]
 class Engine:
     """Trains ``model`` in place with MSE loss and Adam (see the module docstring).
 
-    Without ``optimizer``, the engine holds its own Adam state with ``lr``, ``betas``,
-    ``eps``, ``weight_decay``, ``amsgrad`` and ``decoupled_weight_decay`` (AdamW).
+    Without ``optimizer``, the engine holds its own Adam state with ``lr`` (default 1e-3),
+    ``betas`` ((0.9, 0.999)), ``eps`` (1e-8), ``weight_decay`` (0), ``amsgrad`` and
+    ``decoupled_weight_decay`` (AdamW) (False). With one, they are the optimizer's: passing
+    any of them too is an error, not a setting silently ignored.
     ``path``: on the CPU, ``"auto"`` picks hand-vectorized kernels or the BLAS per layer by
     size, ``"small"`` / ``"blas"`` force one (for tests and measurements); on CUDA,
     ``"auto"`` takes the fused MLP kernel for widths up to 128 and the fused ops otherwise,
     ``"fused"`` / ``"graph"`` force one."""
 
-    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *, lr: float = 1e-3,
-                 betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 amsgrad: bool = False, decoupled_weight_decay: bool = False, path: str = "auto"):
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
+                 lr: Optional[float] = None, betas: Optional[Tuple[float, float]] = None, eps: Optional[float] = None,
+                 weight_decay: Optional[float] = None, amsgrad: Optional[bool] = None,
+                 decoupled_weight_decay: Optional[bool] = None, path: str = "auto"):
+        own = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                   decoupled_weight_decay=decoupled_weight_decay)
+        if optimizer is not None and any(v is not None for v in own.values()):
+            given = ", ".join(k for k, v in own.items() if v is not None)
+            raise ValueError(f"aiaas_fast.Engine: {given} given with an optimizer, whose own settings the engine "
+                             "uses; set them on the optimizer, or leave the optimizer out")
+        lr = 1e-3 if lr is None else lr
+        betas = (0.9, 0.999) if betas is None else betas
+        eps = 1e-8 if eps is None else eps
+        weight_decay = 0.0 if weight_decay is None else weight_decay
+        amsgrad, decoupled_weight_decay = bool(amsgrad), bool(decoupled_weight_decay)
         layers = mlp_layers(model)
         self.model = model
         self.optimizer = optimizer

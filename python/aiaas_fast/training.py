@@ -201,6 +201,8 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
     each global batch of ``batch_size * world_size`` rows is split among the processes, so the
     run equals a single process with the global batch size. Rank 0 writes the checkpoint.
     """
+    if resume and not checkpoint:
+        raise ValueError("aiaas_fast.fit: resume=True needs checkpoint= (the file to continue from)")
     if isinstance(X, torch.utils.data.DataLoader):
         if y is not None:
             raise ValueError("aiaas_fast.fit: with a DataLoader, pass y=None (the loader yields (x, y))")

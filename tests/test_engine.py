@@ -847,6 +847,35 @@ def test_replaced_parameters_are_refused_not_trained_silently():
         engine.predict(torch.randn(10, 3))
 
 
+@pytest.mark.parametrize("change,message", [
+    (lambda m: m.load_state_dict(sequential([3, 8, 1], seed=2).state_dict(), assign=True), "were replaced"),
+    (lambda m: m.__setitem__(0, nn.Linear(3, 8)), "were replaced"),
+    (lambda m: m.append(nn.Linear(1, 1)), "were replaced"),
+    (lambda m: m.__setitem__(1, nn.Tanh()), "Tanh is not a layer"),
+    (lambda m: m[0].register_forward_hook(lambda mod, a, out: out * 2), "forward hooks"),
+    (lambda m: nn.modules.module.register_module_forward_hook(lambda mod, a, out: out), "global module hooks"),
+    (lambda m: m[2].bias.requires_grad_(False), "frozen parameter"),
+    (lambda m: setattr(m[2], "bias", None), "were replaced"),
+])
+def test_model_changes_after_the_engine_is_built_are_seen_by_predict_and_run(change, message):
+    # predict() and run() check the model cheaply (what mlp_layers looks at, unchanged), and
+    # fully when anything changed: each change here must still be refused with its reason.
+    model = sequential([3, 8, 1])
+    engine = Engine(model)
+    x, y = torch.randn(10, 3), torch.randn(10, 1)
+    torch.testing.assert_close(engine.predict(x), model(x).detach())
+    handle = change(model)
+    try:
+        for call in (lambda: engine.predict(x), lambda: engine.run(x, y, epochs=1)):
+            with pytest.raises((RuntimeError, ValueError), match=message):
+                call()
+    finally:
+        if hasattr(handle, "remove"):
+            handle.remove()
+    if hasattr(handle, "remove"):  # a hook removed again: the model is as built
+        torch.testing.assert_close(engine.predict(x), model(x).detach())
+
+
 def test_resized_or_reallocated_tensors_are_refused_at_every_call():
     # The kernels write through raw pointers sized at construction: a tensor resized since
     # would be written out of bounds (heap corruption before this check).

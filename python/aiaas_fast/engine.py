@@ -28,7 +28,7 @@ import torch.optim.optimizer as _torch_optimizer  # its global step hooks (torch
 from torch import Tensor, nn
 
 from . import _C
-from ._module_checks import extra_behaviour
+from ._module_checks import RUN_HOOKS, extra_behaviour
 from .nn import LinearReLU, MLP
 from .optim import Adam, AdamW
 
@@ -66,6 +66,28 @@ def _unseen_behaviour(name: str, m: nn.Module) -> Optional[str]:
                 "would not run")
     why = extra_behaviour(m)
     return f"{label} {why}, which the compiled engine would not run" if why else None
+
+
+def _snapshot(model: nn.Module) -> Tuple[list, list]:
+    """What mlp_layers' verdict depends on, cheaply: every module, its class and parameters
+    (compared by identity), and its hook counts and parameters' requires_grad (by value).
+    While it is unchanged, so is the verdict; building it costs a few microseconds where
+    mlp_layers costs ~150 (a predict() of a small model costs less than that)."""
+    objs: list = []
+    flags: list = []
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if m is None:
+            flags.append(None)
+            continue
+        d = m.__dict__
+        objs += (m, type(m), *d["_parameters"].values())
+        flags += [len(d["_parameters"]), len(d["_modules"])]
+        flags += [len(d.get(h) or ()) for h in RUN_HOOKS]
+        flags += [p.requires_grad for p in d["_parameters"].values() if p is not None]
+        stack += reversed(d["_modules"].values())
+    return objs, flags
 
 
 def _global_hooks() -> Optional[str]:
@@ -303,6 +325,7 @@ class Engine:
         self.state = state
         self._params = params
         self._addresses = [p.data_ptr() for p in params]  # what the kernels (and captured graphs) write
+        self._built_as = _snapshot(model)
         if params[0].device.type == "cuda":
             from .engine_cuda import CudaGraphEngine
 
@@ -389,6 +412,11 @@ class Engine:
     def _check_params(self) -> None:
         """The engine holds the tensors it was built with: a model whose parameters were
         replaced since (``load_state_dict(assign=True)``, a new layer) would train stale copies."""
+        if not _global_hooks() and [p.data_ptr() for p in self._params] == self._addresses:
+            objs, flags = _snapshot(self.model)
+            was_objs, was_flags = self._built_as
+            if flags == was_flags and len(objs) == len(was_objs) and all(a is b for a, b in zip(objs, was_objs)):
+                return  # nothing mlp_layers looks at has changed
         now = [p for lin, _ in mlp_layers(self.model) for p in (lin.weight, lin.bias) if p is not None]
         if len(now) != len(self._params) or any(a is not b for a, b in zip(now, self._params)):
             raise RuntimeError("aiaas_fast.Engine: the model's parameter tensors were replaced after the engine was "

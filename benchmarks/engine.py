@@ -1,6 +1,6 @@
 """Training steps per second of the compiled engine against PyTorch, in one run.
 
-    python benchmarks/engine.py [--quick] [--no-compile] [--sweep] [--batch-scaling] [--models K] [--out DIR]
+    python benchmarks/engine.py [--quick] [--no-compile] [--sweep] [--batch-scaling] [--predict] [--models K] [--out DIR]
 
 Single models (seed 10->20->1 at batch 64; 64->256->256->1 at batch 512; a 64-wide,
 4-hidden-layer MLP at batch 16384, which the engine trains in chunks): eager PyTorch with
@@ -18,7 +18,9 @@ layer's shape and at 1024^3 (the machine's product ceiling), timed in the same r
 ``--sweep`` times the engine's two kernel paths (hand kernels, BLAS) over widths and batches:
 the measurement behind the engine's switch point (CPU only). ``--batch-scaling`` times a
 64-wide MLP's step from batch 64 to 65536 against eager, both paths (CPU only): the
-measurement behind training large batches in chunks of 1024 rows. ``--device cuda`` times the
+measurement behind training large batches in chunks of 1024 rows. ``--predict`` times the
+engine's predict() against the model's own forward under torch.no_grad() (CPU only), for the
+seed network, the 64-wide MLP and 64->256->256->1 from 64 to 65536 rows. ``--device cuda`` times the
 single-model table on the GPU for the seed network and a 64-wide, 4-hidden-layer MLP at batch
 65536 (the engine there is a captured CUDA graph of the fused MLP kernel, and, for
 comparison, a graph of the fused ops, ``path="graph"``), the many-model table with the
@@ -209,6 +211,33 @@ def batch_scaling(res, quick):
               ["batch", "eager (Adam fused)", "engine small", "engine blas", "small vs eager", "blas vs eager"], lines)
 
 
+def predict_table(res, quick):
+    """Engine.predict against the module's forward under no_grad, over rows: the measurement
+    behind predicting many rows in pieces of 256."""
+    lines = []
+    nets = {"seed": [10, 20, 1], "64x4": [64] * 5 + [1], "64-256-256-1": [64, 256, 256, 1]}
+    for name, widths in nets.items():
+        for rows in ([64, 4096] if quick else [64, 512, 4096, 65536]):
+            torch.manual_seed(0)
+            model, x = mlp(widths, "cpu"), torch.randn(rows, widths[0])
+            engine = Engine(model)
+            torch.testing.assert_close(engine.predict(x), model(x).detach(), rtol=1e-4, atol=1e-5)
+
+            def eager(model=model, x=x):
+                with torch.no_grad():
+                    model(x)
+            t = time_providers({"eager forward (no_grad)": eager, "engine predict()": lambda e=engine, x=x: e.predict(x)},
+                               "cpu", reps=3 if quick else 5, block_seconds=0.02 if quick else 0.2)
+            ref, own = t["eager forward (no_grad)"]["y50"], t["engine predict()"]["y50"]
+            res.add(kernel="engine_predict", provider="eager/engine", mode="predict", metric="time", unit="s",
+                    x=f"{name}@{rows}", config={"widths": widths, "rows": rows}, eager_s=ref, engine_s=own,
+                    engine_vs_eager=ref / own)
+            lines.append([f"{name}@{rows}", fmt_time(ref), fmt_time(own), f"{ref / own:.2f}x"])
+    res.table("Prediction: engine predict() against the model's forward under torch.no_grad() (more than 256 rows "
+              "run in pieces of 256, which the threads share)",
+              ["MLP @ rows", "eager forward (no_grad)", "engine predict()", "engine vs eager"], lines)
+
+
 def sweep(res, quick):
     lines = []
     widths = [8, 16, 32, 64, 128, 256] if quick else [8, 16, 32, 64, 96, 128, 192, 256, 384, 512]
@@ -240,6 +269,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="also time the small/BLAS kernel paths over widths")
     p.add_argument("--batch-scaling", action="store_true",
                    help="also time a 64-wide MLP's step from batch 64 to 65536 against eager")
+    p.add_argument("--predict", action="store_true", help="also time predict() against the model's forward (CPU only)")
     p.add_argument("--models", type=positive_int, default=None, help="K for the many-model table (default 256; 16 with --quick)")
     p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--out", default=None)
@@ -363,6 +393,8 @@ def many_models(res, args, device, block, failed) -> int:
         sweep(res, args.quick)
     if args.batch_scaling and not device.startswith("cuda"):
         batch_scaling(res, args.quick)
+    if args.predict and not device.startswith("cuda"):
+        predict_table(res, args.quick)
     res.write(args.out)
     return 0
 

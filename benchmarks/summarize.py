@@ -101,7 +101,7 @@ def main(argv=None) -> int:
 
 
 def _sweep_table(runs) -> list:
-    """benchmarks/engine.py --sweep's and --batch-scaling's rows (hand kernels against BLAS per width and
+    """benchmarks/engine.py --sweep's, --batch-scaling's and --predict's rows (hand kernels against BLAS per width and
     batch; the engine against eager over batches), as
     table lines: the speed ratio's median over runs and its range; [] when no run has them."""
     ratios, auto = defaultdict(list), {}
@@ -129,6 +129,16 @@ def _sweep_table(runs) -> list:
                   "median over runs (min - max).", "", "| MLP @ batch | small vs eager | blas vs eager |", "|---|---|---|"]
         for x, c in scaling.items():
             lines.append(f"| {x} | {span(c['small_vs_eager'])} | {span(c['blas_vs_eager'])} |")
+    predict = defaultdict(list)
+    for run in runs:
+        for row in run["rows"]:
+            if row.get("kernel") == "engine_predict":
+                predict[str(row["x"])].append(row["engine_vs_eager"])
+    if predict:
+        lines += ["", "Prediction (engine.py --predict): engine predict() against the model's forward under no_grad, "
+                  "median over runs (min - max).", "", "| MLP @ rows | engine vs eager |", "|---|---|"]
+        for x, r in predict.items():
+            lines.append(f"| {x} | {statistics.median(r):.2f}x ({min(r):.2f} - {max(r):.2f}) |")
     return lines
 
 

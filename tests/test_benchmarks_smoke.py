@@ -37,12 +37,12 @@ def test_train_benchmark_quick_run_writes_results(tmp_path):
 @pytest.mark.slow
 def test_engine_benchmark_quick_run_writes_results(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "engine.py"), "--quick", "--no-compile",
-                        "--sweep", "--batch-scaling", "--models", "4", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                        "--sweep", "--batch-scaling", "--predict", "--models", "4", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.load(open(os.path.join(tmp_path, next(f for f in os.listdir(tmp_path) if f.endswith(".json")))))
     providers = {row["provider"] for row in data["rows"]}
     assert {"eager (Adam fused)", "engine step()", "engine run()", "torch.func.vmap (stacked, Adam fused)",
-            "engine run() (K models, own rows)", "small/blas", "eager/small/blas"} <= providers
+            "engine run() (K models, own rows)", "small/blas", "eager/small/blas", "eager/engine"} <= providers
     assert all(row["y50"] > 0 for row in data["rows"] if "y50" in row)
     if not __import__("torch").cuda.is_available():
         r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "engine.py"), "--device", "cuda"],
@@ -172,6 +172,8 @@ def test_summarize_engine_runs_with_a_sweep(tmp_path):
                          "blas_s": 2e-6, "small_over_blas_speed": speed, "auto_path": "small"})
             rows.append({"kernel": "engine_batch_scaling", "x": "64x4@65536", "provider": "eager/small/blas",
                          "eager_s": 1.0, "small_s": 1 / speed, "blas_s": 1.0, "small_vs_eager": speed, "blas_vs_eager": 1.0})
+            rows.append({"kernel": "engine_predict", "x": "64x4@4096", "provider": "eager/engine", "eager_s": 1.0,
+                         "engine_s": 1 / speed, "engine_vs_eager": speed})
         (tmp_path / f"engine-cpu-2026-11-29T000{i}.json").write_text(json.dumps({"environment": env, "rows": rows}))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "summarize.py"),
                         *sorted(str(p) for p in tmp_path.iterdir())], capture_output=True, text=True, timeout=60)
@@ -179,3 +181,4 @@ def test_summarize_engine_runs_with_a_sweep(tmp_path):
     assert "| seed | engine step() | 20.0 us | 41.00x (40.00 - 42.00) |" in r.stdout, r.stdout
     assert "| 8x8@64 | 2.00x (1.50 - 2.50) | small |" in r.stdout, r.stdout
     assert "| 64x4@65536 | 2.00x (1.50 - 2.50) | 1.00x (1.00 - 1.00) |" in r.stdout, r.stdout
+    assert "| 64x4@4096 | 2.00x (1.50 - 2.50) |" in r.stdout, r.stdout

@@ -313,6 +313,27 @@ def test_predict_matches_the_module():
     torch.testing.assert_close(Engine(model).predict(X), model(X).detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["small", "blas"])
+def test_predict_in_pieces_matches_the_module_with_the_same_bits_on_any_number_of_threads(path):
+    # More rows than one piece (256) run in pieces the threads take as they free up: the
+    # result must not depend on which thread ran which piece, nor miss a short last piece.
+    model = sequential([40, 64, 48, 3])
+    engine = Engine(model, path=path)
+    results, threads = {}, torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            for rows in (257, 1500, 5000):
+                x = torch.randn(rows, 40, generator=torch.Generator().manual_seed(rows))
+                got = engine.predict(x)
+                torch.testing.assert_close(got, model(x).detach(), rtol=1e-5, atol=1e-5)
+                results.setdefault(rows, []).append(got)
+    finally:
+        torch.set_num_threads(threads)
+    for rows, got in results.items():
+        assert all(torch.equal(g, got[0]) for g in got[1:]), rows
+
+
 def test_unsupported_models_are_named():
     class Net(nn.Module):
         def __init__(self):

@@ -48,6 +48,13 @@ int64_t small_max_weights(const char* isa) { return std::string(isa) == "avx512"
 // at w = 8-16 (1.3x-2.4x), are even at 32 (0.95x-1.12x) and lose from 64 (0.78x-0.83x).
 // AVX-512's point is AVX2's scaled as the one-chunk points are (not measured).
 int64_t small_max_weights_chunked(const char* isa) { return std::string(isa) == "avx512" ? 64 * 64 : 32 * 64; }
+// A single model's predict() of more rows than this runs pieces of this many rows, each
+// through every layer on one thread (as a training lane), which the threads take as they free
+// up: one parallel region a call instead of one per layer. Pieces of 256, 512 and 1024 rows
+// measured against the per-layer split (two runs; 64x4 hidden, 64->256->256->1, the seed
+// network at batches 512-65536): 256 led up to 4096 rows and was even with 1024 above.
+constexpr int64_t kPredictPiece = 256;
+
 // Models per thread below which K models run on one thread: a parallel region costs tens of
 // microseconds on a busy VM, more than a few small steps.
 constexpr int64_t kParallelMinMacs = int64_t(1) << 18;
@@ -134,6 +141,7 @@ struct MLPEngine::Impl {
   };
   std::vector<Held> held;
   std::vector<Workspace> ws;  // per thread
+  std::vector<Workspace> pieces_ws;  // per thread, for predict's pieces (a step's stay as they are)
   // One call at a time per engine (the binding drops the GIL); recursive so that a run's
   // callback may call step() or predict() between segments.
   mutable std::recursive_mutex busy;
@@ -181,7 +189,8 @@ struct MLPEngine::Impl {
   // Workspaces for `threads` threads whose rows hold a chunk of `batch` columns. A smaller
   // batch reuses larger buffers (zero padding costs less than reallocating for a last partial
   // batch) unless they are more than twice too wide.
-  void ensure(int64_t batch, int64_t threads) {
+  void ensure(int64_t batch, int64_t threads) { ensure(ws, batch, threads); }
+  void ensure(std::vector<Workspace>& ws, int64_t batch, int64_t threads) const {
     int64_t ld = round_up(std::clamp<int64_t>(batch, 1, kChunkCols), kAlign);
     // Rows 4 KiB apart land in the same cache sets, and a tile reads a column of up to 64+
     // rows at once: one cache line more per row spreads them (at batch 65536 in chunks of
@@ -714,6 +723,29 @@ at::Tensor MLPEngine::predict(const at::Tensor& x_in) {
   const int64_t chunk = std::min<int64_t>(n, kChunkCols);
   const float* xp = x.data_ptr<float>();
   float* rp = result.data_ptr<float>();
+  if (I.K == 1 && n > kPredictPiece) {  // see kPredictPiece; the bits depend on n alone
+    const int64_t pieces = (n + kPredictPiece - 1) / kPredictPiece;
+    const bool parallel = at::get_num_threads() > 1 && !at::in_parallel_region() &&
+                          I.macs_per_step(n) / 3 >= kParallelMinMacs * at::get_num_threads();
+    const int64_t threads = parallel ? std::min<int64_t>(at::get_num_threads(), pieces) : 1;
+    I.ensure(I.pieces_ws, kPredictPiece, threads);
+    std::atomic<int64_t> next{0};
+    auto run_pieces = [&](Workspace& w) {
+      w.chunked = true;  // one thread per piece: the lanes' kernel path
+      for (int64_t p; (p = next.fetch_add(1)) < pieces;) {
+        const int64_t r0 = p * kPredictPiece, bn = std::min(kPredictPiece, n - r0);
+        I.mk.gather_transpose(xp + r0 * in, in, nullptr, bn, in, w.act[0], w.ld);
+        I.forward(w, 0);
+        I.mk.transpose_out(w.act[I.L], w.ld, bn, out, rp + r0 * out);
+      }
+    };
+    if (threads == 1) {
+      run_pieces(I.pieces_ws[0]);
+    } else {
+      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { run_pieces(I.pieces_ws[at::get_thread_num()]); });
+    }
+    return result;
+  }
   I.for_models(chunk, [&](Workspace& w, int64_t k0, int64_t k1) {
     w.chunked = false;  // each chunk's layers split across the threads, as a one-chunk batch's
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {

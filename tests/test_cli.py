@@ -42,6 +42,46 @@ def test_cstr_data_is_deterministic_and_physical():
     assert (clean[:, 0] > 250).all()  # no reactor freezes below its coolant
 
 
+def test_units_differ_by_their_jackets_and_are_deterministic():
+    x, y, labels, feats, targets = datasets.units(3, 601, seed=2, noise=False)
+    assert x.shape == (601, 5) and y.shape == (601, 2) and labels[:4] == ["R-101", "R-102", "R-103", "R-101"]
+    assert [labels.count(f"R-{u}") for u in (101, 102, 103)] == [201, 200, 200]
+    again = datasets.units(3, 601, seed=2, noise=False)
+    assert np.array_equal(x, again[0]) and np.array_equal(y, again[1]) and labels == again[2]
+    # Unit k is cstr(seed + k) with a fouled jacket: the same inputs, a hotter reactor.
+    first = datasets.cstr(201, seed=2, noise=False)
+    np.testing.assert_array_equal(x[0::3], first[0])
+    np.testing.assert_array_equal(y[0::3], first[1])
+    third = np.array(labels) == "R-103"
+    hotter = datasets.cstr(200, seed=4, noise=False, jacket=0.7)[1]
+    np.testing.assert_array_equal(y[third], hotter)
+    assert (hotter[:, 0] >= datasets.cstr(200, seed=4, noise=False)[1][:, 0] - 1e-3).all()
+    with pytest.raises(ValueError, match="rows must be an int of at least count=3"):
+        datasets.units(3, 2)
+
+
+def test_data_writes_the_builtin_data_for_train_and_predict(tmp_path):
+    code, out, err = run("data", "--rows", "400", "--units", "2", "--out", "units.csv", cwd=tmp_path)
+    assert code == 0 and "wrote 400 rows" in out, err
+    with open(tmp_path / "units.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["unit"] + datasets.FEATURES + datasets.TARGETS and len(rows) == 401
+    assert [r[0] for r in rows[1:3]] == ["R-101", "R-102"]
+    x, y, labels, *_ = datasets.units(2, 400)
+    np.testing.assert_allclose(np.array([r[1:] for r in rows[1:]], dtype=np.float64), np.concatenate([x, y], 1),
+                               rtol=1e-6)
+    code, out, err = run("train", "--data", "units.csv", "--target", "outlet_temp_K,conversion", "--group-by", "unit",
+                         "--hidden", "8", "--epochs", "1", "--out", "units.pt", cwd=tmp_path)
+    assert code == 0 and "2 models, one per value of 'unit'" in out, err
+    code, out, err = run("data", "--rows", "3", cwd=tmp_path)  # to stdout, no unit column
+    assert code == 0 and out.splitlines()[0] == ",".join(datasets.FEATURES + datasets.TARGETS)
+    assert len(out.splitlines()) == 4, out
+    code, out, err = run("data", "--rows", "5", "--out", "units.csv", cwd=tmp_path)
+    assert code == 2 and "units.csv: already exists; pass --force" in err, err
+    code, out, err = run("data", "--rows", "2", "--units", "3", cwd=tmp_path)
+    assert code == 2 and "--units 3: more units than --rows 2" in err, err
+
+
 def test_train_with_no_arguments_uses_builtin_data(tmp_path):
     code, out, err = run("train", "--epochs", "2", "--rows", "3000", cwd=tmp_path)
     assert code == 0, err

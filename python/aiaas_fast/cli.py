@@ -186,11 +186,12 @@ def replace_atomically(path: str, write) -> None:
         raise
 
 
-def write_rows(f, header: Sequence[str], data: np.ndarray) -> None:
-    """The header and the numbers (7 significant digits) as CSV, to a text stream."""
+def write_rows(f, header: Sequence[str], data) -> None:
+    """The header and the numbers (7 significant digits) as CSV, to a text stream; rows given
+    as lists of strings are written as they are."""
     w = csv.writer(f)
     w.writerow(header)
-    w.writerows([[f"{v:.7g}" for v in row] for row in data])
+    w.writerows([row if isinstance(row, list) else [f"{v:.7g}" for v in row] for row in data])
 
 
 def write_csv(path: str, header: Sequence[str], data: np.ndarray) -> None:
@@ -264,7 +265,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="aiaas-fast", description="Train regression MLPs on process data with aiaas_fast.",
-                epilog="aiaas-fast train --help and aiaas-fast predict --help describe each command.")
+                epilog="aiaas-fast train --help, predict --help and data --help describe each command.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a model on a CSV, or on the built-in reactor data",
                        description="Train an MLP (ReLU hidden layers) with MSE loss and Adam. With --data, every "
@@ -300,10 +301,46 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", required=True, help="CSV with the model's feature columns (and its --group-by column)")
     pr.add_argument("--out", help="write predictions to this CSV (default: print them)")
     pr.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    d = sub.add_parser("data", help="write the built-in reactor data as a CSV, to try train --data on",
+                       description="Write the built-in CSTR reactor data (the five feed and coolant columns, then "
+                                   "the targets outlet_temp_K and conversion) as a CSV with a header row.")
+    d.add_argument("--out", help="CSV file to write (default: print)")
+    d.add_argument("--rows", type=_positive_int, default=20000, help="rows (default: 20000)")
+    d.add_argument("--seed", type=_seed, default=0, help="(default: 0)")
+    d.add_argument("--units", type=_positive_int, default=None, metavar="K",
+                   help="K reactor units (R-101, R-102, ...) whose cooling jackets differ, in a first column 'unit' "
+                        "(for train --group-by unit)")
+    d.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     return p
 
 
 # ------------------------------------------------------------------ commands
+def cmd_data(args) -> int:
+    from . import datasets
+
+    if args.out:
+        check_writable(args.out, [], args.force)
+    if args.units is None:
+        x, y, features, targets = datasets.cstr(args.rows, seed=args.seed)
+        header, cells = features + targets, np.concatenate([x, y], 1).astype(np.float64)
+    else:
+        if args.units > args.rows:
+            raise UsageError(f"--units {args.units}: more units than --rows {args.rows}")
+        x, y, labels, features, targets = datasets.units(args.units, args.rows, seed=args.seed)
+        header = ["unit"] + features + targets
+        cells = [[label] + [f"{v:.7g}" for v in row] for label, row in zip(labels, np.concatenate([x, y], 1))]
+    if args.out:
+        write_csv(args.out, header, cells)
+        say(f"wrote {len(cells)} rows of the built-in reactor data to {args.out} (targets: {', '.join(targets)})")
+        return 0
+    try:
+        write_rows(sys.stdout, header, cells)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    return 0
+
+
 def _device(name: str):
     import torch
 
@@ -647,7 +684,7 @@ def _silence_stdout() -> None:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return cmd_train(args) if args.command == "train" else cmd_predict(args)
+        return {"train": cmd_train, "predict": cmd_predict, "data": cmd_data}[args.command](args)
     except UsageError as e:
         print(f"aiaas-fast: error: {e}", file=sys.stderr)
         return 2

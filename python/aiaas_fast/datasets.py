@@ -28,10 +28,14 @@ _UA_MAX_OVER_RHOCPV = 2.5  # 1/min at full coolant flow
 _Q_HALF = 8.0       # L/min
 
 
-def cstr(rows: int = 20000, seed: int = 0, noise: bool = True):
-    """Returns (X, Y, feature_names, target_names): X (rows, 5) and Y (rows, 2) float32 arrays."""
+def cstr(rows: int = 20000, seed: int = 0, noise: bool = True, jacket: float = 1.0):
+    """Returns (X, Y, feature_names, target_names): X (rows, 5) and Y (rows, 2) float32 arrays.
+    ``jacket``: the cooling jacket's heat transfer as a fraction of a clean one's (a fouled
+    jacket: below 1), for reactors that differ (``units``)."""
     if not isinstance(rows, int) or rows < 1:
         raise ValueError(f"cstr: rows must be a positive int, got {rows!r}")
+    if not 0 < jacket <= 2:
+        raise ValueError(f"cstr: jacket must be in (0, 2], got {jacket!r}")
     rng = np.random.default_rng(seed)
     t_f = rng.uniform(330.0, 370.0, rows)
     c_af = rng.uniform(0.5, 1.5, rows)
@@ -39,7 +43,7 @@ def cstr(rows: int = 20000, seed: int = 0, noise: bool = True):
     t_c = rng.uniform(280.0, 310.0, rows)
     tau = rng.uniform(0.5, 3.0, rows)
 
-    ua = _UA_MAX_OVER_RHOCPV * q_c / (q_c + _Q_HALF)
+    ua = jacket * _UA_MAX_OVER_RHOCPV * q_c / (q_c + _Q_HALF)
     c_a, temp = c_af.copy(), t_f.copy()
     steps = 400
     dt = 10.0 * tau / steps
@@ -57,3 +61,22 @@ def cstr(rows: int = 20000, seed: int = 0, noise: bool = True):
     x = np.stack([t_f, c_af, q_c, t_c, tau], axis=1).astype(np.float32)
     y = np.stack([temp, conversion], axis=1).astype(np.float32)
     return x, y, list(FEATURES), list(TARGETS)
+
+
+def units(count: int, rows: int = 20000, seed: int = 0, noise: bool = True):
+    """``count`` reactor units, labelled R-101, R-102, ..., each a cstr() whose jacket is more
+    fouled than the one before (100%, 85%, 70%, ...; at least 25%): the same inputs give other
+    outputs on each unit, as one model per unit (``--group-by unit``) should learn. Returns
+    (X, Y, labels, feature_names, target_names): the rows of the units interleaved, labels a
+    list of strings."""
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"units: count must be a positive int, got {count!r}")
+    if not isinstance(rows, int) or rows < count:
+        raise ValueError(f"units: rows must be an int of at least count={count}, got {rows!r}")
+    parts = [cstr(rows // count + (k < rows % count), seed=seed + k, noise=noise, jacket=max(0.25, 1.0 - 0.15 * k))
+             for k in range(count)]
+    order = np.argsort(np.concatenate([np.arange(len(p[0])) * count + k for k, p in enumerate(parts)]), kind="stable")
+    x = np.concatenate([p[0] for p in parts])[order]
+    y = np.concatenate([p[1] for p in parts])[order]
+    labels = [f"R-{101 + k}" for k, p in enumerate(parts) for _ in range(len(p[0]))]
+    return x, y, [labels[i] for i in order], list(FEATURES), list(TARGETS)

@@ -278,6 +278,19 @@ def test_to_torch_leaves_modules_that_do_more_than_their_forward():
     torch.testing.assert_close(out(x), model(x))
 
 
+def test_jit_script_is_refused_with_the_way_out_and_scripts_to_torch():
+    import warnings
+    model = MLP(3, [5], 2)
+    x = torch.randn(4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated in torch 2.13
+        for m in (model, nn.Sequential(model), aiaas_fast.nn.MSELoss()):
+            with pytest.raises(RuntimeError, match="script aiaas_fast.to_torch\\(model\\) instead"):
+                torch.jit.script(m)
+        scripted = torch.jit.script(aiaas_fast.to_torch(model))
+    torch.testing.assert_close(scripted(x), model(x))
+
+
 def test_a_traced_mlp_can_be_saved():
     # FX keeps the forward's annotations; string ones (from __future__ import annotations)
     # made the traced module unpicklable.

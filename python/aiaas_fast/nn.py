@@ -18,8 +18,18 @@ torch.fx.wrap("mse_loss")
 __all__ = ["LinearReLU", "Linear", "MLP", "MSELoss"]
 
 
+def _refuse_script(module: nn.Module):
+    # torch.jit.script calls this on every submodule before compiling: without it the user
+    # got TorchScript's message about a dict deep in backend.py.
+    raise RuntimeError(f"torch.jit.script cannot compile aiaas_fast.nn.{type(module).__name__} (its fused op picks a "
+                       "backend in Python at run time): script aiaas_fast.to_torch(model) instead, or use "
+                       "torch.jit.trace, torch.compile or torch.export, which take the fused model as it is")
+
+
 class LinearReLU(nn.Linear):
     """``nn.Linear`` followed by ReLU, in one fused op (``aiaas_fast.ops.linear_relu``)."""
+
+    __prepare_scriptable__ = _refuse_script
 
     def forward(self, input: Tensor) -> Tensor:
         return linear_relu(input, self.weight, self.bias)
@@ -64,6 +74,8 @@ class MSELoss(nn.MSELoss):
     ``MSELoss("sum")`` and ``MSELoss(reduction="sum")`` both work; torch's deprecated
     ``size_average`` / ``reduce`` are accepted as keywords, or as a bool or None first argument
     (torch's own positional order)."""
+
+    __prepare_scriptable__ = _refuse_script
 
     def __init__(self, reduction="mean", reduce=None, legacy_reduction=None, *, size_average=None):
         if reduction is None or isinstance(reduction, bool):  # nn.MSELoss(size_average, reduce, reduction)

@@ -139,6 +139,8 @@ def test_a_scaler_refuses_data_of_another_width():
     for method in (sc.transform, sc.inverse):
         with pytest.raises(ValueError, match="the data has 1 column\\(s\\), shape \\[10, 1\\]; the scaler was fitted on 3"):
             method(torch.randn(10, 1))
+    one = Scaler.fit(torch.randn(10, 1))  # one target's scaler over several outputs (quantiles): meant
+    torch.testing.assert_close(one.inverse(torch.zeros(4, 3)), one.mean.float().expand(4, 3))
 
 
 def test_a_foreign_checkpoint_is_refused(tmp_path):

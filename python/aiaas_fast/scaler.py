@@ -31,8 +31,10 @@ class Scaler:
         return cls(d.mean(0), std)
 
     def _check_columns(self, v: Tensor) -> None:
-        # Broadcasting would scale a 1-column input by every column's mean and std: wrong numbers, no error.
-        if v.dim() == 0 or v.shape[-1] != self.mean.shape[-1]:
+        # Broadcasting would scale a 1-column input by every column's mean and std: wrong numbers,
+        # no error. A one-column scaler over several columns is meant (quantiles of one target).
+        columns = self.mean.shape[-1]
+        if v.dim() == 0 or (columns != 1 and v.shape[-1] != columns):
             raise ValueError(f"Scaler: the data has {v.shape[-1] if v.dim() else 0} column(s), shape "
                              f"{list(v.shape)}; the scaler was fitted on {self.mean.shape[-1]}")
 

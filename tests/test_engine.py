@@ -223,6 +223,47 @@ def test_optimizer_state_is_shared_and_a_checkpoint_resumes_either_way():
     assert saved["state"][0]["step"].item() == 3
 
 
+@pytest.mark.parametrize("change", ["load_state_dict", "clear", "assign a moment", "amsgrad checkpoint"])
+@pytest.mark.parametrize("call", ["step", "run"])
+def test_optimizer_state_replaced_after_the_engine_is_built_is_followed(change, call):
+    # load_state_dict and state.clear() put new state objects into the optimizer: the engine
+    # held the old ones and went on updating them (wrong weights, a stale step count saved).
+    model = sequential([3, 12, 1])
+    ref = copy.deepcopy(model)
+    opt, ref_opt = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(ref.parameters(), lr=1e-2)
+    engine = Engine(model, opt)
+    data = batches(5, 10, 3, 1)
+    engine.step(*data[0])
+    torch_steps(ref, data[:1], ref_opt)
+    saved = copy.deepcopy(opt.state_dict())
+    engine.step(*data[1])
+    torch_steps(ref, data[1:2], ref_opt)
+    for o in (opt, ref_opt):
+        state = copy.deepcopy(saved)  # each its own: load_state_dict keeps the tensors it is given
+        if change == "load_state_dict":
+            o.load_state_dict(state)
+        elif change == "clear":
+            o.state.clear()
+        elif change == "assign a moment":
+            w = o.param_groups[0]["params"][0]
+            o.state[w]["exp_avg"] = torch.zeros_like(w)
+        else:  # as from an AMSGrad run: the groups' amsgrad changes with the state
+            state["param_groups"][0]["amsgrad"] = True
+            for v in state["state"].values():
+                v["max_exp_avg_sq"] = v["exp_avg_sq"].clone() * 2
+            o.load_state_dict(state)
+    if call == "step":
+        for x, y in data[2:]:
+            engine.step(x, y)
+    else:
+        x, y = torch.cat([x for x, _ in data[2:]]), torch.cat([y for _, y in data[2:]])
+        engine.run(x, y, epochs=1, batch_size=10, shuffle=False)
+    torch_steps(ref, data[2:], ref_opt)
+    assert_same_weights(model, ref)
+    steps = [float(s["step"]) for s in opt.state_dict()["state"].values()]
+    assert steps == [float(s["step"]) for s in ref_opt.state_dict()["state"].values()], steps
+
+
 def test_learning_rate_changes_are_picked_up():
     model = sequential([3, 8, 1])
     ref = copy.deepcopy(model)

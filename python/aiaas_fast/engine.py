@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import operator
+from itertools import chain
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -326,17 +328,44 @@ class Engine:
         self._params = params
         self._addresses = [p.data_ptr() for p in params]  # what the kernels (and captured graphs) write
         self._built_as = _snapshot(model)
+        self._layers, self._path = layers, path
+        self._build_core()
+
+    def _build_core(self) -> None:
+        layers, params, state = self._layers, self._params, self.state
+        if self.optimizer is not None:
+            # What the core writes: the optimizer's state dict per parameter and the tensors in
+            # it. A load_state_dict or state.clear() replaces them, and the engine must follow.
+            # Compared by identity in map()s over flat lists, without looking the parameters up
+            # (a tensor's __hash__ is Python code): ~1 us a step for the seed network, ~4 as loops.
+            dicts = list(self.optimizer.state.values())
+            self._held_state = (self.optimizer.state, dicts, list(chain.from_iterable(map(dict.values, dicts))))
         if params[0].device.type == "cuda":
             from .engine_cuda import CudaGraphEngine
 
-            self._core = CudaGraphEngine(layers, params, state, self._hyper, path=path)
+            self._core = CudaGraphEngine(layers, params, state, self._hyper, path=self._path)
             return
         with torch.no_grad():
             self._core = _C.MLPEngine(
                 [lin.weight for lin, _ in layers], [lin.bias for lin, _ in layers], [relu for _, relu in layers],
                 [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state],
                 [s["max_exp_avg_sq"] for s in state] if self._hyper["amsgrad"] else [],
-                [s["step"] for s in state], path=path, **self._hyper)
+                [s["step"] for s in state], path=self._path, **self._hyper)
+
+    def _state_is_held(self) -> bool:
+        owner, dicts, values = self._held_state
+        state = self.optimizer.state
+        return (state is owner and len(state) == len(dicts) and all(map(operator.is_, state.values(), dicts))
+                and all(map(operator.is_, chain.from_iterable(map(dict.values, dicts)), values)))
+
+    def _follow_optimizer_state(self) -> None:
+        """The optimizer's state was replaced (load_state_dict, state.clear(), a tensor
+        assigned): take it as it is now, as torch.optim.Adam's next step would, and build the
+        core on it (a new CUDA graph capture on a GPU)."""
+        self._hyper = _optimizer_hyper(self.optimizer, self._params)
+        self._signature = _groups_signature(self.optimizer)
+        self.state = [self._optimizer_state(p, self._hyper["amsgrad"]) for p in self._params]
+        self._build_core()
 
     @staticmethod
     def _fresh_state(p: Tensor, amsgrad: bool) -> dict:
@@ -372,6 +401,8 @@ class Engine:
         refusal = _step_refusal(self.optimizer)  # a hook or a new step added after the engine was built
         if refusal:
             raise UnsupportedModel(refusal)
+        if not self._state_is_held():
+            return self._follow_optimizer_state()
         signature = _groups_signature(self.optimizer)
         if signature != self._signature:
             hyper = _optimizer_hyper(self.optimizer, self._params)

@@ -143,6 +143,25 @@ def test_a_scaler_refuses_data_of_another_width():
     torch.testing.assert_close(one.inverse(torch.zeros(4, 3)), one.mean.float().expand(4, 3))
 
 
+def test_an_optimizer_over_other_parameters_is_refused():
+    # convert() returns a copy: an optimizer built before it holds the original's parameters
+    # and fit would train nothing, silently.
+    x, y = data(40)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.Adam(plain.parameters())
+    converted = aiaas_fast.convert(plain)
+    for engine in ("auto", "ops"):
+        with pytest.raises(ValueError, match="the optimizer holds none of the model's parameters"):
+            aiaas_fast.fit(converted, x, y, epochs=1, optimizer=opt, engine=engine, progress=False)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        aiaas_fast.fit(converted, x, y, epochs=1, optimizer="adam", progress=False)
+    # Part of the model in the optimizer (the rest fixed by leaving it out) is a choice: allowed.
+    part = torch.optim.Adam(converted[0].parameters())
+    before = converted[2].weight.clone()
+    aiaas_fast.fit(converted, x, y, epochs=1, optimizer=part, progress=False)
+    assert torch.equal(converted[2].weight, before)
+
+
 def test_a_foreign_checkpoint_is_refused(tmp_path):
     x, y = data(50)
     path = str(tmp_path / "x.pt")

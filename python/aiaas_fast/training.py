@@ -68,6 +68,19 @@ def _as_tensor(name: str, value, who: str = "aiaas_fast.fit") -> Tensor:
     return value
 
 
+def _check_optimizer_holds_the_model(optimizer, model: nn.Module) -> None:
+    """An optimizer over none of the model's trainable parameters would train nothing, with no
+    error: typically one built before ``convert(model)``, which returns a copy."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"aiaas_fast.fit: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if trainable and not any(id(p) in held for p in trainable):
+        raise ValueError("aiaas_fast.fit: the optimizer holds none of the model's parameters, so it would train "
+                         "nothing (built before aiaas_fast.convert(model)? convert returns a copy: build the "
+                         "optimizer after it, or convert with inplace=True)")
+
+
 def check_feature_count(who: str, given, x: Tensor, features: int, what: str) -> None:
     """A clear error for X of the wrong width (given: X as the user passed it), where a
     scaler's broadcast or a model's own message would hide what is wrong."""
@@ -256,6 +269,8 @@ def fit(model: nn.Module, X, y=None, *, epochs: int = 100, batch_size: int = 64,
         _check_output_width(model, xs_tr[:1], ys_tr.shape[1])
 
     loss_fn = loss_fn if loss_fn is not None else MSELoss()
+    if optimizer is not None:
+        _check_optimizer_holds_the_model(optimizer, model)
     opt = optimizer if optimizer is not None else Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     shuffle_gen = torch.Generator().manual_seed(seed + 1)
     history = History()

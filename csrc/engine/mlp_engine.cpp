@@ -328,6 +328,17 @@ struct MLPEngine::Impl {
     return sse / denom;
   }
 
+  // fn(workspace, i) for i in [0, n) on `threads` threads, each taking the next i as it frees
+  // up, in its own workspace of wss.
+  template <typename F>
+  static void take_turns(std::vector<Workspace>& wss, int64_t threads, int64_t n, const F& fn) {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      Workspace& w = wss[at::get_thread_num()];
+      for (int64_t i; (i = next.fetch_add(1)) < n;) fn(w, i);
+    });
+  }
+
   // The weight gradients of a batch of several chunks into w.dw / w.db, lane by lane (see
   // kMaxLanes); returns the sum of squared errors. The lanes run on the threads when
   // for_models gave each thread a workspace (one model at a time), else one after another.
@@ -357,11 +368,7 @@ struct MLPEngine::Impl {
     };
     const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(ws.size()));
     if (threads > 1 && lanes > 1 && !at::in_parallel_region() && &w == &ws[0]) {
-      std::atomic<int64_t> next{0};
-      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-        Workspace& lw = ws[at::get_thread_num()];
-        for (int64_t g; (g = next.fetch_add(1)) < lanes;) run_lane(lw, g);
-      });
+      take_turns(ws, threads, lanes, run_lane);
     } else {
       for (int64_t g = 0; g < lanes; ++g) run_lane(w, g);
     }
@@ -729,20 +736,17 @@ at::Tensor MLPEngine::predict(const at::Tensor& x_in) {
                           I.macs_per_step(n) / 3 >= kParallelMinMacs * at::get_num_threads();
     const int64_t threads = parallel ? std::min<int64_t>(at::get_num_threads(), pieces) : 1;
     I.ensure(I.pieces_ws, kPredictPiece, threads);
-    std::atomic<int64_t> next{0};
-    auto run_pieces = [&](Workspace& w) {
+    auto run_piece = [&](Workspace& w, int64_t p) {
       w.chunked = true;  // one thread per piece: the lanes' kernel path
-      for (int64_t p; (p = next.fetch_add(1)) < pieces;) {
-        const int64_t r0 = p * kPredictPiece, bn = std::min(kPredictPiece, n - r0);
-        I.mk.gather_transpose(xp + r0 * in, in, nullptr, bn, in, w.act[0], w.ld);
-        I.forward(w, 0);
-        I.mk.transpose_out(w.act[I.L], w.ld, bn, out, rp + r0 * out);
-      }
+      const int64_t r0 = p * kPredictPiece, bn = std::min(kPredictPiece, n - r0);
+      I.mk.gather_transpose(xp + r0 * in, in, nullptr, bn, in, w.act[0], w.ld);
+      I.forward(w, 0);
+      I.mk.transpose_out(w.act[I.L], w.ld, bn, out, rp + r0 * out);
     };
     if (threads == 1) {
-      run_pieces(I.pieces_ws[0]);
+      for (int64_t p = 0; p < pieces; ++p) run_piece(I.pieces_ws[0], p);
     } else {
-      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { run_pieces(I.pieces_ws[at::get_thread_num()]); });
+      Impl::take_turns(I.pieces_ws, threads, pieces, run_piece);
     }
     return result;
   }

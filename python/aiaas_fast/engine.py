@@ -316,9 +316,7 @@ class Engine:
             if lin.bias is not None:
                 params.append(lin.bias)
         if optimizer is not None:
-            self._hyper = _optimizer_hyper(optimizer, params)
-            self._signature = _groups_signature(optimizer)
-            state = [self._optimizer_state(p, self._hyper["amsgrad"]) for p in params]
+            state = self._take_optimizer_state(params)
         else:
             self._hyper = dict(lr=float(lr), beta1=float(betas[0]), beta2=float(betas[1]), eps=float(eps),
                                weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=False,
@@ -363,10 +361,14 @@ class Engine:
         """The optimizer's state was replaced (load_state_dict, state.clear(), a tensor
         assigned): take it as it is now, as torch.optim.Adam's next step would, and build the
         core on it (a new CUDA graph capture on a GPU)."""
-        self._hyper = _optimizer_hyper(self.optimizer, self._params)
-        self._signature = _groups_signature(self.optimizer)
-        self.state = [self._optimizer_state(p, self._hyper["amsgrad"]) for p in self._params]
+        self.state = self._take_optimizer_state(self._params)
         self._build_core()
+
+    def _take_optimizer_state(self, params: List[Tensor]) -> List[dict]:
+        """The optimizer's hyperparameters and its state for params, in the form the core updates."""
+        self._hyper = _optimizer_hyper(self.optimizer, params)
+        self._signature = _groups_signature(self.optimizer)
+        return [self._optimizer_state(p, self._hyper["amsgrad"]) for p in params]
 
     @staticmethod
     def _fresh_state(p: Tensor, amsgrad: bool) -> dict:

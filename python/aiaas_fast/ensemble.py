@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from . import _C
 from .nn import MLP
 from .scaler import KeepsScalers
-from .training import Scaler, _as_tensor, _check_hyperparameters, _progress, check_feature_count
+from .training import Scaler, _as_tensor, _check_hyperparameters, _progress, _check_feature_count
 
 __all__ = ["Ensemble", "fit_many", "predict_many", "ManyHistory", "EnsemblePrediction"]
 
@@ -381,7 +381,7 @@ def predict_many(ensemble: Ensemble, X, groups=None, batch_size: int = 4096):
     required, one value per row); returns (rows, out). Otherwise: every model predicts every
     row; returns :class:`EnsemblePrediction` (members (K, rows, out), mean, std)."""
     x = _as_tensor("X", X, "aiaas_fast.predict_many")
-    check_feature_count("aiaas_fast.predict_many", X, x, ensemble.widths[0], "the ensemble's models take")
+    _check_feature_count("aiaas_fast.predict_many", X, x, ensemble.widths[0], "the ensemble's models take")
     scalers = getattr(ensemble, "aiaas_fast_scalers", None)
     K, device = ensemble.num_models, ensemble.weights[0].device
     if ensemble.group_values is not None:

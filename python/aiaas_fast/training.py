@@ -81,7 +81,7 @@ def _check_optimizer_holds_the_model(optimizer, model: nn.Module) -> None:
                          "optimizer after it, or convert with inplace=True)")
 
 
-def check_feature_count(who: str, given, x: Tensor, features: int, what: str) -> None:
+def _check_feature_count(who: str, given, x: Tensor, features: int, what: str) -> None:
     """A clear error for X of the wrong width (given: X as the user passed it), where a
     scaler's broadcast or a model's own message would hide what is wrong."""
     if x.shape[1] == features:
@@ -169,7 +169,7 @@ def predict(model: nn.Module, X, batch_size: int = 4096) -> Tensor:
     x = _as_tensor("X", X, "aiaas_fast.predict")
     scalers = getattr(model, "aiaas_fast_scalers", None)
     if scalers:
-        check_feature_count("aiaas_fast.predict", X, x, scalers["x"].mean.shape[-1], "the model was fitted on")
+        _check_feature_count("aiaas_fast.predict", X, x, scalers["x"].mean.shape[-1], "the model was fitted on")
     first = next(model.parameters())
     device, dtype = first.device, first.dtype if first.is_floating_point() else torch.float32
     outs = []
